@@ -1,0 +1,102 @@
+"""TierConfig (frozen settings for the KV tiers and attention mode) and size parsing.
+
+Sizes are bytes internally; `parse_size` turns "512MiB", "24GiB", "1.5GB" into ints at the edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from tierkv.errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | float | str | None, name: str = "size") -> int | None:
+    """Parse a byte size ("512MiB", "24GiB", "1.5GB", 4096) into an int; None passes through."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a size; use e.g. '512MiB' or '24GiB'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{name}={value!r} is negative; give a size >= 0 such as '2GiB'")
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ConfigError(f"{name}={value!r} is not a size; use e.g. '512MiB', '24GiB' or '1.5GB'")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(nbytes: int | float) -> str:
+    """Human-readable binary size for logs and the CLI."""
+    n = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+ATTENTION_MODES = ("full", "sparse")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Where the KV cache lives and how decode attends to it.
+
+    kv_gpu_budget/cpu_budget are bytes (None: all on the compute device / no limit but RAM).
+    token_budget: tokens attended per decode step in sparse mode (int) or a fraction of the context (float < 1).
+    """
+
+    kv_gpu_budget: int | None = None
+    cpu_budget: int | None = None
+    disk_dir: str | None = None
+    chunk_size: int = 32
+    attention: str = "full"
+    token_budget: int | float = 0.125
+    rank: int = 32
+    sink_tokens: int = 64
+    window_tokens: int = 128
+    prefill_chunk: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("kv_gpu_budget", "cpu_budget"):
+            object.__setattr__(self, name, parse_size(getattr(self, name), name))
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"attention={self.attention!r} is unknown; use one of {', '.join(ATTENTION_MODES)}")
+        for name in ("chunk_size", "prefill_chunk", "rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name}={v!r} must be a positive integer")
+        for name in ("sink_tokens", "window_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name}={v!r} must be an integer >= 0")
+        tb = self.token_budget
+        if isinstance(tb, bool) or not isinstance(tb, (int, float)) or tb <= 0 or (isinstance(tb, float) and tb > 1):
+            raise ConfigError(f"token_budget={tb!r} must be a token count (int > 0) or a fraction of the context in (0, 1]")
+
+    @property
+    def tiered(self) -> bool:
+        """True when any budget or the disk tier asks for more than the plain all-on-device cache."""
+        return self.kv_gpu_budget is not None or self.cpu_budget is not None or self.disk_dir is not None \
+            or self.attention == "sparse"
+
+    def replace(self, **changes) -> "TierConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def budget_tokens(self, context_len: int) -> int:
+        """Tokens a sparse step attends to at this context length (sinks and window included)."""
+        if isinstance(self.token_budget, float):
+            return max(1, int(self.token_budget * context_len))
+        return int(self.token_budget)
