@@ -1,0 +1,103 @@
+"""Chunked prefill, the decode step and the generate loop, over any KVCache.
+
+The loop keeps the next token on the device; the only host sync per token is reading it back for
+detokenization, outside the step itself.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from tierkv.kv.cache import KVCache
+from tierkv.models.llama import LlamaModel
+from tierkv.sample import sample
+
+
+@dataclass
+class GenStats:
+    """Timings and sizes of one generate call."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first new token comes from prefill; decode steps produce the rest
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        steps = max(self.new_tokens - 1, 0)
+        return 1000.0 * self.decode_s / steps if steps else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill(model: LlamaModel, ids: torch.Tensor, cache: KVCache, chunk: int, *, progress: bool = False,
+            all_logits: bool = False) -> torch.Tensor:
+    """Feed ids (T,) through the model in slices of `chunk` tokens, appending to cache (mutates it).
+
+    Returns logits of the last token (1, V), or of every token (T, V) when all_logits.
+    """
+    n, start = ids.shape[0], cache.seq_len
+    model.rope.ensure(start + n + 1)
+    outs = []
+    bar = tqdm(total=n, desc="prefill", unit="tok", disable=not (progress and sys.stderr.isatty()) or n <= chunk, leave=False)
+    for i in range(0, n, chunk):
+        piece = ids[i:i + chunk]
+        pos = torch.arange(start + i, start + i + piece.shape[0], device=ids.device)
+        outs.append(model.forward(piece, pos, cache, last_only=not all_logits))
+        bar.update(piece.shape[0])
+    bar.close()
+    return torch.cat(outs) if all_logits else outs[-1]
+
+
+DecodeStep = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def eager_step(model: LlamaModel, cache: KVCache) -> DecodeStep:
+    """A decode step that runs the forward eagerly: (token (1,), position) -> logits (1, V)."""
+    def step(token: torch.Tensor, position: int) -> torch.Tensor:
+        pos = torch.full((1,), position, dtype=torch.long, device=token.device)
+        return model.forward(token, pos, cache)
+    return step
+
+
+def generate_ids(step: DecodeStep, first_logits: torch.Tensor, start_pos: int, max_new_tokens: int,
+                 stop_ids: set[int], stats: GenStats, *, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids, stopping after a stop id. Times decode into stats."""
+    device = first_logits.device
+    token = sample(first_logits[-1], temperature, top_p, generator).view(1)
+    t0 = time.perf_counter()
+    for i in range(max_new_tokens):
+        tid = int(token.item())  # the one host read per token, between steps
+        stats.new_tokens += 1
+        if i > 0:
+            stats.decode_s = time.perf_counter() - t0
+        yield tid
+        if tid in stop_ids or i + 1 == max_new_tokens:
+            break
+        if i == 0:
+            t0 = time.perf_counter()
+        logits = step(token, start_pos + i)
+        token = sample(logits[-1], temperature, top_p, generator).view(1)
+    _sync(device)

@@ -1,0 +1,234 @@
+"""The public entry: `load()` and the `LLM` object (generate, stream, tokenizer, stats, close)."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from tierkv.config import TierConfig
+from tierkv.engine import GenStats, eager_step, generate_ids, prefill
+from tierkv.errors import ConfigError, ContextTooLongError
+from tierkv.kv.cache import DenseKVCache, KVCache
+from tierkv.models.build import build_model, random_model
+from tierkv.models.config import ModelConfig
+from tierkv.models.llama import LlamaModel
+from tierkv.models.shapes import SHAPES, shape_config
+from tierkv.models.weights import TensorSource, resolve_model
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """cuda when available and not told otherwise; refuse unknown or unavailable devices."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is unknown; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but this torch build sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on CUDA and fp32 on the CPU by default; accept names like 'bf16', 'float32'."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif str(dtype).lower() in _DTYPES:
+        return _DTYPES[str(dtype).lower()]
+    raise ConfigError(f"dtype {dtype!r} is not supported; use bf16, fp16 or fp32")
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak bytes: torch's allocator on CUDA, the process's max RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+class LLM:
+    """A loaded model, its tokenizer and its tier settings. Not thread-safe."""
+
+    def __init__(self, model: LlamaModel, tokenizer, tier: TierConfig, source: str,
+                 stop_ids: Sequence[int] = ()) -> None:
+        self.model, self.tokenizer, self.tier, self.source = model, tokenizer, tier, source
+        self.cfg: ModelConfig = model.cfg
+        self.device, self.dtype = model.device, model.dtype
+        self.stop_ids = set(stop_ids)
+        self.last_stats = GenStats()
+        self._caches: list[KVCache] = []
+
+    # --- caches -------------------------------------------------------------------------------
+    def new_cache(self, capacity: int) -> KVCache:
+        """A fresh KV cache for one sequence, built from the tier settings."""
+        c = self.cfg
+        cache = DenseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype,
+                             capacity=capacity)
+        self._caches.append(cache)
+        return cache
+
+    # --- prompts ------------------------------------------------------------------------------
+    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None) -> list[int]:
+        """Token ids of a plain prompt, or of chat messages rendered by the model's chat template."""
+        if (prompt is None) == (messages is None):
+            raise ConfigError("give exactly one of prompt= or messages=")
+        if messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ConfigError(f"model {self.source!r} has no chat template; pass prompt= instead of messages=")
+            out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def check_length(self, n_prompt: int) -> None:
+        limit = self.cfg.max_position_embeddings
+        if n_prompt >= limit:
+            raise ContextTooLongError(
+                f"prompt has {n_prompt} tokens but the model's context is {limit} tokens; shorten the prompt")
+
+    # --- generation ---------------------------------------------------------------------------
+    def stream_ids(self, ids: Sequence[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int | None = None, progress: bool = False) -> Iterator[int]:
+        """Prefill ids in chunks, then yield new token ids (greedy at temperature 0)."""
+        self.check_length(len(ids))
+        max_new = max(0, min(max_new_tokens, self.cfg.max_position_embeddings - len(ids)))
+        stats = self.last_stats = GenStats(prompt_tokens=len(ids))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else int(time.time_ns() % (1 << 62)))
+        cache = self.new_cache(len(ids) + max_new + 1)
+        try:
+            t0 = time.perf_counter()
+            x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+            logits = prefill(self.model, x, cache, self.tier.prefill_chunk, progress=progress)
+            logits.sum().item()  # wait for prefill so its time is not billed to decode
+            stats.prefill_s = time.perf_counter() - t0
+            if max_new:
+                yield from generate_ids(eager_step(self.model, cache), logits, len(ids), max_new, self.stop_ids, stats,
+                                        temperature=temperature, top_p=top_p, generator=gen)
+        finally:
+            stats.extra["peak_memory"] = _peak_memory(self.device)
+            self._release(cache)
+
+    def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               progress: bool = False) -> Iterator[str]:
+        """Yield the reply as text pieces while it is generated."""
+        ids = self.encode(prompt, messages)
+        toks = self.stream_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                               progress=progress)
+        yield from self.detokenize(toks)
+
+    def generate(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
+        """The whole reply as one string (stop tokens removed)."""
+        return "".join(self.stream(prompt, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seed=seed))
+
+    def detokenize(self, toks: Iterator[int]) -> Iterator[str]:
+        """Turn a stream of ids into text pieces, holding back incomplete UTF-8 sequences."""
+        got: list[int] = []
+        sent = ""
+        for t in toks:
+            if t in self.stop_ids:
+                break
+            got.append(t)
+            text = self.tokenizer.decode(got, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent):]
+            sent = text
+
+    # --- lifetime -----------------------------------------------------------------------------
+    def _release(self, cache: KVCache) -> None:
+        cache.close()
+        if cache in self._caches:
+            self._caches.remove(cache)
+
+    @property
+    def stats(self) -> dict:
+        """Numbers of the last generate call."""
+        s = self.last_stats
+        return {"prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens, "prefill_tok_s": s.prefill_tok_s,
+                "decode_tok_s": s.decode_tok_s, "decode_ms_per_token": s.decode_ms_per_token, **s.extra}
+
+    def close(self) -> None:
+        """Close every open cache (removing its files). The LLM stays usable for new calls."""
+        for cache in list(self._caches):
+            self._release(cache)
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _stop_ids(tokenizer, hf_cfg) -> list[int]:
+    ids = set()
+    for src in (getattr(tokenizer, "eos_token_id", None), getattr(hf_cfg, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return sorted(ids)
+
+
+def load(model: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, *, progress: bool = False, **tier_settings) -> LLM:
+    """Load a model folder, a .gguf file, a built-in shape with random weights, or (None) the default model.
+
+    tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
+    Blocks while weights load; a GGUF is converted once into the cache directory.
+    """
+    tier = TierConfig(**tier_settings)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if isinstance(model, str) and model in SHAPES:
+        return _load_shape(model, dev, dt, tier)
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = resolve_model(model)
+    hf_cfg = AutoConfig.from_pretrained(str(folder))
+    cfg = ModelConfig.from_hf(hf_cfg, name=str(model or "SmolLM2-135M-Instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    src = TensorSource(folder)
+    net = build_model(cfg, lambda name: src.get(name, dev, dt), progress=progress)
+    return LLM(net, tokenizer, tier, source=str(folder), stop_ids=_stop_ids(tokenizer, hf_cfg))
+
+
+class _ByteTokenizer:
+    """Stand-in tokenizer for random-weight shapes: ids are bytes modulo the vocabulary."""
+
+    chat_template = None
+    eos_token_id = None
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [b % self.vocab for b in text.encode()]}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+def _load_shape(name: str, dev: torch.device, dt: torch.dtype, tier: TierConfig) -> LLM:
+    cfg = shape_config(name)
+    return LLM(random_model(cfg, dev, dt), _ByteTokenizer(cfg.vocab_size), tier, source=f"shape:{name}")

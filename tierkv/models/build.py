@@ -1,0 +1,56 @@
+"""Assemble a LlamaModel from a checkpoint (Hugging Face tensor names) or from random weights of a shape."""
+
+from __future__ import annotations
+
+import sys
+
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from tierkv.models.config import ModelConfig
+from tierkv.models.llama import LayerWeights, LlamaModel
+
+GetTensor = Callable[[str], torch.Tensor]
+
+
+def build_model(cfg: ModelConfig, get: GetTensor, *, progress: bool = False) -> LlamaModel:
+    """Fetch each tensor by its HF name through `get` (already cast and on the device) and fuse projections."""
+    layers = []
+    for i in tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not (progress and sys.stderr.isatty()), leave=False):
+        p = f"model.layers.{i}."
+        qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        bias = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
+        gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        layers.append(LayerWeights(
+            input_layernorm=get(p + "input_layernorm.weight"), qkv_proj=qkv, qkv_bias=bias,
+            o_proj=get(p + "self_attn.o_proj.weight"),
+            post_attention_layernorm=get(p + "post_attention_layernorm.weight"),
+            gate_up_proj=gate_up, down_proj=get(p + "mlp.down_proj.weight"),
+        ))
+    embed = get("model.embed_tokens.weight")
+    lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
+    return LlamaModel(cfg, embed, layers, get("model.norm.weight"), lm_head)
+
+
+def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> LlamaModel:
+    """A model of cfg's shape with random weights made directly on the device (for benchmarks)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    d, hd = cfg.hidden_size, cfg.head_dim
+
+    def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, device=device, dtype=dtype)
+
+    qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    layers = [LayerWeights(
+        input_layernorm=ones(d), qkv_proj=rand(qkv_rows, d), qkv_bias=rand(qkv_rows) if cfg.attention_bias else None,
+        o_proj=rand(d, cfg.num_heads * hd), post_attention_layernorm=ones(d),
+        gate_up_proj=rand(2 * cfg.intermediate_size, d), down_proj=rand(d, cfg.intermediate_size),
+    ) for _ in range(cfg.num_layers)]
+    embed = rand(cfg.vocab_size, d, std=1.0)
+    lm_head = embed if cfg.tie_word_embeddings else rand(cfg.vocab_size, d)
+    return LlamaModel(cfg, embed, layers, ones(d), lm_head)

@@ -1,0 +1,27 @@
+"""Built-in model shapes for benchmarks with random weights, where real weights cannot be downloaded."""
+
+from __future__ import annotations
+
+from tierkv.errors import ModelNotFoundError
+from tierkv.models.config import ModelConfig
+
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+SHAPES: dict[str, ModelConfig] = {
+    "llama3.1-8b": ModelConfig("llama", 128256, 4096, 14336, 32, 32, 8, 128, 1e-5, 500000.0, 131072, False,
+                               rope_scaling=_LLAMA31_ROPE, name="llama3.1-8b"),
+    "llama3.2-1b": ModelConfig("llama", 128256, 2048, 8192, 16, 32, 8, 64, 1e-5, 500000.0, 131072, True,
+                               rope_scaling={**_LLAMA31_ROPE, "factor": 32.0}, name="llama3.2-1b"),
+    "qwen2.5-7b": ModelConfig("qwen2", 152064, 3584, 18944, 28, 28, 4, 128, 1e-6, 1000000.0, 131072, False,
+                              attention_bias=True, rope_scaling={"rope_type": "default"}, name="qwen2.5-7b"),
+    "llama-tiny": ModelConfig("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, 1 << 20, False,
+                              rope_scaling={"rope_type": "default"}, name="llama-tiny"),
+}
+
+
+def shape_config(name: str) -> ModelConfig:
+    """The ModelConfig of a built-in shape; unknown names list the known ones."""
+    if name not in SHAPES:
+        raise ModelNotFoundError(f"unknown model shape {name!r}; built-in shapes are {', '.join(SHAPES)}")
+    return SHAPES[name]

