@@ -61,9 +61,16 @@ def paged_decode_attention_torch(
     heads = torch.arange(hkv, device=slots.device).unsqueeze(1)  # (Hkv, 1)
     kg = k_pool.permute(2, 0, 1, 3)[heads, slots].reshape(hkv, m * chunk, d)  # (Hkv, m*chunk, D)
     vg = v_pool.permute(2, 0, 1, 3)[heads, slots].reshape(hkv, m * chunk, d)  # (Hkv, m*chunk, D)
+    return attend_chunks(q, kg, vg, lengths, chunk, scale)
+
+
+def attend_chunks(q, kg, vg, lengths, chunk: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (Hq, D) over per-head gathered chunks kg, vg (Hkv, m*chunk, D), entry e valid for j < lengths[h, e]."""
+    hq, d = q.shape
+    hkv, n, _ = kg.shape
     qf = q.float().view(hkv, hq // hkv, d)  # (Hkv, G, D)
     s = torch.bmm(qf, kg.float().transpose(1, 2)) * scale  # (Hkv, G, m*chunk)
-    keep = (torch.arange(chunk, device=slots.device) < lengths.unsqueeze(-1)).reshape(hkv, m * chunk)
+    keep = (torch.arange(chunk, device=kg.device) < lengths.unsqueeze(-1)).reshape(hkv, n)
     s = s.masked_fill(~keep.unsqueeze(1), float("-inf"))
     return _attend(s, vg, q.dtype)
 

@@ -58,13 +58,25 @@ def _split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # (BLOCK_G, BLOCK_N)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, valid, v, m_i, l_i, acc)
+    store_partial(po_ptr, pl_ptr, sp, hq, rows, mask_g, offs_d, m_i, l_i, acc, D)
+
+
+@triton.jit
+def online_softmax_step(s, valid, v, m_i, l_i, acc):
+    """Fold one block of base-2 scores s (BLOCK_G, BLOCK_N) and values v (BLOCK_N, D) into the running state."""
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
+def store_partial(po_ptr, pl_ptr, sp, hq, rows, mask_g, offs_d, m_i, l_i, acc, D: tl.constexpr):
+    """Write one split's normalised output (P, Hq, D) and natural-log lse (P, Hq); empty splits get 0 and -inf."""
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -89,7 +101,7 @@ def _merge_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, parts, hq, D: tl.constexpr, 
     tl.store(lse_ptr + g, tl.where(total > 0, tl.log(tl.where(total > 0, total, 1.0)) + m, float("-inf")))
 
 
-def _merge(po: torch.Tensor, pl: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_splits(po: torch.Tensor, pl: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     parts, hq, d = po.shape
     out = torch.empty((hq, d), device=po.device, dtype=out_dtype)  # (Hq, D)
     lse = torch.empty((hq,), device=po.device, dtype=torch.float32)  # (Hq,)
@@ -99,11 +111,23 @@ def _merge(po: torch.Tensor, pl: torch.Tensor, out_dtype: torch.dtype) -> tuple[
 
 def merge_partials_triton(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `merge_partials_torch`; one launch."""
-    return _merge(outs.contiguous(), lses.contiguous(), outs.dtype)
+    return merge_splits(outs.contiguous(), lses.contiguous(), outs.dtype)
 
 
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def plan_splits(q: torch.Tensor, hkv: int, n_items: int, block_n: int, num_splits: int | None):
+    """Split count, items per split and the partial buffers (P, Hq, D), (P, Hq) fp32 for one launch."""
+    blocks = max(1, triton.cdiv(n_items, block_n))
+    if num_splits is None:  # about two programs per SM, each with at least one block of keys
+        num_splits = min(blocks, max(1, triton.cdiv(2 * _num_sms(q.device), hkv)))
+    per_split = triton.cdiv(blocks, num_splits) * block_n
+    num_splits = max(1, triton.cdiv(n_items, per_split))
+    po = torch.empty((num_splits, q.shape[0], q.shape[1]), device=q.device, dtype=torch.float32)  # (P, Hq, D)
+    pl = torch.empty((num_splits, q.shape[0]), device=q.device, dtype=torch.float32)  # (P, Hq)
+    return num_splits, per_split, po, pl
 
 
 def _run(q, k, v, slots, lens, n_items, chunk, paged, has_len, scale, num_splits):
@@ -114,13 +138,7 @@ def _run(q, k, v, slots, lens, n_items, chunk, paged, has_len, scale, num_splits
     group = hq // hkv
     scale = d**-0.5 if scale is None else scale
     block_n = 64
-    blocks = max(1, triton.cdiv(n_items, block_n))
-    if num_splits is None:  # about two programs per SM, each with at least one block of keys
-        num_splits = min(blocks, max(1, triton.cdiv(2 * _num_sms(q.device), hkv)))
-    per_split = triton.cdiv(blocks, num_splits) * block_n
-    num_splits = max(1, triton.cdiv(n_items, per_split))
-    po = torch.empty((num_splits, hq, d), device=q.device, dtype=torch.float32)  # (P, Hq, D)
-    pl = torch.empty((num_splits, hq), device=q.device, dtype=torch.float32)  # (P, Hq)
+    num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
     q = q.contiguous()
     ss = slots.stride() if paged else (0, 0)
     _split_kernel[(hkv, num_splits)](
@@ -130,7 +148,7 @@ def _run(q, k, v, slots, lens, n_items, chunk, paged, has_len, scale, num_splits
         PAGED=paged, HAS_LEN=has_len, CHUNK=chunk, D=d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         F32_DOT=q.dtype == torch.float32 or q.device.type != "cuda",  # the CPU interpreter's bf16 dot is wrong
     )
-    return _merge(po, pl, q.dtype)
+    return merge_splits(po, pl, q.dtype)
 
 
 def decode_attention_triton(

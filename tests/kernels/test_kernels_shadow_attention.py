@@ -1,0 +1,61 @@
+"""Shadow-keyed paged attention: the fused reference equals rebuild-then-attend; Triton matches the reference."""
+
+import pytest
+import torch
+
+from tests.kernels.kutil import TOL, max_diff, randn, rope_tables
+from tests.kernels.test_kernels_decode_attention import make_pool
+from tests.kernels.test_kernels_rebuild_keys import make_shadow
+from tierkv.kernels import paged_decode_attention_torch, rebuild_keys_torch
+from tierkv.kernels.shadow_attention import shadow_paged_attention, shadow_paged_attention_torch
+
+
+def make_case(gen, hq, hkv, d, r, chunk, m, layout, dtype, device="cpu"):
+    n_chunks = 23
+    s = n_chunks * chunk
+    k_pool, v_pool, slots, lengths = make_pool(gen, hkv, d, chunk, n_chunks, m, dtype, device)
+    coeffs, basis = make_shadow(gen, layout, hkv, s, r, d, dtype, device)
+    cos, sin = (t.to(device) for t in rope_tables(s, d))
+    chunk_ids = torch.stack([torch.randperm(n_chunks, generator=gen)[:m] for _ in range(hkv)])  # (Hkv, m)
+    chunk_ids[:, 0] = -1  # a sink with exact keys
+    chunk_ids[:, -1] = -1  # the open window chunk, exact
+    q = randn(gen, hq, d, dtype=dtype, device=device)
+    return q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["shared", "per_head"])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (9, 3)])
+def test_fused_reference_equals_rebuild_then_attend(gen, dtype, layout, hq, hkv):
+    d, r, chunk, m = 16, 4, 4, 6
+    q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids = make_case(
+        gen, hq, hkv, d, r, chunk, m, layout, dtype)
+    fused = shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids)
+    k_pool2 = k_pool.clone()  # unfused: write rebuilt keys into the pool, then plain paged attention
+    for h in range(hkv):
+        for e in range(m):
+            c = int(chunk_ids[h, e])
+            if c >= 0:
+                tok = torch.arange(c * chunk, (c + 1) * chunk)
+                keys = rebuild_keys_torch(coeffs, basis, tok, cos, sin, out_dtype=dtype)  # (chunk, Hkv, D)
+                k_pool2[int(slots[h, e]), :, h] = keys[:, h]
+    unfused = paged_decode_attention_torch(q, k_pool2, v_pool, slots, lengths)
+    assert max_diff(f"shadow fused vs unfused out {dtype}", fused[0], unfused[0]) < TOL[dtype] / 4
+    assert max_diff(f"shadow fused vs unfused lse {dtype}", fused[1], unfused[1]) < 1e-5
+    assert torch.equal(shadow_paged_attention(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids,
+                                              impl="torch")[0], fused[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["shared", "per_head"])
+@pytest.mark.parametrize("hq,hkv,d,r,chunk,m", [(8, 2, 64, 8, 16, 5), (9, 3, 32, 20, 8, 13), (32, 8, 128, 32, 32, 20)])
+def test_shadow_triton_matches_torch(gen, triton_device, dtype, layout, hq, hkv, d, r, chunk, m):
+    from tierkv.kernels.shadow_attention_triton import shadow_paged_attention_triton
+
+    args = make_case(gen, hq, hkv, d, r, chunk, m, layout, dtype, triton_device)
+    got = shadow_paged_attention_triton(*args)
+    want = shadow_paged_attention_torch(*args)
+    assert max_diff(f"shadow triton out {layout} {dtype}", got[0], want[0]) < TOL[dtype]
+    # bf16: a rebuilt key element may round to the neighbouring bf16 value (other summation order)
+    assert max_diff(f"shadow triton lse {layout} {dtype}", got[1], want[1]) < (1e-3 if dtype == torch.float32 else 2e-2)

@@ -1,0 +1,52 @@
+"""Decode attention over pooled chunks whose keys are rebuilt from the low-rank shadow inside the op.
+
+Entries with chunk_ids >= 0 get keys RoPE(A[t] @ B) at t = chunk_id*chunk + j; entries with chunk_ids < 0
+(sinks, window, outliers) read exact keys from k_pool. Values always come from v_pool. Triton twin fuses it all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tierkv.kernels import dispatch
+from tierkv.kernels.decode_attention import attend_chunks
+from tierkv.kernels.rebuild_keys import rebuild_keys_torch
+
+
+def shadow_paged_attention_torch(
+    q: torch.Tensor,
+    coeffs: torch.Tensor,
+    basis: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    chunk_ids: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (Hq, D) over the listed chunks; returns out (Hq, D) in q.dtype, lse (Hq,) fp32.
+
+    coeffs/basis: the shadow as in `rebuild_keys_torch`. k_pool/v_pool: (num_slots, chunk, Hkv, D).
+    slots, lengths, chunk_ids: (Hkv, m) int, as in `paged_decode_attention_torch` plus where each key comes from.
+    Rebuilt keys are rounded to k_pool.dtype before the dot, as a gather-then-attend path would. No host sync.
+    """
+    _, chunk, hkv, d = k_pool.shape
+    m = slots.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    heads = torch.arange(hkv, device=slots.device).unsqueeze(1)  # (Hkv, 1)
+    last = coeffs.shape[-2] - 1
+    tok = (chunk_ids.clamp_min(0).unsqueeze(-1) * chunk + torch.arange(chunk, device=slots.device)).clamp_max(last)
+    rebuilt = rebuild_keys_torch(coeffs, basis, tok.reshape(hkv, m * chunk), cos, sin, out_dtype=k_pool.dtype)
+    exact = k_pool.permute(2, 0, 1, 3)[heads, slots].reshape(hkv, m * chunk, d)  # (Hkv, m*chunk, D)
+    use_exact = (chunk_ids < 0).repeat_interleave(chunk, dim=1).unsqueeze(-1)  # (Hkv, m*chunk, 1)
+    kg = torch.where(use_exact, exact, rebuilt.transpose(0, 1))  # (Hkv, m*chunk, D)
+    vg = v_pool.permute(2, 0, 1, 3)[heads, slots].reshape(hkv, m * chunk, d)  # (Hkv, m*chunk, D)
+    return attend_chunks(q, kg, vg, lengths, chunk, scale)
+
+
+def shadow_paged_attention(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale=None, *, impl=None):
+    """Dispatching entry point: see `shadow_paged_attention_torch`."""
+    fn = dispatch.get("shadow_paged_attention", q.device, impl, module="shadow_attention")
+    return fn(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale)

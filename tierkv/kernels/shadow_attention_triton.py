@@ -1,0 +1,123 @@
+"""Triton twin of `shadow_paged_attention_torch`: keys rebuilt from the shadow (A rows @ B halves, RoPE)
+or read exact from the pool, values read from the pool, split-K online softmax, then the shared merge.
+Rotate-half works on the two halves of D, so q and keys are held as (lo, hi) halves throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tierkv.kernels.decode_attention_triton import merge_splits, online_softmax_step, plan_splits, store_partial
+from tierkv.kernels.rebuild_keys import shadow_views
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _shadow_split_kernel(
+    q_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, cid_ptr, po_ptr, pl_ptr,
+    n_items, per_split, scale_log2, group, hq, rank, s_last,
+    s_ah, s_at, s_bh, s_br, s_bd, s_ct, s_kslot, s_kt, s_kh, s_vslot, s_vt, s_vh, s_sh, s_se,
+    CHUNK: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    F32_DOT: tl.constexpr,
+):
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < group
+    rows = h * group + offs_g
+    offs_h = tl.arange(0, HALF)
+    q_row = q_ptr + rows[:, None] * (2 * HALF) + offs_h[None, :]
+    q_lo = tl.load(q_row, mask=mask_g[:, None], other=0.0)  # (BLOCK_G, HALF)
+    q_hi = tl.load(q_row + HALF, mask=mask_g[:, None], other=0.0)
+    kdt = tl.float32 if F32_DOT else q_lo.dtype
+    q_lo, q_hi = q_lo.to(kdt), q_hi.to(kdt)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    b_row = b_ptr + h * s_bh + offs_r[:, None] * s_br + offs_h[None, :] * s_bd
+    b_lo = tl.load(b_row, mask=mask_r[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, HALF)
+    b_hi = tl.load(b_row + HALF * s_bd, mask=mask_r[:, None], other=0.0).to(tl.float32)
+    start = sp * per_split
+    end = tl.minimum(start + per_split, n_items)
+    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, 2 * HALF], tl.float32)
+    offs_d = tl.arange(0, 2 * HALF)
+    for i in range(0, per_split, BLOCK_N):  # fixed trip count; blocks past `end` are masked
+        offs = start + i + tl.arange(0, BLOCK_N)
+        entry = offs // CHUNK
+        j = offs % CHUNK
+        meta = h * s_sh + entry * s_se
+        valid = offs < end
+        slot = tl.load(slot_ptr + meta, mask=valid, other=0).to(tl.int64)
+        valid = valid & (j < tl.load(len_ptr + meta, mask=valid, other=0))
+        cid = tl.load(cid_ptr + meta, mask=valid, other=-1).to(tl.int64)
+        exact = cid < 0
+        tok = tl.minimum(tl.maximum(cid, 0) * CHUNK + j, s_last)
+        a = tl.load(a_ptr + h * s_ah + tok[:, None] * s_at + offs_r[None, :],
+                    mask=(valid & ~exact)[:, None] & mask_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_R)
+        lo = tl.dot(a, b_lo, input_precision="ieee")  # (BLOCK_N, HALF) pre-RoPE
+        hi = tl.dot(a, b_hi, input_precision="ieee")
+        c_row = cos_ptr + tok[:, None] * s_ct + offs_h[None, :]
+        s_row = sin_ptr + tok[:, None] * s_ct + offs_h[None, :]
+        rope_m = (valid & ~exact)[:, None]
+        c_lo = tl.load(c_row, mask=rope_m, other=0.0).to(tl.float32)
+        c_hi = tl.load(c_row + HALF, mask=rope_m, other=0.0).to(tl.float32)
+        s_lo = tl.load(s_row, mask=rope_m, other=0.0).to(tl.float32)
+        s_hi = tl.load(s_row + HALF, mask=rope_m, other=0.0).to(tl.float32)
+        k_row = k_ptr + (slot * s_kslot + j * s_kt + h * s_kh)[:, None] + offs_h[None, :]
+        ex_m = (valid & exact)[:, None]
+        e_lo = tl.load(k_row, mask=ex_m, other=0.0)
+        e_hi = tl.load(k_row + HALF, mask=ex_m, other=0.0)
+        # rebuilt keys are rounded to the pool dtype, as the reference does
+        k_lo = tl.where(ex_m, e_lo, (lo * c_lo - hi * s_lo).to(e_lo.dtype)).to(kdt)  # (BLOCK_N, HALF)
+        k_hi = tl.where(ex_m, e_hi, (hi * c_hi + lo * s_hi).to(e_hi.dtype)).to(kdt)
+        v = tl.load(v_ptr + (slot * s_vslot + j * s_vt + h * s_vh)[:, None] + offs_d[None, :],
+                    mask=valid[:, None], other=0.0).to(kdt)  # (BLOCK_N, D)
+        s = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
+        s = (s + tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee")) * scale_log2  # (BLOCK_G, BLOCK_N)
+        m_i, l_i, acc = online_softmax_step(s, valid, v, m_i, l_i, acc)
+    store_partial(po_ptr, pl_ptr, sp, hq, rows, mask_g, offs_d, m_i, l_i, acc, 2 * HALF)
+
+
+def shadow_paged_attention_triton(
+    q: torch.Tensor,
+    coeffs: torch.Tensor,
+    basis: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    chunk_ids: torch.Tensor,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `shadow_paged_attention_torch`; D a power of two >= 32. Two launches, no host sync."""
+    hq, d = q.shape
+    _, chunk, hkv, _ = k_pool.shape
+    if d < 32 or d & (d - 1):
+        raise ValueError(f"shadow_paged_attention_triton needs D a power of two >= 32, got {d}")
+    a3, b3, _ = shadow_views(coeffs, basis, slots, d)
+    rank = b3.shape[1]
+    slots, lengths, chunk_ids = (t.expand(hkv, -1).contiguous() for t in (slots, lengths, chunk_ids))
+    cos, sin, q = cos.contiguous(), sin.contiguous(), q.contiguous()
+    if a3.stride(-1) != 1:
+        a3 = a3.contiguous()
+    n_items = slots.shape[1] * chunk
+    block_n = 64
+    num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
+    _shadow_split_kernel[(hkv, num_splits)](
+        q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl,
+        n_items, per_split, (d**-0.5 if scale is None else scale) * _LOG2E, hq // hkv, hq, rank, a3.shape[1] - 1,
+        a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), cos.stride(0),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        slots.stride(0), slots.stride(1),
+        CHUNK=chunk, HALF=d // 2, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=block_n,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        F32_DOT=q.dtype == torch.float32 or q.device.type != "cuda",  # the CPU interpreter's bf16 dot is wrong
+    )
+    return merge_splits(po, pl, q.dtype)
