@@ -1,0 +1,340 @@
+"""TieredKVCache: the KV cache spread over device slots, host memory and disk, with exact attention.
+
+Sealed chunks are placed by the TierManager and streamed back in batches through the Prefetcher; an online
+softmax (log-sum-exp) merge over the batches gives exact attention without the whole cache on the device.
+Sparse mode later calls `attend_chunks` with the chunks it picked instead of all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import psutil
+import torch
+
+from tierkv.config import TierConfig, format_size
+from tierkv.errors import BudgetError
+from tierkv.io.prefetch import Prefetcher, Sources, Ticket
+from tierkv.io.staging import StagingRing
+from tierkv.kv.cache import KVCache
+from tierkv.kv.layout import ChunkId, ChunkLayout
+from tierkv.kv.manager import DEVICE, DISK, HOST, TIERS, EvictionPolicy, Move, TierBudgets, TierManager
+from tierkv.kv.tiers.device import DevicePool
+from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.tiers.host import HostPool, probe_mapped_read
+
+
+@dataclass(frozen=True)
+class TieredOptions:
+    """Tuning knobs of the tiered cache that are not user budgets (TierConfig holds those)."""
+
+    batch_tokens: int = 4096  # tokens per streamed batch (two batch buffers live on the device)
+    host_read: str = "auto"  # CUDA: 'mapped' (GPU reads pinned host memory in place) | 'copy' | 'auto'
+    disk_backend: str = "auto"  # 'auto' | 'kvikio' | 'posix'
+    io_threads: int = 4  # disk read threads; also kvikio's thread count
+    staging_buffers: int = 4
+    keep_files: bool = False  # keep the run directory on close (sessions)
+    pin_host: bool | None = None  # None: pin when CUDA is available
+    auto_host_fraction: float = 0.5  # cpu_budget=None: this share of the memory available at start
+
+
+class _OnlineSoftmax:
+    """Running max, denominator and weighted sum of exact attention, merged batch by batch (fp32)."""
+
+    def __init__(self, q: torch.Tensor, num_kv_heads: int) -> None:
+        t, hq, d = q.shape
+        self.shape, self.dtype, self.hkv = (t, hq, d), q.dtype, num_kv_heads
+        qf = q.float().view(t, num_kv_heads, hq // num_kv_heads, d).permute(1, 2, 0, 3)  # (Hkv, G, T, D)
+        self.q = qf * (1.0 / math.sqrt(d))
+        self.m = torch.full(qf.shape[:3], -math.inf, device=q.device)  # (Hkv, G, T)
+        self.l = torch.zeros(qf.shape[:3], device=q.device)
+        self.acc = torch.zeros(qf.shape, device=q.device)  # (Hkv, G, T, D)
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Fold keys/values k, v (S, Hkv, D) in; keep: bool (S,) or (T, S), False masks a key. Mutates."""
+        s = self.q @ k.float().permute(1, 2, 0).unsqueeze(1)  # (Hkv, G, T, S)
+        if keep is not None:
+            s = s.masked_fill(~keep, -math.inf)
+        m_new = torch.maximum(self.m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows that saw no key yet
+        alpha = torch.exp(self.m - m_safe)
+        p = torch.exp(s - m_safe.unsqueeze(-1))
+        self.l = self.l * alpha + p.sum(-1)
+        self.acc = self.acc * alpha.unsqueeze(-1) + p @ v.float().permute(1, 0, 2).unsqueeze(1)  # (Hkv,1,S,D)
+        self.m = m_new
+
+    def result(self) -> torch.Tensor:
+        out = self.acc / self.l.unsqueeze(-1)  # (Hkv, G, T, D)
+        return out.permute(2, 0, 1, 3).reshape(self.shape).to(self.dtype)  # (T, Hq, D)
+
+
+class TieredKVCache(KVCache):
+    """KV cache over device, host and disk tiers under byte budgets; attention is exact ('full')."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
+                 dtype: torch.dtype, config: TierConfig, options: TieredOptions | None = None,
+                 policy: EvictionPolicy | None = None) -> None:
+        self.device, self.dtype, self.config = torch.device(device), dtype, config
+        self.opts = opts = options or TieredOptions()
+        self.layout = lay = ChunkLayout(num_layers, num_kv_heads, head_dim, config.chunk_size, dtype)
+        self.num_layers, self.seq_len, cb = num_layers, 0, lay.chunk_bytes
+        dev_slots, self.batch_chunks = self._device_plan(lay, config, opts)
+        host_slots = self._host_slots(cb, config, opts)
+        self.manager = TierManager(lay, TierBudgets(dev_slots, host_slots), sink_tokens=config.sink_tokens,
+                                   window_tokens=config.window_tokens, policy=policy)
+        self.dev_pool = DevicePool(cb, dev_slots, self.device)
+        self.host_pool = HostPool(cb, host_slots, pin=opts.pin_host)
+        self.disk: DiskStore | None = None  # created on the first spill, so runs that fit make no files
+        self._open = torch.zeros((num_layers, *lay.shape), dtype=dtype, device=self.device)  # (L, 2, C, Hkv, D)
+        self._open_raw = self._open.view(num_layers, -1).view(torch.uint8)  # (L, chunk_bytes)
+        self._work = [torch.empty((self.batch_chunks, cb), dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self._turn = 0
+        self.host_read = self._host_read_mode(opts.host_read)
+        staging = StagingRing(opts.staging_buffers, self.batch_chunks * cb, pin=self.host_pool.pinned)
+        self.prefetcher = Prefetcher(self.device, cb, staging, host_read=self.host_read, threads=opts.io_threads)
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ahead: tuple[int, list[ChunkId], Ticket] | None = None  # (layer, chunks, ticket) prefetched
+        self._bounce = torch.empty(cb, dtype=torch.uint8)
+        self._moved = {f"{a}->{b}": 0 for a in TIERS for b in TIERS if a != b}
+        self._t = {"io_wait_s": 0.0, "attend_s": 0.0, "move_s": 0.0}
+        self._steps, self._last_snap = 0, None
+        self._prev_snap = self._snapshot()
+        self._closed = False
+
+    # ---- construction helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _device_plan(lay: ChunkLayout, cfg: TierConfig, opts: TieredOptions) -> tuple[int | None, int]:
+        """(device pool slots or None, chunks per streamed batch) from the KV GPU budget."""
+        cb, batch = lay.chunk_bytes, max(1, opts.batch_tokens // lay.chunk_size)
+        if cfg.kv_gpu_budget is None:
+            return None, batch
+        pinned = lay.num_layers * (lay.sink_chunks(cfg.sink_tokens) + lay.window_chunks(cfg.window_tokens))
+        fixed = (lay.num_layers + pinned) * cb  # open chunks and pinned chunks
+        spare = cfg.kv_gpu_budget - fixed - 2 * cb
+        if spare < 0:
+            raise BudgetError(
+                f"kv_gpu_budget={format_size(cfg.kv_gpu_budget)} cannot hold the open chunks, sinks and window "
+                f"({format_size(fixed + 2 * cb)} needed); raise kv_gpu_budget or lower sink_tokens/window_tokens")
+        batch = min(batch, max(1, spare // (4 * cb)))  # at most a quarter of what is left goes to batch buffers
+        return (cfg.kv_gpu_budget - lay.num_layers * cb - 2 * batch * cb) // cb, batch
+
+    @staticmethod
+    def _host_slots(cb: int, cfg: TierConfig, opts: TieredOptions) -> int:
+        if cfg.cpu_budget is not None:
+            return cfg.cpu_budget // cb
+        return int(psutil.virtual_memory().available * opts.auto_host_fraction) // cb
+
+    def _host_read_mode(self, asked: str) -> str:
+        if self.device.type != "cuda":
+            return "direct"
+        if asked == "auto":
+            return "mapped" if self.host_pool.pinned and probe_mapped_read(self.device) else "copy"
+        return asked
+
+    def _tier(self, name: str):
+        if name == DEVICE:
+            return self.dev_pool
+        if name == HOST:
+            return self.host_pool
+        if self.disk is None:
+            o = self.opts
+            self.disk = DiskStore(self.layout.chunk_bytes, self.config.disk_dir, backend=o.disk_backend,
+                                  threads=o.io_threads, keep=o.keep_files)
+        return self.disk
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
+        """Write k, v (T, Hkv, D) into the layer's open chunk, sealing and placing full chunks. Mutates; may block
+        on tier moves. k_pre is not kept yet (low-rank shadows come with sparse mode)."""
+        c, pos, i, t = self.layout.chunk_size, self.seq_len, 0, k.shape[0]
+        self._pending[layer] = (k, v)
+        while i < t:
+            idx, off = divmod(pos, c)
+            n = min(c - off, t - i)
+            self._open[layer, 0, off:off + n] = k[i:i + n]
+            self._open[layer, 1, off:off + n] = v[i:i + n]
+            pos, i = pos + n, i + n
+            if off + n == c:
+                self._execute(self.manager.add(ChunkId(layer, idx)))
+
+    def _execute(self, moves: Sequence[Move]) -> None:
+        """Carry out the manager's moves in order (synchronously, after in-flight reads of slots finish)."""
+        if not moves:
+            return
+        t0 = time.perf_counter()
+        self.prefetcher.fence()
+        for m in moves:
+            if m.dst is None:
+                self._tier(m.src).evict(m.chunk)
+                continue
+            self._tier(m.dst).put(m.chunk, self._bytes_of(m.chunk, m.src))
+            if m.src is not None:
+                self._tier(m.src).evict(m.chunk)
+            if (m.src or DEVICE) != m.dst:
+                self._moved[f"{m.src or DEVICE}->{m.dst}"] += self.layout.chunk_bytes
+        self._t["move_s"] += time.perf_counter() - t0
+
+    def _bytes_of(self, chunk: ChunkId, tier: str | None) -> torch.Tensor:
+        """The chunk's bytes as a tensor valid until the next move (a view where possible)."""
+        if tier is None:
+            return self._open_raw[chunk.layer]
+        if tier == DISK:
+            self.disk.read_into(chunk, self._bounce)
+            return self._bounce
+        return self._tier(tier).view(chunk)
+
+    # ---- attention -----------------------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Exact causal attention of q (T, Hq, D) over every stored token of layer -> (T, Hq, D)."""
+        return self.attend_chunks(layer, q, range(self.layout.chunks_covering(self.seq_len)))
+
+    def attend_chunks(self, layer: int, q: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """Attention of q over the chunks `indices` (older tokens) plus the tokens just appended (causal).
+
+        Streams sealed chunks from their tiers in batches; the open chunk is read in place. Blocks on I/O that
+        is not ready; records hits and may prefetch the next layer's first batch.
+        """
+        t0, io0 = time.perf_counter(), self.prefetcher.io_wait_s
+        start, c = self.seq_len, self.layout.chunk_size
+        sealed = self.manager.sealed(layer)
+        stream = [ChunkId(layer, i) for i in indices if i < sealed]
+        state = _OnlineSoftmax(q, self.layout.num_kv_heads)
+        batches = [stream[i:i + self.batch_chunks] for i in range(0, len(stream), self.batch_chunks)]
+        if batches:
+            self.manager.access(stream)
+            cur = self._take_ahead(layer, batches[0])
+            for b in range(len(batches)):
+                nxt = self._prepare(batches[b + 1]) if b + 1 < len(batches) else None
+                order, ticket = cur
+                if nxt is None:
+                    self._prefetch_after(layer, start + q.shape[0])
+                self._fold(state, self.prefetcher.complete(ticket), order, start)
+                cur = nxt
+        if sealed * c < start and sealed in indices:  # old tokens of the open chunk, read in place
+            m = start - sealed * c
+            state.add(self._open[layer, 0, :m], self._open[layer, 1, :m])
+        k_new, v_new = self._pending.pop(layer)
+        t = q.shape[0]
+        causal = torch.ones((t, t), dtype=torch.bool, device=q.device).tril() if t > 1 else None
+        state.add(k_new, v_new, causal)
+        out = state.result()
+        io = self.prefetcher.io_wait_s - io0
+        self._t["io_wait_s"] += io
+        self._t["attend_s"] += time.perf_counter() - t0
+        return out
+
+    def _fold(self, state: _OnlineSoftmax, rows: torch.Tensor, order: list[ChunkId], start: int) -> None:
+        """Add a fetched batch (rows: (n, chunk_bytes) uint8) to the softmax state, masking tokens >= start."""
+        lay = self.layout
+        x = rows.view(self.dtype).view(len(order), *lay.shape)  # (n, 2, C, Hkv, D)
+        k = x[:, 0].reshape(-1, lay.num_kv_heads, lay.head_dim)  # (n*C, Hkv, D)
+        v = x[:, 1].reshape(-1, lay.num_kv_heads, lay.head_dim)
+        keep = None
+        if any((ch.index + 1) * lay.chunk_size > start for ch in order):  # a sealed chunk holding new tokens
+            pos = torch.tensor([ch.index * lay.chunk_size for ch in order], device=rows.device)
+            pos = (pos[:, None] + torch.arange(lay.chunk_size, device=rows.device)).reshape(-1)
+            keep = pos < start
+        state.add(k, v, keep)
+
+    def _prepare(self, chunks: list[ChunkId]) -> tuple[list[ChunkId], Ticket]:
+        """Start fetching chunks into the next batch buffer; rows come back as device, host, disk order."""
+        by = {DEVICE: [], HOST: [], DISK: []}
+        for ch in chunks:
+            by[self.manager.tier_of(ch)].append(ch)
+        dest = self._work[self._turn]
+        self._turn ^= 1
+        src = Sources(device=self.dev_pool.storage, host=self.host_pool.storage,
+                      host_mapped=self.host_pool.mapped_view(self.device) if self.host_read == "mapped" else None,
+                      read_disk=self.disk.read_into if self.disk is not None else None)
+        ticket = self.prefetcher.prepare(dest, self.dev_pool.slots_of(by[DEVICE]), self.host_pool.slots_of(by[HOST]),
+                                         by[DISK], src)
+        return by[DEVICE] + by[HOST] + by[DISK], ticket
+
+    def _take_ahead(self, layer: int, first: list[ChunkId]) -> tuple[list[ChunkId], Ticket]:
+        """The prefetched first batch if it is this one, else a fresh fetch (a stale one is completed and dropped)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            a_layer, a_chunks, a_ticket = ahead
+            if a_layer == layer and sorted(a_chunks) == first:
+                return a_chunks, a_ticket
+            self.prefetcher.complete(a_ticket)
+        return self._prepare(first)
+
+    def _prefetch_after(self, layer: int, next_start: int) -> None:
+        """Start the first batch of the next layer (or of layer 0 for the next step) while this layer computes."""
+        nxt = layer + 1
+        end = self.seq_len if nxt < self.num_layers else next_start
+        nxt %= self.num_layers
+        n = min(self.manager.sealed(nxt), self.layout.chunks_covering(end), self.batch_chunks)
+        if n and self._ahead is None:
+            order, ticket = self._prepare([ChunkId(nxt, i) for i in range(n)])
+            self._ahead = (nxt, order, ticket)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------
+    def advance(self, n: int) -> None:
+        """Commit n tokens; closes the step's stats."""
+        super().advance(n)
+        self._steps += 1
+        snap = self._snapshot()
+        self._last_snap = _diff(snap, self._prev_snap)
+        self._prev_snap = snap
+
+    def _snapshot(self) -> dict:
+        moved = dict(self._moved)
+        for pair, nbytes in self.prefetcher.bytes.items():
+            moved[pair] = moved.get(pair, 0) + nbytes
+        io = self._t["io_wait_s"] + self._t["move_s"]
+        hits = dict(self.manager.hits)
+        total = sum(hits.values())
+        return {"bytes_moved": moved, "hits": hits,
+                "hit_rate": {k: (v / total if total else 0.0) for k, v in hits.items()},
+                "io_wait_s": io, "compute_s": max(0.0, self._t["attend_s"] - self._t["io_wait_s"]),
+                "steps": self._steps}
+
+    def stats(self) -> dict:
+        """Placement, budgets, backends, and I/O counters for the last step and in total. Does not mutate.
+
+        Times are host wall-clock seconds: on CUDA, kernels run asynchronously, so compute_s is launch time
+        plus what waiting made visible, and io_wait_s is time blocked on disk reads, copies and tier moves.
+        """
+        m = self.manager.stats()
+        return {
+            "mode": self.config.attention, "chunk_bytes": self.layout.chunk_bytes, "seq_len": self.seq_len,
+            "chunks": m["chunks"], "bytes": m["bytes"], "budget_bytes": m["budget_bytes"],
+            "disk_backend": self.disk.backend_name if self.disk is not None else "none",
+            "disk_path": str(self.disk.path) if self.disk is not None else None,
+            "disk_file_bytes": self.disk.file_bytes() if self.disk is not None else 0,
+            "host_memory": self.host_pool.mode, "host_read": self.host_read,
+            "gpu_reserved_bytes": self.gpu_reserved_bytes, "staging_waits": self.prefetcher.staging.waits,
+            "total": self._snapshot(), "last_step": self._last_snap,
+        }
+
+    @property
+    def gpu_reserved_bytes(self) -> int:
+        """Device bytes this cache holds: pool slots, open chunks and batch buffers."""
+        work = sum(w.numel() for w in self._work)
+        return self.dev_pool.reserved_bytes + self._open_raw.numel() + work if not self._closed else 0
+
+    def close(self) -> None:
+        """Stop I/O threads, free pinned memory, remove the run files (unless keep_files). Safe to call twice."""
+        if self._closed:
+            return
+        self._ahead = None
+        self.prefetcher.close()
+        if self.disk is not None:
+            self.disk.close()
+        self.dev_pool.close()
+        self.host_pool.close()
+        self._closed = True
+
+
+def _diff(a: dict, b: dict) -> dict:
+    """a - b for the nested counters of `_snapshot` (hit rates recomputed)."""
+    out = {k: ({kk: a[k][kk] - b[k].get(kk, 0) for kk in a[k]} if isinstance(a[k], dict) else a[k] - b[k])
+           for k in a if k != "hit_rate"}
+    total = sum(out["hits"].values())
+    out["hit_rate"] = {k: (v / total if total else 0.0) for k, v in out["hits"].items()}
+    return out
