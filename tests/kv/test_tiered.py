@@ -150,3 +150,38 @@ def test_cuda_matches_dense(tmp_path, host_read):
         cache.advance(t)
     assert cache.stats()["host_read"] == host_read and cache.stats()["host_memory"] == "pinned"
     cache.close()
+
+
+def test_bf16_runs_and_stays_close_to_dense(tmp_path):
+    config = TierConfig(kv_gpu_budget=5 * CB, cpu_budget=2 * CB, disk_dir=str(tmp_path), chunk_size=C,
+                        sink_tokens=4, window_tokens=4)
+    cache = TieredKVCache(L, HKV, D, device="cpu", dtype=torch.bfloat16, config=config,
+                          options=TieredOptions(batch_tokens=8))
+    dense = DenseKVCache(L, HKV, D, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    for t in [9, 1, 1, 14, 1, 1, 1]:
+        for layer in range(L):
+            k, v, q = (torch.randn(t, h, D, generator=g).bfloat16() for h in (HKV, HKV, HQ))
+            dense.append(layer, k.float(), v.float())
+            cache.append(layer, k, v)
+            got = cache.attend(layer, q)
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), dense.attend(layer, q.float()), atol=2e-2, rtol=2e-2)
+        dense.advance(t)
+        cache.advance(t)
+    assert cache.stats()["chunks"]["disk"] > 0
+    cache.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mapped_host_view_reads_in_place():
+    from tierkv.kv.tiers.host import HostPool, probe_mapped_read
+
+    assert probe_mapped_read(torch.device("cuda"))
+    pool = HostPool(256, 8)
+    for i in range(4):
+        pool.put((0, i), torch.full((256,), i + 1, dtype=torch.uint8))
+    view = pool.mapped_view(torch.device("cuda"))
+    got = view.index_select(0, torch.tensor([3, 1], device="cuda")).cpu()
+    assert torch.equal(got[:, 0], torch.tensor([4, 2], dtype=torch.uint8))

@@ -79,7 +79,10 @@ def map_pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.dtype != torch.uint8 or not t.is_contiguous() or not t.is_pinned():
         raise ValueError("map_pinned needs a contiguous pinned uint8 tensor")
     with torch.cuda.device(device):
-        return torch.as_tensor(_CudaArrayInterface(t), device=device)
+        view = torch.as_tensor(_CudaArrayInterface(t), device=device)
+    if view.data_ptr() != t.data_ptr():  # torch copied instead of aliasing: reads would be stale
+        raise ValueError("torch copied the pinned buffer instead of mapping it")
+    return view
 
 
 def probe_mapped_read(device: torch.device) -> bool:
@@ -90,7 +93,9 @@ def probe_mapped_read(device: torch.device) -> bool:
         host = alloc_host(4096, pin=True).view(16, 256)
         host.copy_(torch.arange(4096, dtype=torch.int64).remainder(251).to(torch.uint8).view(16, 256))
         idx = torch.tensor([3, 0, 15], device=device)
-        got = map_pinned(host, device).index_select(0, idx).cpu()
+        view = map_pinned(host, device)
+        host[0].fill_(7)  # written after mapping: an in-place view must see it
+        got = view.index_select(0, idx).cpu()
         return bool(torch.equal(got, host[[3, 0, 15]]))
     except (RuntimeError, TypeError, ValueError):
         return False
