@@ -13,7 +13,9 @@ import torch
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.errors import ConfigError, ContextTooLongError
+from tierkv.graph import GraphStep
 from tierkv.kv.cache import DenseKVCache, KVCache
+from tierkv.kv.static import StaticKVCache
 from tierkv.models.build import build_model, random_model
 from tierkv.models.config import ModelConfig
 from tierkv.models.llama import LlamaModel
@@ -63,20 +65,26 @@ class LLM:
     """A loaded model, its tokenizer and its tier settings. Not thread-safe."""
 
     def __init__(self, model: LlamaModel, tokenizer, tier: TierConfig, source: str,
-                 stop_ids: Sequence[int] = ()) -> None:
+                 stop_ids: Sequence[int] = (), graph: bool = True) -> None:
         self.model, self.tokenizer, self.tier, self.source = model, tokenizer, tier, source
         self.cfg: ModelConfig = model.cfg
         self.device, self.dtype = model.device, model.dtype
         self.stop_ids = set(stop_ids)
         self.last_stats = GenStats()
         self._caches: list[KVCache] = []
+        self.graph = graph
 
     # --- caches -------------------------------------------------------------------------------
+    @property
+    def uses_graph(self) -> bool:
+        """Whether decode replays a captured CUDA graph (CUDA only; `graph=False` at load turns it off)."""
+        return self.graph and self.device.type == "cuda"
+
     def new_cache(self, capacity: int) -> KVCache:
         """A fresh KV cache for one sequence, built from the tier settings."""
         c = self.cfg
-        cache = DenseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype,
-                             capacity=capacity)
+        kind = StaticKVCache if self.uses_graph else DenseKVCache
+        cache = kind(c.num_layers, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype, capacity=capacity)
         self._caches.append(cache)
         return cache
 
@@ -119,7 +127,8 @@ class LLM:
             logits.sum().item()  # wait for prefill so its time is not billed to decode
             stats.prefill_s = time.perf_counter() - t0
             if max_new:
-                yield from generate_ids(eager_step(self.model, cache), logits, len(ids), max_new, self.stop_ids, stats,
+                step = GraphStep(self.model, cache) if self.uses_graph and max_new > 1 else eager_step(self.model, cache)
+                yield from generate_ids(step, logits, len(ids), max_new, self.stop_ids, stats,
                                         temperature=temperature, top_p=top_p, generator=gen)
         finally:
             stats.extra["peak_memory"] = _peak_memory(self.device)
@@ -191,17 +200,20 @@ def _stop_ids(tokenizer, hf_cfg) -> list[int]:
 
 
 def load(model: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, *, progress: bool = False, **tier_settings) -> LLM:
+         dtype: str | torch.dtype | None = None, *, graph: bool = True, progress: bool = False,
+         **tier_settings) -> LLM:
     """Load a model folder, a .gguf file, a built-in shape with random weights, or (None) the default model.
 
-    tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
+    graph=False keeps decode eager on CUDA (the reference path). tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
     Blocks while weights load; a GGUF is converted once into the cache directory.
     """
     tier = TierConfig(**tier_settings)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if isinstance(model, str) and model in SHAPES:
-        return _load_shape(model, dev, dt, tier)
+        llm = _load_shape(model, dev, dt, tier)
+        llm.graph = graph
+        return llm
     from transformers import AutoConfig, AutoTokenizer
 
     folder = resolve_model(model)
@@ -210,7 +222,7 @@ def load(model: str | Path | None = None, device: str | torch.device | None = No
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     src = TensorSource(folder)
     net = build_model(cfg, lambda name: src.get(name, dev, dt), progress=progress)
-    return LLM(net, tokenizer, tier, source=str(folder), stop_ids=_stop_ids(tokenizer, hf_cfg))
+    return LLM(net, tokenizer, tier, source=str(folder), stop_ids=_stop_ids(tokenizer, hf_cfg), graph=graph)
 
 
 class _ByteTokenizer:

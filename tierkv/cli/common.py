@@ -12,6 +12,7 @@ def model_options(fn):
     options = [
         click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
         click.option("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)."),
+        click.option("--no-graph", is_flag=True, help="Run decode eagerly instead of replaying a CUDA graph."),
         click.option("--prefill-chunk", type=int, default=2048, show_default=True,
                      help="Prompt tokens processed per prefill slice."),
     ]

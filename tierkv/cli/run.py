@@ -38,14 +38,15 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
 @model_options
 def command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, raw, device, dtype,
-            prefill_chunk) -> None:
+            no_graph, prefill_chunk) -> None:
     """Answer PROMPT with MODEL, streaming the reply. MODEL: """ + MODEL_HELP
     import tierkv
 
     if prompt is None and model is not None and not _looks_like_model(model):
         model, prompt = None, model  # `tierkv run "question"` uses the default model
     text = _read_prompt(prompt, prompt_file)
-    llm = tierkv.load(model, device=device, dtype=dtype, progress=True, **tier_settings(prefill_chunk))
+    llm = tierkv.load(model, device=device, dtype=dtype, graph=not no_graph, progress=True,
+                       **tier_settings(prefill_chunk))
     use_chat = not raw and getattr(llm.tokenizer, "chat_template", None)
     kwargs = {"messages": [{"role": "user", "content": text}]} if use_chat else {"prompt": text}
     for piece in llm.stream(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
