@@ -16,6 +16,7 @@ from tierkv.errors import ConfigError, ContextTooLongError
 from tierkv.graph import GraphStep
 from tierkv.kv.cache import DenseKVCache, KVCache
 from tierkv.kv.static import StaticKVCache
+from tierkv.kv.tiered import TieredKVCache
 from tierkv.models.build import build_model, random_model
 from tierkv.models.config import ModelConfig
 from tierkv.models.llama import LlamaModel
@@ -77,14 +78,29 @@ class LLM:
     # --- caches -------------------------------------------------------------------------------
     @property
     def uses_graph(self) -> bool:
-        """Whether decode replays a captured CUDA graph (CUDA only; `graph=False` at load turns it off)."""
-        return self.graph and self.device.type == "cuda"
+        """Whether decode replays a captured CUDA graph (CUDA only; `graph=False` at load turns it off).
+
+        The tiered caches move chunks between tiers with host decisions, so they decode eagerly for now.
+        """
+        return self.graph and self.device.type == "cuda" and not self.tier.tiered
 
     def new_cache(self, capacity: int) -> KVCache:
-        """A fresh KV cache for one sequence, built from the tier settings."""
+        """A fresh KV cache for one sequence, built from the tier settings.
+
+        No budgets and full attention: the all-on-device cache (static, graph-capturable, on CUDA).
+        Otherwise the tiered cache (exact attention), or the sparse cache for attention="sparse".
+        """
         c = self.cfg
-        kind = StaticKVCache if self.uses_graph else DenseKVCache
-        cache = kind(c.num_layers, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype, capacity=capacity)
+        shape = (c.num_layers, c.num_kv_heads, c.head_dim)
+        if self.tier.attention == "sparse":
+            from tierkv.kv.sparse import SparseKVCache
+
+            cache: KVCache = SparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier)
+        elif self.tier.tiered:
+            cache = TieredKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier)
+        else:
+            kind = StaticKVCache if self.uses_graph else DenseKVCache
+            cache = kind(*shape, device=self.device, dtype=self.dtype, capacity=capacity)
         self._caches.append(cache)
         return cache
 
@@ -132,6 +148,8 @@ class LLM:
                                         temperature=temperature, top_p=top_p, generator=gen)
         finally:
             stats.extra["peak_memory"] = _peak_memory(self.device)
+            if hasattr(cache, "stats"):
+                stats.extra["kv"] = cache.stats()
             self._release(cache)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, max_new_tokens: int = 256,
@@ -163,6 +181,33 @@ class LLM:
             if len(text) > len(sent):
                 yield text[len(sent):]
             sent = text
+
+    # --- accuracy ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, token_ids: Sequence[int], prefill_len: int) -> torch.Tensor:
+        """Teacher-forced log-probabilities through the decode path.
+
+        Prefills token_ids[:prefill_len], then feeds the rest one token at a time through the configured
+        cache (full or sparse). Row i of the (len - prefill_len, vocab) float32 CPU result is the
+        log-distribution of token prefill_len + i given all tokens before it (row 0 from the prefill).
+        """
+        n = len(token_ids)
+        if not 0 < prefill_len < n:
+            raise ConfigError(f"prefill_len={prefill_len} must be between 1 and len(token_ids)-1={n - 1}")
+        self.check_length(n)
+        cache = self.new_cache(n + 1)
+        try:
+            x = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
+            rows = [prefill(self.model, x[:prefill_len], cache, self.tier.prefill_chunk)[-1]]
+            step = eager_step(self.model, cache)
+            for pos in range(prefill_len, n - 1):
+                rows.append(step(x[pos:pos + 1], pos)[-1])
+            self.last_stats = GenStats(prompt_tokens=prefill_len, new_tokens=n - prefill_len)
+            if hasattr(cache, "stats"):
+                self.last_stats.extra["kv"] = cache.stats()
+            return torch.log_softmax(torch.stack(rows).float(), dim=-1).cpu()
+        finally:
+            self._release(cache)
 
     # --- lifetime -----------------------------------------------------------------------------
     def _release(self, cache: KVCache) -> None:

@@ -38,11 +38,14 @@ def collect() -> dict:
 
 
 def _disk_backend() -> dict:
-    try:
-        from tierkv.io.disk import detect_backend
-    except ImportError:
-        return {"disk_backend": "posix"}
-    return {"disk_backend": detect_backend()}
+    """Which disk backend the disk tier would use here (probed with a 4 KiB write/read)."""
+    import tempfile
+
+    from tierkv.io.disk import choose_backend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        choice, _ = choose_backend(tmp)
+    return {"disk_backend": choice.name, "disk_backend_reason": choice.reason or "probe passed"}
 
 
 @click.command("info")
