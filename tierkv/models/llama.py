@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tierkv.kernels import dispatch
 from tierkv.kv.cache import KVCache
 from tierkv.models.config import ModelConfig
-from tierkv.models.rope import Rope, apply_rope
+from tierkv.models.rope import Rope
 
 
 @dataclass
@@ -29,13 +30,6 @@ class LayerWeights:
     down_proj: torch.Tensor  # (hidden, I)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 and cast back, as the reference implementations do."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 class LlamaModel:
     """The forward pass over weights already on the compute device.
 
@@ -49,36 +43,36 @@ class LlamaModel:
         self.embed_tokens, self.layers, self.norm, self.lm_head = embed_tokens, layers, norm, lm_head
         self.device, self.dtype = embed_tokens.device, embed_tokens.dtype
         self.rope = Rope(cfg, self.device, self.dtype, length=min(cfg.max_position_embeddings, 4096))
+        # fused kernels (Triton on CUDA, torch references elsewhere), chosen once for this device
+        self._norm = dispatch.get("add_rms_norm", self.device, module="norm")
+        self._rope = dispatch.get("qk_rope", self.device)
+        self._silu_mul = dispatch.get("silu_mul", self.device)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, *,
                 last_only: bool = False) -> torch.Tensor:
         """ids (T,) and positions (T,) on the device -> logits (T or 1, vocab) in float32."""
-        cos, sin = self.rope.tables(positions)  # (T, 1, D)
-        h = self.embed_tokens[ids]  # (T, hidden)
+        c = self.cfg
+        h, x = self._norm(self.embed_tokens[ids], None, self.layers[0].input_layernorm, c.rms_norm_eps)  # (T, hidden)
         for i, layer in enumerate(self.layers):
-            h = h + self._attention(i, layer, rms_norm(h, layer.input_layernorm, self.cfg.rms_norm_eps), cos, sin, cache)
-            h = h + self._mlp(layer, rms_norm(h, layer.post_attention_layernorm, self.cfg.rms_norm_eps))
+            h, x = self._norm(h, self._attention(i, layer, x, positions, cache), layer.post_attention_layernorm,
+                              c.rms_norm_eps)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, x = self._norm(h, self._mlp(layer, x), nxt, c.rms_norm_eps)
         cache.advance(ids.shape[0])
         if last_only:
-            h = h[-1:]
-        h = rms_norm(h, self.norm, self.cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()  # (T, vocab)
+            x = x[-1:]
+        return F.linear(x, self.lm_head).float()  # (T, vocab)
 
-    def _attention(self, i: int, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _attention(self, i: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
                    cache: KVCache) -> torch.Tensor:
         c = self.cfg
-        t, d = x.shape[0], c.head_dim
+        t = x.shape[0]
         qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # (T, (Hq + 2 Hkv) D)
-        q, k, v = qkv.split([c.num_heads * d, c.num_kv_heads * d, c.num_kv_heads * d], dim=-1)
-        q = q.view(t, c.num_heads, d)  # (T, Hq, D)
-        k_pre = k.view(t, c.num_kv_heads, d)  # (T, Hkv, D), before RoPE: what shadows compress
-        v = v.view(t, c.num_kv_heads, d)  # (T, Hkv, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k_pre, cos, sin)
+        q, k, k_pre = self._rope(qkv, self.rope.cos, self.rope.sin, positions, c.num_heads, c.num_kv_heads)
+        v = qkv[:, (c.num_heads + c.num_kv_heads) * c.head_dim:].view(t, c.num_kv_heads, c.head_dim)  # (T, Hkv, D)
         cache.append(i, k, v, k_pre)
         out = cache.attend(i, q)  # (T, Hq, D)
-        return F.linear(out.reshape(t, c.num_heads * d), w.o_proj)
+        return F.linear(out.reshape(t, c.num_heads * c.head_dim), w.o_proj)
 
-    @staticmethod
-    def _mlp(w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, w.gate_up_proj).chunk(2, dim=-1)  # (T, I) each
-        return F.linear(F.silu(gate) * up, w.down_proj)
+    def _mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._silu_mul(F.linear(x, w.gate_up_proj)), w.down_proj)
