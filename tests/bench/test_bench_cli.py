@@ -1,0 +1,105 @@
+"""`tierkv bench io` and `tierkv bench decode` through the real CLI on the CPU: JSON complete and plausible."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: torch's thread pool would only spin
+
+
+def tierkv(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tierkv", *args], capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def last_json_line(stdout: str) -> dict:
+    line = json.loads(stdout.strip().splitlines()[-1])
+    assert {"device", "date", "command"} <= set(line)
+    return line
+
+
+def test_bench_io_json(tmp_path):
+    out = tmp_path / "io.json"
+    r = tierkv("bench", "io", "--json", str(out), "--sizes", "64KiB,1MiB", "--repeats", "3",
+               "--disk-dir", str(tmp_path / "disk"))
+    assert r.returncode == 0, r.stderr
+    assert "bench io" in last_json_line(r.stdout)["command"]
+    doc = json.loads(out.read_text())
+    assert list(doc)[-3:] == ["device", "date", "command"]
+    names = {e["name"] for e in doc["results"]}
+    assert {"host_to_host", "disk_to_host", "scatter_host_gather_copy"} <= names
+    for e in doc["results"]:
+        assert positive(e["size"]) and e["repeats"] == 3 and positive(e["seconds_median"])
+        g = e["gbps"]
+        assert all(positive(g[k]) for k in ("min", "median", "max")) and g["min"] <= g["median"] <= g["max"]
+    disk = [e for e in doc["results"] if e["name"] == "disk_to_host"]
+    assert {e["size"] for e in disk} == {65536, 1 << 20} and all(e["backend"] == "posix" for e in disk)
+    assert "cold" in disk[0]["page_cache"] or "warm" in disk[0]["page_cache"]
+    skipped = {s["name"]: s["reason"] for s in doc["skipped"]}
+    if not doc["device"].startswith("cpu"):
+        pytest.skip("CPU expectations only")
+    assert skipped["host_to_device_pinned"] == "no CUDA device"
+    assert any(k.startswith("disk_to_host (kvikio") for k in skipped) or any(e["backend"].startswith("kvikio")
+                                                                              for e in disk)
+    assert not list((tmp_path / "disk").iterdir())  # the read file is removed
+
+
+def test_bench_decode_json_and_one_line_errors(tmp_path):
+    out = tmp_path / "decode.json"
+    r = tierkv("bench", "decode", "llama-tiny", "--context", "1K,2K", "--json", str(out), "--steps", "4",
+               "--warmup", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    line = last_json_line(r.stdout)
+    assert set(line["ms_per_token"]) == {f"{s}@{c}" for s in ("tierkv-sparse", "tierkv-exact", "hf-default",
+                                                                "hf-offloaded", "hf-accelerate") for c in ("1K", "2K")}
+    doc = json.loads(out.read_text())
+    assert list(doc)[-3:] == ["device", "date", "command"]
+    assert doc["contexts"] == [1024, 2048] and positive(doc["weights_bytes"]) and positive(doc["kv_bytes_per_token"])
+    assert all(positive(doc["rates"][k]) for k in ("hbm", "h2d", "d2h", "disk"))
+    rows = {(x["system"], x["context"]): x for x in doc["rows"]}
+    assert len(rows) == 10
+    for row in rows.values():
+        assert row["status"] in ("ok", "over_budget", "oom", "cannot_run", "unavailable", "skipped", "error")
+        assert row["status"] != "error", row["reason"]
+        if row["status"] != "ok":
+            assert row["reason"] and row["decode_ms"] is None
+            continue
+        assert all(positive(row["decode_ms"][k]) for k in ("min", "median", "max")) and row["steps"] == 4
+        for key in ("prefill_tok_s", "peak_memory_bytes", "floor_ms", "measured_over_floor"):
+            assert positive(row[key]), (row["system"], key, row[key])
+        assert all(positive(v) for v in row["floor_parts_ms"].values())
+        assert row["bytes_source"] and all(v >= 0 and math.isfinite(v) for v in row["bytes_per_token"].values())
+        assert row["copy_hidden_note"]
+    for c in (1024, 2048):
+        assert rows[("tierkv-exact", c)]["status"] == "ok" and rows[("hf-default", c)]["status"] == "ok"
+        assert rows[("hf-offloaded", c)]["status"] == "unavailable"  # needs CUDA
+        assert rows[("hf-accelerate", c)]["status"] in ("unavailable", "skipped")
+        exact = rows[("tierkv-exact", c)]
+        assert exact["bytes_per_token"]["host->device"] > 0  # a quarter of the KV on the device: the rest streams
+        assert math.isclose(sum(exact["hit_rate"].values()), 1.0) and 0 <= exact["copy_hidden_share"] <= 1
+        sparse = rows[("tierkv-sparse", c)]
+        assert sparse["status"] in ("ok", "unavailable", "cannot_run"), sparse["reason"]
+    bad = tierkv("bench", "decode", "llama-tiny", "--context", "12Q")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: context '12Q'")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_parse_contexts_and_sizes():
+    from tierkv.bench.common import format_context, parse_contexts, parse_sizes
+    from tierkv.errors import TierKVError
+
+    assert parse_contexts("1K,32K, 128K,256K,4096") == [1024, 32768, 131072, 262144, 4096]
+    assert [format_context(c) for c in (1024, 131072, 1000)] == ["1K", "128K", "1000"]
+    assert parse_sizes("64KiB,1MiB,256MiB") == [65536, 1 << 20, 256 << 20]
+    for bad in ("", "K", "-1K", "0"):
+        with pytest.raises(TierKVError):
+            parse_contexts(bad)

@@ -1,0 +1,192 @@
+"""The decode benchmark's rows and the tierkv systems (sparse, exact offloaded) that fill them.
+
+Every system is reported for every context: measured, or with a status saying why not (unavailable, cannot_run,
+oom, skipped, error). Timing goes through `LLM.stream_ids`, whose per-token `.item()` plus an explicit sync
+bounds each step.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import resource
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tierkv.bench.clock import StepClock
+from tierkv.config import TierConfig, format_size
+from tierkv.errors import TierKVError
+from tierkv.kv.layout import ChunkLayout
+from tierkv.models.config import ModelConfig
+
+TIERKV_SYSTEMS = ("tierkv-sparse", "tierkv-exact")
+HF_SYSTEMS = ("hf-default", "hf-offloaded", "hf-accelerate")
+SYSTEMS = TIERKV_SYSTEMS + HF_SYSTEMS
+STATUSES = ("ok", "over_budget", "oom", "cannot_run", "unavailable", "skipped", "error")
+
+
+@dataclass
+class DecodeSpec:
+    """What `tierkv bench decode` was asked to run (sizes in bytes)."""
+
+    model: str
+    contexts: list[int]
+    device: torch.device
+    dtype: torch.dtype
+    systems: tuple[str, ...] = SYSTEMS
+    gpu_budget: int | None = None
+    kv_gpu_budget: int | None = None
+    cpu_budget: int | None = None
+    disk_dir: str | None = None
+    reserve: int = 4 * 1024**3  # activations and workspace kept free of KV under the GPU budget
+    steps: int = 16
+    warmup: int = 4
+    token_budget: int | float = 2048
+    chunk_size: int = 32
+    prefill_chunk: int = 2048
+    profile: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    """One (system, context) result. Numbers are None when the system did not run (see status, reason)."""
+
+    system: str
+    context: int
+    status: str = "ok"
+    reason: str | None = None
+    decode_ms: dict | None = None  # min / median / max over the measured steps
+    steps: int = 0
+    prefill_tok_s: float | None = None
+    peak_memory_bytes: int | None = None
+    memory_kind: str = "cuda"  # 'cuda' (torch max_memory_allocated) | 'cpu-rss' (process max RSS)
+    within_budget: bool | None = None
+    bytes_per_token: dict | None = None  # {'host->device': bytes, ...}
+    bytes_source: str | None = None  # 'tier stats' (measured) | 'modelled'
+    hit_rate: dict | None = None
+    io_wait_ms_per_token: float | None = None
+    copy_hidden_share: float | None = None
+    copy_hidden_note: str | None = None
+    floor_ms: float | None = None
+    floor_parts_ms: dict | None = None
+    measured_over_floor: float | None = None
+    settings: dict = field(default_factory=dict)
+    profile: str | None = None
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    """n random token ids (prefill content does not change decode cost)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss if sys.platform == "darwin" else rss * 1024), "cpu-rss"
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def sparse_unavailable() -> str | None:
+    """Why tierkv's sparse cache cannot run here, or None when it imports."""
+    try:
+        importlib.import_module("tierkv.kv.sparse")
+    except Exception as e:  # ImportError, or an error inside the module while it is being written
+        return f"tierkv.kv.sparse does not import ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def kv_budget(spec: DecodeSpec, cfg: ModelConfig, weights: int, context: int) -> tuple[int | None, str]:
+    """(kv_gpu_budget bytes or None when the weights leave no room, how it was chosen)."""
+    if spec.kv_gpu_budget is not None:
+        return spec.kv_gpu_budget, "given (--kv-gpu-budget)"
+    if spec.gpu_budget is not None:
+        kv = spec.gpu_budget - weights - spec.reserve
+        return (kv if kv > 0 else None), (f"gpu budget {format_size(spec.gpu_budget)} - weights {format_size(weights)}"
+                                          f" - reserve {format_size(spec.reserve)}")
+    lay = ChunkLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, spec.chunk_size, spec.dtype)
+    tc = TierConfig()
+    fixed = (cfg.num_layers * (1 + lay.sink_chunks(tc.sink_tokens) + lay.window_chunks(tc.window_tokens)) + 6) \
+        * lay.chunk_bytes
+    total = lay.chunk_bytes * cfg.num_layers * (context // spec.chunk_size + 1)
+    return fixed + total // 4, "no GPU budget: sinks, window and buffers + a quarter of the context's KV"
+
+
+def tier_config(system: str, spec: DecodeSpec, kv_gpu: int) -> TierConfig:
+    return TierConfig(kv_gpu_budget=kv_gpu, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
+                      chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk,
+                      attention="sparse" if system == "tierkv-sparse" else "full",
+                      **({"token_budget": spec.token_budget} if system == "tierkv-sparse" else {}))
+
+
+def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -> Row:
+    """Prefill `context` random tokens and time decode steps with the system's tier settings. Never raises for
+    errors a system can have (budget, OOM, missing sparse module): they become the row's status."""
+    row = Row(system, context)
+    if system == "tierkv-sparse" and (why := sparse_unavailable()):
+        row.status, row.reason = "unavailable", why
+        return row
+    kv, how = kv_budget(spec, llm.cfg, weights, context)
+    row.settings = {"kv_gpu_budget": kv, "kv_gpu_budget_from": how, "cpu_budget": spec.cpu_budget,
+                    "disk_dir": spec.disk_dir, "chunk_size": spec.chunk_size}
+    if system == "tierkv-sparse":
+        row.settings["token_budget"] = spec.token_budget
+    if kv is None:
+        row.status, row.reason = "cannot_run", f"weights leave no GPU room for KV ({how}); weight offload is not built yet"
+        return row
+    try:
+        llm.tier = tier_config(system, spec, kv)
+        _measure_tierkv(llm, row, spec)
+    except torch.cuda.OutOfMemoryError as e:
+        row.status, row.reason = "oom", str(e).splitlines()[0][:200]
+    except TierKVError as e:
+        row.status, row.reason = "cannot_run", str(e)
+    finally:
+        llm.close()
+        free_memory(llm.device)
+    return row
+
+
+def _measure_tierkv(llm, row: Row, spec: DecodeSpec) -> None:
+    snaps: dict[str, Any] = {}
+
+    def snap(name: str) -> None:
+        cache = llm._caches[-1] if llm._caches else None  # the cache stream_ids is decoding with
+        snaps[name] = cache.stats()["total"] if hasattr(cache, "stats") else None
+
+    clock = StepClock(llm.device, spec.warmup, spec.steps, 4 if spec.profile else 0,
+                      on_start=lambda: snap("start"), on_end=lambda: snap("end"))
+    ids = random_ids(row.context, llm.cfg.vocab_size, spec.seed)
+    llm.stop_ids = set()  # random tokens must not end the run early
+    with torch.no_grad():
+        for k, _ in enumerate(llm.stream_ids(ids, max_new_tokens=clock.total_steps + 1)):
+            clock.tick(k)
+    s = llm.stats
+    row.decode_ms, row.steps, row.prefill_tok_s = clock.summary(), spec.steps, s["prefill_tok_s"]
+    row.peak_memory_bytes, row.memory_kind = peak_memory(llm.device)
+    row.profile = clock.profile_table
+    if snaps.get("start") and snaps.get("end"):
+        _tier_numbers(row, snaps["start"], snaps["end"], spec.steps)
+    else:
+        row.copy_hidden_note = "the cache reports no tier stats"
+
+
+def _tier_numbers(row: Row, a: dict, b: dict, steps: int) -> None:
+    """Per-token bytes, hit rates and host-side I/O wait between two `stats()['total']` snapshots."""
+    row.bytes_per_token = {k: (v - a["bytes_moved"].get(k, 0)) / steps for k, v in b["bytes_moved"].items()}
+    row.bytes_source = "tier stats"
+    hits = {k: v - a["hits"].get(k, 0) for k, v in b["hits"].items()}
+    total = sum(hits.values())
+    row.hit_rate = {k: v / total for k, v in hits.items()} if total else None
+    row.io_wait_ms_per_token = 1000.0 * (b["io_wait_s"] - a["io_wait_s"]) / steps
