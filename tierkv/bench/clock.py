@@ -60,6 +60,6 @@ class StepClock:
     def _stop_profiler(self) -> None:
         sync(self.device)
         self._prof.stop()
-        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         self.profile_table = self._prof.key_averages().table(sort_by=key, row_limit=15)
         self._prof = None

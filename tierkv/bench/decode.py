@@ -47,6 +47,7 @@ def run_decode(spec: DecodeSpec, *, io_json: str | None = None, hbm_gbps: float 
     total_steps = spec.warmup + spec.steps + (4 if spec.profile else 0) + 2
     log("measuring bandwidths for the floor")
     rates = measure_rates(spec.device, spec.dtype, spec.disk_dir, hbm_gbps=hbm_gbps, io_json=io_json)
+    free_memory(spec.device)  # the probes' buffers must not count against the systems
     rows: dict[tuple[str, int], Row] = {}
     bar = tqdm(total=len(spec.systems) * len(spec.contexts), desc="bench decode", unit="run",
                disable=not sys.stderr.isatty(), leave=False)

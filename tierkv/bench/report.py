@@ -57,7 +57,7 @@ def decode_table(doc: dict) -> str:
             notes.append(f"{name} @ {ctx}: {r['status']}: {r['reason']}")
             continue
         b = r.get("bytes_per_token") or {}
-        link = sum(v for k, v in b.items() if k.startswith("host->") or k.endswith("->host"))
+        link = b.get("host->device", 0.0) + b.get("device->host", 0.0)
         disk = sum(v for k, v in b.items() if "disk" in k)
         hr = r.get("hit_rate")
         hits = "/".join(_fmt(100 * hr.get(t, 0.0), ".0f") for t in ("device", "host", "disk")) if hr else "-"

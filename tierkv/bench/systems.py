@@ -163,7 +163,8 @@ def _measure_tierkv(llm, row: Row, spec: DecodeSpec) -> None:
 
     def snap(name: str) -> None:
         cache = llm._caches[-1] if llm._caches else None  # the cache stream_ids is decoding with
-        snaps[name] = cache.stats()["total"] if hasattr(cache, "stats") else None
+        st = cache.stats() if hasattr(cache, "stats") else None
+        snaps[name] = st.get("total") if isinstance(st, dict) else None  # a cache without totals gives no tier numbers
 
     clock = StepClock(llm.device, spec.warmup, spec.steps, 4 if spec.profile else 0,
                       on_start=lambda: snap("start"), on_end=lambda: snap("end"))
@@ -184,9 +185,11 @@ def _measure_tierkv(llm, row: Row, spec: DecodeSpec) -> None:
 
 def _tier_numbers(row: Row, a: dict, b: dict, steps: int) -> None:
     """Per-token bytes, hit rates and host-side I/O wait between two `stats()['total']` snapshots."""
-    row.bytes_per_token = {k: (v - a["bytes_moved"].get(k, 0)) / steps for k, v in b["bytes_moved"].items()}
+    moved_a, moved_b = a.get("bytes_moved", {}), b.get("bytes_moved", {})
+    row.bytes_per_token = {k: (v - moved_a.get(k, 0)) / steps for k, v in moved_b.items()}
     row.bytes_source = "tier stats"
-    hits = {k: v - a["hits"].get(k, 0) for k, v in b["hits"].items()}
+    hits = {k: v - a.get("hits", {}).get(k, 0) for k, v in b.get("hits", {}).items()}
     total = sum(hits.values())
     row.hit_rate = {k: v / total for k, v in hits.items()} if total else None
-    row.io_wait_ms_per_token = 1000.0 * (b["io_wait_s"] - a["io_wait_s"]) / steps
+    if "io_wait_s" in a and "io_wait_s" in b:
+        row.io_wait_ms_per_token = 1000.0 * (b["io_wait_s"] - a["io_wait_s"]) / steps

@@ -1,0 +1,29 @@
+"""Floor arithmetic: weight bytes match the transformers model of the shape; parts add up at given rates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tierkv.bench.floor import Rates, floor_ms, kv_bytes_per_token, weight_bytes
+from tierkv.bench.hf import build_hf, param_bytes
+from tierkv.bench.systems import DecodeSpec
+from tierkv.models.shapes import shape_config
+
+
+def test_weight_bytes_match_transformers_model():
+    cfg = shape_config("llama-tiny")
+    spec = DecodeSpec(model="llama-tiny", contexts=[64], device=torch.device("cpu"), dtype=torch.float32)
+    model, _ = build_hf(spec, cfg, 128, "cpu")
+    assert param_bytes(model)[0] == weight_bytes(cfg, torch.float32)
+    assert weight_bytes(shape_config("llama3.1-8b"), torch.bfloat16) == 2 * 8_030_261_248
+    assert kv_bytes_per_token(shape_config("llama3.1-8b"), torch.bfloat16) == 128 * 1024
+
+
+def test_floor_parts_use_the_rate_of_each_pair():
+    rates = Rates(hbm=2e12, h2d=50e9, d2h=40e9, disk=1e9)
+    total, parts = floor_ms({"weights_hbm": 16e9, "host->device": 1e9, "disk->device": 1e8, "device->host": 0.0}, rates)
+    assert math.isclose(parts["weights_hbm"], 8.0) and math.isclose(parts["host->device"], 20.0)
+    assert math.isclose(parts["disk->device"], 100.0) and "device->host" not in parts
+    assert math.isclose(total, 128.0)
