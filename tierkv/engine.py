@@ -76,6 +76,7 @@ DecodeStep = Callable[[torch.Tensor, int], torch.Tensor]
 def eager_step(model: LlamaModel, cache: KVCache) -> DecodeStep:
     """A decode step that runs the forward eagerly: (token (1,), position) -> logits (1, V)."""
     def step(token: torch.Tensor, position: int) -> torch.Tensor:
+        model.rope.ensure(position + 1)  # a host-side length check; grows the tables only when crossed
         pos = torch.full((1,), position, dtype=torch.long, device=token.device)
         return model.forward(token, pos, cache)
     return step
