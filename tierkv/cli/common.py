@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from tierkv.errors import ConfigError
+
 MODEL_HELP = "Hugging Face model folder, .gguf file or built-in shape (default: SmolLM2-135M-Instruct)."
 
 
@@ -15,7 +17,14 @@ def model_options(fn):
         click.option("--kv-gpu-budget", default=None, help="KV cache bytes on the GPU, e.g. 2GiB (default: no limit)."),
         click.option("--cpu-budget", default=None, help="KV cache bytes in pinned CPU memory, e.g. 16GiB."),
         click.option("--disk-dir", default=None, help="Directory for the disk tier (an NVMe path)."),
-        click.option("--chunk-size", type=int, default=32, show_default=True, help="Tokens per KV chunk."),
+        click.option("--chunk-size", type=int, default=None, help="Tokens per KV chunk (default: TierConfig's)."),
+        click.option("--attention", type=click.Choice(["full", "sparse"]), default=None,
+                     help="full: attend to every chunk (exact); sparse: only the chunks selection picks."),
+        click.option("--token-budget", default=None,
+                     help="Sparse mode: tokens attended per step (e.g. 2048) or a fraction of the context (0.125)."),
+        click.option("--rank", type=int, default=None, help="Sparse mode: rank of the low-rank key shadows."),
+        click.option("--sink-tokens", type=int, default=None, help="First tokens always attended (kept on the GPU)."),
+        click.option("--window-tokens", type=int, default=None, help="Last tokens always attended (kept on the GPU)."),
         click.option("--no-graph", is_flag=True, help="Run decode eagerly instead of replaying a CUDA graph."),
         click.option("--prefill-chunk", type=int, default=2048, show_default=True,
                      help="Prompt tokens processed per prefill slice."),
@@ -25,9 +34,27 @@ def model_options(fn):
     return fn
 
 
-TIER_FLAGS = ("kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk")
+TIER_FLAGS = ("kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk", "attention", "token_budget",
+              "rank", "sink_tokens", "window_tokens")
+
+
+def parse_token_budget(value: str | None) -> int | float | None:
+    """'2048' -> 2048 tokens; '0.125' -> a fraction of the context; None stays None."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"--token-budget {value!r} is neither a token count nor a fraction; use e.g. 2048 or 0.125") from None
 
 
 def tier_settings(flags: dict) -> dict:
-    """The TierConfig keyword arguments among parsed flags (removed from `flags`)."""
-    return {name: flags.pop(name) for name in TIER_FLAGS if name in flags}
+    """The TierConfig keyword arguments among parsed flags (removed from `flags`); unset flags keep defaults."""
+    out = {name: flags.pop(name) for name in TIER_FLAGS if name in flags}
+    if "token_budget" in out:
+        out["token_budget"] = parse_token_budget(out["token_budget"])
+    return {k: v for k, v in out.items() if v is not None}
