@@ -1,0 +1,136 @@
+"""Issue 5: sparse vs full attention on SmolLM2 over real text (pydoc topics): top-1 agreement and NLL.
+
+The prompt is prefilled once (exact attention) and its K/V replayed into a fresh cache per configuration,
+so each point costs only its teacher-forced decode steps. Ends with one JSON line; writes it to --out.
+Usage: python bench/sparse_accuracy.py --context 6144 --steps 256 --sweep all --out bench/results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+
+import torch
+
+import tierkv
+from tierkv.engine import eager_step, prefill
+from tierkv.kv.cache import DenseKVCache, KVCache
+from tierkv.kv.sparse import SparseKVCache, SparseOptions
+
+
+class Recorder(DenseKVCache):
+    """A dense cache that also keeps each layer's pre-RoPE keys, so its prefill can be replayed."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.k_pre: dict[int, list[torch.Tensor]] = {}
+
+    def append(self, layer, k, v, k_pre=None) -> None:
+        super().append(layer, k, v, k_pre)
+        self.k_pre.setdefault(layer, []).append(k_pre.clone())
+
+    def replay(self, cache: KVCache, n: int) -> None:
+        """Append this prefill's n tokens, layer by layer, to another cache."""
+        for layer in range(self.k.shape[0]):
+            cache.append(layer, self.k[layer, :n], self.v[layer, :n], torch.cat(self.k_pre[layer])[:n])
+        cache.advance(n)
+
+
+def decode_rows(model, cache: KVCache, ids: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log-probs (len(ids) - S, V) of tokens S.. (S = cache.seq_len); row 0 is `first` (the
+    prefill's last logits), the rest come through the decode path."""
+    step = eager_step(model, cache)
+    rows = [first] + [step(ids[p:p + 1], p)[-1] for p in range(cache.seq_len, ids.shape[0] - 1)]
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+
+
+def compare(lp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Top-1 agreement and mean NLL of lp against ref (rows aligned with targets)."""
+    nll, nll_ref = -lp.gather(1, targets[:, None]).mean(), -ref.gather(1, targets[:, None]).mean()
+    return {"agreement": (lp.argmax(-1) == ref.argmax(-1)).float().mean().item(), "nll": nll.item(),
+            "nll_full": nll_ref.item(), "nll_delta": (nll / nll_ref - 1).item()}
+
+
+def sweep(name: str) -> list[dict]:
+    """Configurations: TierConfig fields plus SparseOptions fields (prefixed sp_)."""
+    base = dict(token_budget=0.125, rank=32, chunk_size=32, sink_tokens=64, window_tokens=128)
+    runs = []
+    if name in ("design", "all"):  # selection alone (exact keys for picks), then with rebuilt keys
+        for scorer, r in (("mean", 32), ("minmax", 32), ("lowrank-shared", 32), ("lowrank", 8), ("lowrank", 16),
+                          ("lowrank", 32)):
+            runs.append({**base, "sp_scorer": scorer, "sp_score_rank": r, "sp_rebuild": False, "group": "design"})
+        for r in (16, 32, 64, 96):
+            runs.append({**base, "rank": r, "sp_score_rank": 16, "group": "shadow-rank"})
+        runs.append({**base, "chunk_size": 16, "sp_score_rank": 16, "group": "chunk"})
+    if name in ("budget", "all"):
+        for frac in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4):
+            runs.append({**base, "token_budget": frac, "group": "budget"})
+    if name in ("rank", "all"):
+        for r in (8, 16, 32, 64):
+            runs.append({**base, "rank": r, "group": "rank"})
+    if name in ("focus", "all"):  # chunk size, score rank and a wide shadow together
+        for cs, sr, r, rb in ((16, 16, 64, False), (16, 32, 64, True), (32, 32, 64, True), (16, 16, 64, True)):
+            runs.append({**base, "chunk_size": cs, "rank": r, "sp_score_rank": sr, "sp_rebuild": rb, "group": "focus"})
+        runs.append({**base, "rank": 64, "sp_scorer": "lowrank-shared", "sp_score_rank": 32, "group": "focus"})
+    if name == "one":
+        runs.append({**base, "group": "one"})
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--context", type=int, default=6144)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--sweep", default="all", choices=("all", "design", "focus", "budget", "rank", "one"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    llm = tierkv.load(device="cpu", dtype="fp32")
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = torch.tensor(llm.tokenizer(text, add_special_tokens=False)["input_ids"][: a.context + a.steps])
+    c, n = llm.cfg, a.context
+    shape = (c.num_layers, c.num_kv_heads, c.head_dim)
+    results = []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        rec = Recorder(*shape, device="cpu", dtype=torch.float32, capacity=n + a.steps + 1)
+        first = prefill(llm.model, ids[:n], rec, 2048)[-1]
+        print(f"prefill {n} tokens: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        full = DenseKVCache(*shape, device="cpu", dtype=torch.float32, capacity=n + a.steps + 1)
+        rec.replay(full, n)
+        ref = decode_rows(llm.model, full, ids, first)  # row i: token n + i
+        targets = ids[n:]
+        for run in sweep(a.sweep):
+            t0 = time.perf_counter()
+            tier = {k: v for k, v in run.items() if not k.startswith("sp_") and k != "group"}
+            sp = SparseOptions(**{k[3:]: v for k, v in run.items() if k.startswith("sp_")})
+            cfg = llm.tier.replace(attention="sparse", **tier)
+            cache = SparseKVCache(*shape, device="cpu", dtype=torch.float32, config=cfg, sparse=sp)
+            rec.replay(cache, n)
+            lp = decode_rows(llm.model, cache, ids, first)
+            st = cache.stats()["sparse"]
+            cache.close()
+            row = {**run, **compare(lp, ref, targets), "budget_tokens": cfg.budget_tokens(n),
+                   "attended_fraction": st["attended_fraction"], "prefetch_recall": st["prefetch_recall"],
+                   "outlier_chunks": st["outlier_chunks"], "seconds": round(time.perf_counter() - t0, 1)}
+            results.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    out = {"bench": "sparse_accuracy", "model": "SmolLM2-135M-Instruct fp32", "text": "pydoc_data.topics",
+           "context": n, "steps": a.steps, "command": "python " + " ".join(sys.argv),
+           "device": f"cpu ({platform.processor() or platform.machine()}, {a.threads} thread)",
+           "torch": torch.__version__, "date": datetime.date.today().isoformat(), "results": results}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

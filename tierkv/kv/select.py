@@ -1,0 +1,73 @@
+"""Token budget -> chunk picks: which chunks a sparse decode step attends, per KV head.
+
+Sinks (the first chunks) and the local window (the newest sealed chunks plus the open chunk) are always
+attended; the rest of the budget goes to the top-scoring chunks in between, chosen per KV head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """Chunk ranges of one decode step. Sealed chunks [0, sink_end) and [window_start, sealed) plus the open
+    chunk are always attended; `picks` chunks per KV head come from [sink_end, window_start)."""
+
+    sealed: int
+    sink_end: int
+    window_start: int
+    picks: int
+    chunk_size: int
+
+    @property
+    def candidates(self) -> int:
+        return self.window_start - self.sink_end
+
+    @property
+    def dense(self) -> bool:
+        """True when the budget covers every chunk: the step is exact attention."""
+        return self.picks >= self.candidates
+
+    open_tokens: int
+
+    @property
+    def attended_tokens(self) -> int:
+        """Tokens one KV head attends this step (the new one included)."""
+        fixed = self.sink_end + self.sealed - self.window_start + min(self.picks, self.candidates)
+        return fixed * self.chunk_size + self.open_tokens
+
+
+def plan_selection(total: int, chunk_size: int, sink_tokens: int, window_tokens: int,
+                   budget_tokens: int) -> SelectionPlan:
+    """Plan a step over `total` tokens (the new one included) under `budget_tokens` (sinks, window and the
+    open chunk's tokens included). Pure arithmetic."""
+    c = chunk_size
+    sealed = total // c
+    sink_end = min(-(-sink_tokens // c), sealed)
+    window_start = max(sink_end, sealed - (-(-window_tokens // c)))
+    fixed = (sink_end + sealed - window_start) * c + total - sealed * c  # tokens always attended
+    picks = max(0, (budget_tokens - fixed) // c)
+    return SelectionPlan(sealed, sink_end, window_start, picks, c, total - sealed * c)
+
+
+def merge_picks(top: torch.Tensor, plan: SelectionPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of sealed chunks to fetch and which KV head attends which.
+
+    top: (Hkv, k) picked chunk ids in [sink_end, window_start). Returns ids (n,) int64 sorted and keep (Hkv, n)
+    bool: sinks and window for every head, a picked chunk for the heads that picked it. No host sync.
+    """
+    dev = top.device
+    fixed = torch.cat([torch.arange(plan.sink_end, device=dev), torch.arange(plan.window_start, plan.sealed, device=dev)])
+    ids = torch.unique(torch.cat([fixed, top.flatten()]))  # (n,) sorted
+    picked = (ids.view(1, -1, 1) == top.unsqueeze(1)).any(-1)  # (Hkv, n)
+    always = (ids < plan.sink_end) | (ids >= plan.window_start)  # (n,)
+    return ids, picked | always.unsqueeze(0)
+
+
+def all_chunks(plan: SelectionPlan, num_kv_heads: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sealed chunk for every head (a dense step), in `merge_picks`' format."""
+    ids = torch.arange(plan.sealed, device=device)
+    return ids, torch.ones((num_kv_heads, plan.sealed), dtype=torch.bool, device=device)

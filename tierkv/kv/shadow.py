@@ -1,0 +1,131 @@
+"""Low-rank shadows of one layer's pre-RoPE keys (A (S, r) @ B (r, Hkv*D)) and the exact outlier chunks.
+
+Sparse decode rebuilds picked keys as RoPE(A[t] @ B) instead of reading them; chunks the shadow reconstructs
+badly keep exact post-RoPE keys on the device. `fit_basis` is the truncated SVD (via the Gram matrix).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tierkv.kernels import rebuild_keys
+
+
+def fit_basis(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`rank` right singular vectors of x (S, F): basis (r, F) fp32 with orthonormal rows, and the energy
+    sum(x**2) - ||x @ basis.T||**2 the rank-r projection drops (fp32 scalar: the SVD's predicted squared error).
+
+    Uses the eigenvectors of the Gram matrix x.T @ x (F x F, accumulated in fp32, solved in fp64): the same
+    subspace as the SVD of x at S*F^2 cost, and it can be summed over prefill slices. Does not mutate x.
+    """
+    xf = x.float()
+    gram = xf.T @ xf  # (F, F)
+    evals, evecs = torch.linalg.eigh(gram.double())  # ascending
+    r = min(rank, x.shape[1])
+    basis = evecs[:, -r:].flip(-1).T.float().contiguous()  # (r, F), largest first
+    dropped = evals[:-r].clamp_min(0).sum().float() if r < x.shape[1] else torch.zeros((), device=x.device)
+    return basis, dropped
+
+
+class KeyShadow:
+    """One layer's key shadow: coefficients A (S_cap, r), basis B (r, Hkv*D), exact outlier chunks.
+
+    Tokens [0, covered) have coefficients; later tokens are exact elsewhere (open chunk, window, tiers) until
+    `fold` projects them onto B. A chunk whose relative reconstruction error exceeds `outlier_threshold`
+    keeps its exact post-RoPE keys here and `keys` returns those instead of a rebuild.
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, rank: int, chunk_size: int, *,
+                 outlier_threshold: float, device: torch.device, dtype: torch.dtype) -> None:
+        self.hkv, self.d, self.c = num_kv_heads, head_dim, chunk_size
+        self.rank = min(rank, num_kv_heads * head_dim)
+        self.threshold, self.dtype = outlier_threshold, dtype
+        self.coeffs = torch.zeros((0, self.rank), device=device, dtype=dtype)  # (S_cap, r)
+        self.basis: torch.Tensor | None = None  # (r, Hkv*D)
+        self.covered = 0
+        self.chunk_err = torch.zeros(0, device=device)  # (chunks,) relative error of covered chunks, fp32
+        self.outlier_slot = torch.zeros(0, dtype=torch.long, device=device)  # (chunks,) row in exact, -1 if none
+        self.exact = torch.zeros((0, chunk_size, num_kv_heads, head_dim), device=device, dtype=dtype)
+        self.predicted_sq_err = torch.zeros((), device=device)  # dropped energy of the fit (fp32)
+
+    @property
+    def fitted(self) -> bool:
+        return self.basis is not None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.coeffs.numel() * self.coeffs.element_size() + self.exact.numel() * self.exact.element_size()
+        return n + (self.basis.numel() * self.basis.element_size() if self.basis is not None else 0)
+
+    def fit(self, k_pre: torch.Tensor, k_post: torch.Tensor) -> None:
+        """Take the truncated SVD of k_pre (S, Hkv, D) (tokens 0..S-1) and cover them. Mutates; S % chunk == 0
+        is not required (a partial last chunk is covered but judged for outliers only when folded whole)."""
+        flat = k_pre.reshape(k_pre.shape[0], -1)  # (S, Hkv*D)
+        basis, dropped = fit_basis(flat, self.rank)
+        self.basis = basis.to(self.dtype)
+        self.predicted_sq_err = dropped
+        self.covered = 0
+        self.fold(k_pre, k_post)
+
+    def fold(self, k_pre: torch.Tensor, k_post: torch.Tensor) -> None:
+        """Project tokens [covered, covered+T) (k_pre, k_post: (T, Hkv, D)) onto the basis; mark outliers.
+
+        Whole chunks only are judged: callers fold chunk-aligned runs (the cache folds sealed chunks). Mutates.
+        """
+        t = k_pre.shape[0]
+        if t == 0:
+            return
+        flat = k_pre.reshape(t, -1).float()  # (T, Hkv*D)
+        b = self.basis.float()
+        a = flat @ b.T  # (T, r)
+        start, end = self.covered, self.covered + t
+        if end > self.coeffs.shape[0]:
+            grown = self.coeffs.new_zeros((max(end, 2 * self.coeffs.shape[0]), self.rank))
+            grown[:start] = self.coeffs[:start]
+            self.coeffs = grown
+        self.coeffs[start:end] = a.to(self.dtype)
+        self.covered = end
+        self._judge(start, flat - a @ b, flat, k_post)
+
+    def _judge(self, start: int, resid: torch.Tensor, flat: torch.Tensor, k_post: torch.Tensor) -> None:
+        """Relative error per whole chunk in [start, start+T); keep exact keys of chunks above the threshold."""
+        c = self.c
+        first = -(-start // c)  # first chunk wholly inside the run
+        last = (start + resid.shape[0]) // c  # one past the last whole chunk
+        if last <= first:
+            return
+        lo = first * c - start
+        n = last - first
+        r2 = resid[lo:lo + n * c].pow(2).view(n, -1).sum(-1)  # (n,)
+        x2 = flat[lo:lo + n * c].pow(2).view(n, -1).sum(-1).clamp_min(1e-30)
+        err = (r2 / x2).sqrt()  # (n,)
+        self._grow_chunks(last)
+        self.chunk_err[first:last] = err
+        bad = (err > self.threshold).nonzero().flatten()  # host sync, at fit/fold time only
+        if bad.numel():
+            rows = k_post[lo:lo + n * c].view(n, c, self.hkv, self.d)[bad]  # (nb, C, Hkv, D)
+            self.outlier_slot[first + bad] = torch.arange(bad.numel(), device=bad.device) + self.exact.shape[0]
+            self.exact = torch.cat([self.exact, rows.to(self.dtype)])
+
+    def _grow_chunks(self, n: int) -> None:
+        if n > self.chunk_err.shape[0]:
+            pad = n - self.chunk_err.shape[0]
+            self.chunk_err = torch.cat([self.chunk_err, self.chunk_err.new_zeros(pad)])
+            self.outlier_slot = torch.cat([self.outlier_slot, self.outlier_slot.new_full((pad,), -1)])
+
+    @property
+    def num_outliers(self) -> int:
+        return self.exact.shape[0]
+
+    def keys(self, chunks: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE keys (n*C, Hkv, D) of covered chunks `chunks` (n,) int64: RoPE(A[t] @ B) at t, exact for
+        outlier chunks. cos/sin: (S_max, D) tables. Does not mutate; no host sync."""
+        c = self.c
+        tok = (chunks.unsqueeze(1) * c + torch.arange(c, device=chunks.device)).reshape(-1)  # (n*C,)
+        keys = rebuild_keys(self.coeffs, self.basis, tok, cos, sin, out_dtype=self.dtype)  # (n*C, Hkv, D)
+        slot = self.outlier_slot[chunks]  # (n,)
+        if self.exact.shape[0]:
+            exact = self.exact[slot.clamp_min(0)].reshape(-1, self.hkv, self.d)  # (n*C, Hkv, D)
+            use = (slot >= 0).repeat_interleave(c).view(-1, 1, 1)
+            keys = torch.where(use, exact, keys)
+        return keys

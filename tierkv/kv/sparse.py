@@ -1,0 +1,286 @@
+"""SparseKVCache: the tiered cache whose decode steps attend only to sinks, the local window and picked chunks.
+
+Prefill attends exactly. At the first sparse step of a layer its key shadow (kv/shadow.py) and score index
+(kv/summary.py) are fitted; each step then picks chunks per KV head (kv/select.py), fetches their values
+through the tier manager and prefetcher, rebuilds their keys from the shadow and attends.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from tierkv.config import TierConfig
+from tierkv.kv.layout import ChunkId
+from tierkv.kv.manager import EvictionPolicy
+from tierkv.kv.select import SelectionPlan, merge_picks, plan_selection
+from tierkv.kv.shadow import KeyShadow
+from tierkv.kv.summary import make_scorer
+from tierkv.kv.tiered import TieredKVCache, TieredOptions, _OnlineSoftmax
+
+
+class RopeTables(Protocol):
+    """What the cache needs of the model's RoPE (tierkv.models.rope.Rope fits): cos/sin (S, D) tables."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def ensure(self, length: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """Sparse-mode knobs that are not user budgets (TierConfig holds rank, token_budget, chunk/sink/window).
+
+    scorer: 'lowrank' (post-RoPE keys projected per KV head; measured best), 'lowrank-shared', 'mean', 'minmax'.
+    score_rank: rank of the score index (None: TierConfig.rank). fold_tokens: decode keys stay exact until this
+    many sealed tokens beyond the shadow accumulate, then they are projected onto the shadow's basis.
+    outlier_threshold: relative key error (Frobenius, per chunk) above which a chunk keeps exact keys.
+    rebuild: False attends picked chunks with exact keys (isolates selection error; for measurements).
+    """
+
+    scorer: str = "lowrank"
+    score_rank: int | None = None
+    reduce: str = "mass"
+    fold_tokens: int = 512
+    outlier_threshold: float = 0.5
+    rebuild: bool = True
+    promote: bool = True
+
+
+class SparseKVCache(TieredKVCache):
+    """Tiered KV cache with sparse decode attention (attention="sparse").
+
+    RoPE for rebuilt keys: pass `rope` (an object with cos/sin (S, D) tables and ensure(n)); without it the
+    cache derives cos/sin per position from the (k, k_pre) pairs it is given (mode 'derived' in stats).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
+                 dtype: torch.dtype, config: TierConfig, options: TieredOptions | None = None,
+                 policy: EvictionPolicy | None = None, rope: RopeTables | None = None,
+                 sparse: SparseOptions | None = None) -> None:
+        super().__init__(num_layers, num_kv_heads, head_dim, device=device, dtype=dtype, config=config,
+                         options=options, policy=policy)
+        self.sp = sp = sparse or SparseOptions()
+        self.rope = rope
+        c, dev = config.chunk_size, self.device
+        self.shadows = [KeyShadow(num_kv_heads, head_dim, config.rank, c, outlier_threshold=sp.outlier_threshold,
+                                  device=dev, dtype=dtype) for _ in range(num_layers)]
+        self.scorers = [make_scorer(sp.scorer, num_kv_heads, head_dim, sp.score_rank or config.rank, c, device=dev,
+                                    dtype=dtype, reduce=sp.reduce) for _ in range(num_layers)]
+        self._fitted = [False] * num_layers
+        self._buf: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_layers)]  # (k_pre, k)
+        self._cos = torch.zeros((0, head_dim), device=dev)  # derived tables (S_cap, D) fp32
+        self._sin = torch.zeros((0, head_dim), device=dev)
+        self._last_picks: list[list[ChunkId]] = [[] for _ in range(num_layers)]
+        self._n = {"sparse_steps": 0, "dense_steps": 0, "attended_tokens": 0, "context_tokens": 0,
+                   "rebuilt_tokens": 0, "predicted": 0, "predicted_used": 0, "needed": 0, "fetched": 0}
+        self._t_select = 0.0
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
+        """Store k, v (T, Hkv, D) in the tiers; keep k_pre and k for the shadow and index. Mutates; may fold."""
+        if k_pre is None:
+            raise ValueError("SparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
+        super().append(layer, k, v, k_pre)
+        if layer == 0 and self.rope is None:
+            self._derive_rope(k_pre, k)
+        self._buf[layer].append((k_pre, k))
+        if self._fitted[layer]:
+            self.scorers[layer].extend(k)
+            self._maybe_fold(layer, self.seq_len + k.shape[0])
+
+    def _derive_rope(self, k_pre: torch.Tensor, k: torch.Tensor) -> None:
+        """cos/sin of positions [seq_len, seq_len+T) solved from k = k_pre*cos + rotate_half(k_pre)*sin."""
+        x1, x2 = k_pre.float().chunk(2, dim=-1)  # (T, Hkv, D/2)
+        y1, y2 = k.float().chunk(2, dim=-1)
+        den = (x1 * x1 + x2 * x2).sum(1).clamp_min(1e-30)  # (T, D/2), least squares over heads
+        c = (x1 * y1 + x2 * y2).sum(1) / den
+        s = (x1 * y2 - x2 * y1).sum(1) / den
+        start, end = self.seq_len, self.seq_len + k.shape[0]
+        if end > self._cos.shape[0]:
+            n = max(end, 2 * self._cos.shape[0])
+            self._cos, self._sin = (torch.cat([t, t.new_zeros(n - t.shape[0], t.shape[1])]) for t in (self._cos, self._sin))
+        self._cos[start:end] = torch.cat([c, c], dim=-1)
+        self._sin[start:end] = torch.cat([s, s], dim=-1)
+
+    def _tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope is None:
+            return self._cos, self._sin
+        self.rope.ensure(length)
+        return self.rope.cos, self.rope.sin
+
+    def _maybe_fold(self, layer: int, total: int) -> None:
+        """Fold rule: once >= fold_tokens sealed tokens lie beyond the shadow, project them onto its basis."""
+        sh, c = self.shadows[layer], self.layout.chunk_size
+        end = (total // c) * c
+        if end - sh.covered < self.sp.fold_tokens:
+            return
+        pre = torch.cat([p for p, _ in self._buf[layer]])  # (total - covered, Hkv, D)
+        post = torch.cat([q for _, q in self._buf[layer]])
+        n = end - sh.covered
+        sh.fold(pre[:n], post[:n])
+        self._buf[layer] = [(pre[n:], post[n:])] if n < pre.shape[0] else []
+
+    def _fit(self, layer: int, total: int) -> None:
+        """Fit the layer's shadow (on every token so far) and score index; cover whole chunks. Mutates."""
+        pre = torch.cat([p for p, _ in self._buf[layer]])  # (total, Hkv, D)
+        post = torch.cat([q for _, q in self._buf[layer]])
+        self.scorers[layer].fit(post)
+        sh, n = self.shadows[layer], (total // self.layout.chunk_size) * self.layout.chunk_size
+        sh.fit(pre[:n], post[:n])  # basis from whole chunks; a partial tail stays exact
+        self._buf[layer] = [(pre[n:], post[n:])] if n < total else []
+        self._fitted[layer] = True
+
+    # ---- attention -----------------------------------------------------------------------------------
+    def plan(self, total: int) -> SelectionPlan:
+        """The selection plan of a decode step over `total` tokens (the new one included)."""
+        cfg = self.config
+        return plan_selection(total, self.layout.chunk_size, cfg.sink_tokens, cfg.window_tokens,
+                              cfg.budget_tokens(total))
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Prefill (T > 1) and steps whose budget covers the context: exact. Otherwise sparse: q (1, Hq, D)
+        over sinks, window and picked chunks -> (1, Hq, D). Blocks on I/O; one host sync (the picks)."""
+        total = self.seq_len + q.shape[0]
+        plan = self.plan(total)
+        if q.shape[0] > 1 or self._exact_step(plan):
+            if layer == 0:
+                self._n["dense_steps"] += q.shape[0] == 1
+            return super().attend(layer, q)
+        t0 = time.perf_counter()
+        if not self._fitted[layer]:
+            self._fit(layer, total)
+        k = min(plan.picks, plan.candidates)
+        if k:
+            top = self.scorers[layer].top_chunks(q[0], plan.sink_end, plan.window_start, k)  # (Hkv, k)
+        else:  # the budget holds only sinks and window
+            top = torch.zeros((self.layout.num_kv_heads, 0), dtype=torch.long, device=self.device)
+        ids, keep = merge_picks(top, plan)  # (n,), (Hkv, n)
+        chunks = [ChunkId(layer, i) for i in ids.tolist()]  # the one host sync: the tier manager needs ids
+        self._t_select += time.perf_counter() - t0
+        out = self._attend_sparse(layer, q, plan, chunks, keep)
+        self._last_picks[layer] = chunks
+        if layer == 0:
+            self._n["sparse_steps"] += 1
+            self._n["context_tokens"] += total
+        self._n["attended_tokens"] += int(plan.attended_tokens)
+        return out
+
+    def _exact_step(self, plan: SelectionPlan) -> bool:
+        """Whether a decode step attends exactly: the budget covers every chunk (tests override it)."""
+        return plan.dense
+
+    def _attend_sparse(self, layer: int, q: torch.Tensor, plan: SelectionPlan, chunks: list[ChunkId],
+                       keep: torch.Tensor) -> torch.Tensor:
+        t0, io0 = time.perf_counter(), self.prefetcher.io_wait_s
+        self._execute(self.manager.access(chunks, promote=self.sp.promote))
+        col = {ch.index: j for j, ch in enumerate(chunks)}
+        state = _OnlineSoftmax(q, self.layout.num_kv_heads)
+        queue, cur = self._first_fetch(layer, chunks)
+        while cur is not None:
+            nxt = self._prepare(queue.pop(0)) if queue else None
+            if nxt is None:
+                self._prefetch_next(layer)
+            order, ticket = cur
+            self._fold_sparse(state, layer, self.prefetcher.complete(ticket), order, col, keep, plan)
+            cur = nxt
+        c, start = self.layout.chunk_size, self.seq_len
+        if plan.sealed * c < start:  # old tokens of the open chunk, exact, read in place
+            m = start - plan.sealed * c
+            state.add(self._open[layer, 0, :m], self._open[layer, 1, :m])
+        k_new, v_new = self._pending.pop(layer)
+        state.add(k_new, v_new)
+        self._t["io_wait_s"] += self.prefetcher.io_wait_s - io0
+        self._t["attend_s"] += time.perf_counter() - t0
+        return state.result()
+
+    def _first_fetch(self, layer: int, chunks: list[ChunkId]):
+        """Use the prefetched batch if it was for this layer (counting how much of it was needed); return the
+        batches still to fetch and the first ticket in flight."""
+        ahead, self._ahead = self._ahead, None
+        rest, cur = chunks, None
+        if ahead is not None:
+            a_layer, a_order, a_ticket = ahead
+            if a_layer == layer:
+                need = set(chunks)
+                used = sum(ch in need for ch in a_order)
+                self._n["predicted"] += len(a_order)
+                self._n["predicted_used"] += used
+                rest, cur = [ch for ch in chunks if ch not in set(a_order)], (a_order, a_ticket)
+            else:
+                self.prefetcher.complete(a_ticket)
+        self._n["needed"] += len(chunks)
+        self._n["fetched"] += len(rest)
+        b = self.batch_chunks
+        queue = [rest[i:i + b] for i in range(0, len(rest), b)]
+        if cur is None and queue:
+            cur = self._prepare(queue.pop(0))
+        if cur is None:
+            self._prefetch_next(layer)
+        return queue, cur
+
+    def _prefetch_next(self, layer: int) -> None:
+        """Start fetching the next layer's picks of the previous step (selections change slowly)."""
+        nxt = (layer + 1) % self.num_layers
+        guess = [ch for ch in self._last_picks[nxt] if ch.index < self.manager.sealed(nxt)][: self.batch_chunks]
+        if guess and self._ahead is None:
+            order, ticket = self._prepare(guess)
+            self._ahead = (nxt, order, ticket)
+
+    def _fold_sparse(self, state: _OnlineSoftmax, layer: int, rows: torch.Tensor, order: list[ChunkId],
+                     col: dict[int, int], keep: torch.Tensor, plan: SelectionPlan) -> None:
+        """Add a fetched batch: values as stored, keys rebuilt for covered picked chunks (exact otherwise)."""
+        lay, c = self.layout, self.layout.chunk_size
+        hkv, d = lay.num_kv_heads, lay.head_dim
+        x = rows.view(self.dtype).view(len(order), *lay.shape)  # (n, 2, C, Hkv, D)
+        cols = [col.get(ch.index, -1) for ch in order]
+        kc = torch.tensor(cols, device=keep.device)  # (n,) column in keep, -1: prefetched but not needed
+        k_head = torch.where(kc >= 0, keep[:, kc.clamp_min(0)], torch.zeros((), dtype=torch.bool, device=keep.device))
+        pos = torch.tensor([ch.index for ch in order], device=keep.device)  # (n,)
+        tok = (pos[:, None] * c + torch.arange(c, device=keep.device)).reshape(-1)  # (n*C,)
+        mask = k_head.repeat_interleave(c, dim=1) & (tok < self.seq_len)  # (Hkv, n*C)
+        k = x[:, 0].reshape(-1, hkv, d)  # (n*C, Hkv, D)
+        v = x[:, 1].reshape(-1, hkv, d)
+        sh = self.shadows[layer]
+        if self.sp.rebuild:
+            cov = [j for j, ch in enumerate(order) if cols[j] >= 0 and plan.sink_end <= ch.index < plan.window_start
+                   and (ch.index + 1) * c <= sh.covered]
+            if cov:
+                sel = torch.tensor(cov, device=keep.device)
+                cos, sin = self._tables(self.seq_len + 1)
+                rebuilt = sh.keys(pos[sel], cos, sin).view(len(cov), c, hkv, d)  # (m, C, Hkv, D)
+                k = k.view(-1, c, hkv, d).index_copy(0, sel, rebuilt).view(-1, hkv, d)
+                self._n["rebuilt_tokens"] += len(cov) * c
+        state.add(k, v, mask.view(hkv, 1, 1, -1))
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Tiered stats plus a 'sparse' section: budget, attended share, prefetch prediction, shadow sizes."""
+        s = super().stats()
+        n, layers = self._n, max(1, self.num_layers)
+        steps = max(1, n["sparse_steps"])
+        s["sparse"] = {
+            "scorer": self.sp.scorer, "rank": self.shadows[0].rank, "score_rank": self.sp.score_rank or self.config.rank,
+            "rope": "given" if self.rope is not None else "derived",
+            "token_budget": self.config.token_budget, "sparse_steps": n["sparse_steps"], "dense_steps": n["dense_steps"],
+            "attended_fraction": n["attended_tokens"] / layers / max(1, n["context_tokens"]),
+            "attended_tokens_per_layer_step": n["attended_tokens"] / layers / steps,
+            "rebuilt_tokens": n["rebuilt_tokens"],
+            "prefetch_recall": n["predicted_used"] / n["needed"] if n["needed"] else 0.0,
+            "prefetch_precision": n["predicted_used"] / n["predicted"] if n["predicted"] else 0.0,
+            "chunks_needed": n["needed"], "chunks_fetched_late": n["fetched"],
+            "outlier_chunks": sum(sh.num_outliers for sh in self.shadows),
+            "shadow_bytes": sum(sh.nbytes for sh in self.shadows),
+            "index_bytes": sum(sc.nbytes for sc in self.scorers),
+            "select_s": self._t_select,
+        }
+        return s
+
+    def close(self) -> None:
+        """Release the tiers and the shadows. Safe to call twice."""
+        self._buf = [[] for _ in range(self.num_layers)]
+        super().close()

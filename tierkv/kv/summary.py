@@ -1,0 +1,126 @@
+"""Per-layer chunk scoring data kept on the device, and top-k chunk picks for a decode query.
+
+`LowRankIndex` (the default): every token's post-RoPE key projected to rank r per KV head (or shared), scores
+summed per chunk as softmax mass (kernels.chunk_topk). `ChunkLandmarks`: a chunk-mean or min/max landmark.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tierkv.kernels import chunk_topk
+from tierkv.kernels.chunk_topk import select_top_chunks
+from tierkv.kv.shadow import fit_basis
+
+SCORERS = ("lowrank", "lowrank-shared", "mean", "minmax")
+
+
+class LowRankIndex:
+    """Low-rank projections of one layer's post-RoPE keys: basis P (Hkv, r, D) (or shared (r, Hkv*D)),
+    coefficients (Hkv, S_cap, r) (or (S_cap, r)). Costs S*r reads per KV head (per layer, if shared) per step."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, rank: int, chunk_size: int, *, shared: bool,
+                 reduce: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.hkv, self.d, self.c, self.shared, self.reduce, self.dtype = \
+            num_kv_heads, head_dim, chunk_size, shared, reduce, dtype
+        self.rank = min(rank, head_dim * (num_kv_heads if shared else 1))
+        lead = () if shared else (num_kv_heads,)
+        self.coeffs = torch.zeros((*lead, 0, self.rank), device=device, dtype=dtype)  # (Hkv?, S_cap, r)
+        self.basis: torch.Tensor | None = None  # (Hkv, r, D) or (r, Hkv*D)
+        self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        b = self.basis.numel() * self.basis.element_size() if self.basis is not None else 0
+        return b + self.coeffs.numel() * self.coeffs.element_size()
+
+    def fit(self, k_post: torch.Tensor) -> None:
+        """Fit the basis to k_post (S, Hkv, D), the layer's keys so far, and index them. Mutates."""
+        if self.shared:
+            self.basis = fit_basis(k_post.reshape(k_post.shape[0], -1), self.rank)[0].to(self.dtype)
+        else:
+            self.basis = torch.stack([fit_basis(k_post[:, h], self.rank)[0] for h in range(self.hkv)]).to(self.dtype)
+        self.count = 0
+        self.extend(k_post)
+
+    def extend(self, k_post: torch.Tensor) -> None:
+        """Index the next T tokens' keys k_post (T, Hkv, D) in the fixed basis. Mutates; no host sync."""
+        t = k_post.shape[0]
+        if self.shared:
+            a = k_post.reshape(t, -1).float() @ self.basis.float().T  # (T, r)
+        else:
+            a = torch.einsum("thd,hrd->htr", k_post.float(), self.basis.float())  # (Hkv, T, r)
+        end, cap = self.count + t, self.coeffs.shape[-2]
+        if end > cap:
+            shape = list(self.coeffs.shape)
+            shape[-2] = max(end, 2 * cap)
+            grown = self.coeffs.new_zeros(shape)
+            grown[..., :self.count, :] = self.coeffs[..., :self.count, :]
+            self.coeffs = grown
+        self.coeffs[..., self.count:end, :] = a.to(self.dtype)
+        self.count = end
+
+    def top_chunks(self, q: torch.Tensor, first: int, select_end: int, k: int) -> torch.Tensor:
+        """Ids (Hkv, k) of the k best chunks in [first, select_end) per KV head for query q (Hq, D)."""
+        qg = q.float().view(self.hkv, -1, self.d)  # (Hkv, G, D)
+        if self.shared:
+            b = self.basis.float().view(self.rank, self.hkv, self.d).permute(1, 2, 0)  # (Hkv, D, r)
+            q_low = torch.bmm(qg, b)  # (Hkv, G, r)
+        else:
+            q_low = torch.bmm(qg, self.basis.float().transpose(1, 2))  # (Hkv, G, r)
+        coeffs = self.coeffs[..., :self.count, :]
+        ids, _ = chunk_topk(q_low.to(self.dtype), coeffs, self.count, select_end, k, self.c,
+                            1.0 / math.sqrt(self.d), first, self.reduce)
+        return ids
+
+
+class ChunkLandmarks:
+    """Chunk-mean ("mean") or per-dimension min/max ("minmax") landmarks of post-RoPE keys, (Hkv, chunks, D)."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, chunk_size: int, *, kind: str,
+                 device: torch.device) -> None:
+        self.hkv, self.d, self.c, self.kind = num_kv_heads, head_dim, chunk_size, kind
+        self.lo = torch.zeros((num_kv_heads, 0, head_dim), device=device)  # (Hkv, chunks, D) mean or min
+        self.hi = torch.zeros((num_kv_heads, 0, head_dim), device=device)  # max (minmax only)
+        self.tail = torch.zeros((0, num_kv_heads, head_dim), device=device)  # tokens of the unfinished chunk
+
+    @property
+    def nbytes(self) -> int:
+        return (self.lo.numel() + (self.hi.numel() if self.kind == "minmax" else 0)) * 4
+
+    def fit(self, k_post: torch.Tensor) -> None:
+        self.extend(k_post)
+
+    def extend(self, k_post: torch.Tensor) -> None:
+        """Add tokens k_post (T, Hkv, D); landmarks of completed chunks are appended. Mutates."""
+        x = torch.cat([self.tail, k_post.float()])
+        n = x.shape[0] // self.c
+        self.tail = x[n * self.c:]
+        if n:
+            xc = x[:n * self.c].view(n, self.c, self.hkv, self.d).permute(2, 0, 1, 3)  # (Hkv, n, C, D)
+            lo = xc.mean(2) if self.kind == "mean" else xc.amin(2)
+            self.lo = torch.cat([self.lo, lo], dim=1)
+            if self.kind == "minmax":
+                self.hi = torch.cat([self.hi, xc.amax(2)], dim=1)
+
+    def top_chunks(self, q: torch.Tensor, first: int, select_end: int, k: int) -> torch.Tensor:
+        qg = q.float().view(self.hkv, -1, self.d)  # (Hkv, G, D)
+        if self.kind == "mean":
+            red = torch.bmm(qg, self.lo.transpose(1, 2))  # (Hkv, G, chunks)
+        else:  # Quest's upper bound of q . k over the chunk
+            red = torch.maximum(qg.unsqueeze(2) * self.lo.unsqueeze(1), qg.unsqueeze(2) * self.hi.unsqueeze(1)).sum(-1)
+        ids, _ = select_top_chunks(red / math.sqrt(self.d), select_end, k, first, "max")
+        return ids
+
+
+def make_scorer(kind: str, num_kv_heads: int, head_dim: int, rank: int, chunk_size: int, *,
+                device: torch.device, dtype: torch.dtype, reduce: str = "mass"):
+    """A fresh scorer of `kind` (one of SCORERS) for one layer."""
+    if kind in ("lowrank", "lowrank-shared"):
+        return LowRankIndex(num_kv_heads, head_dim, rank, chunk_size, shared=kind == "lowrank-shared",
+                            reduce=reduce, device=device, dtype=dtype)
+    if kind in ("mean", "minmax"):
+        return ChunkLandmarks(num_kv_heads, head_dim, chunk_size, kind=kind, device=device)
+    raise ValueError(f"scorer {kind!r} is unknown; use one of {SCORERS}")
