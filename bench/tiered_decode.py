@@ -23,6 +23,7 @@ from tierkv.config import TierConfig, parse_size
 from tierkv.engine import eager_step
 from tierkv.kv.cache import KVCache
 from tierkv.kv.static import StaticKVCache
+from tierkv.kv.sparse import SparseKVCache
 from tierkv.kv.tiered import TieredKVCache, TieredOptions
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
@@ -60,13 +61,17 @@ def time_steps(model, cache: KVCache, steps: int, warmup: int = 2) -> list[float
 def run_row(model, cfg, context: int, args, **opts) -> dict:
     device, dtype = model.device, model.dtype
     tier = TierConfig(kv_gpu_budget=args.gpu_budget, cpu_budget=opts.pop("cpu_budget", args.cpu_budget),
-                      disk_dir=args.disk_dir or tempfile.mkdtemp(prefix="tierkv-bench-"), chunk_size=32,
-                      sink_tokens=64, window_tokens=128)
+                      disk_dir=args.disk_dir or tempfile.mkdtemp(prefix="tierkv-bench-"), attention=args.attention,
+                      token_budget=args.token_budget)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cache = TieredKVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, device=device, dtype=dtype, config=tier,
-                          options=TieredOptions(**opts))
+    shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    if args.attention == "sparse":
+        cache = SparseKVCache(*shape, device=device, dtype=dtype, config=tier, options=TieredOptions(**opts),
+                              rope=model.rope)
+    else:
+        cache = TieredKVCache(*shape, device=device, dtype=dtype, config=tier, options=TieredOptions(**opts))
     t0 = time.perf_counter()
     fill(cache, cfg, context, device, dtype)
     fill_s = time.perf_counter() - t0
@@ -75,10 +80,10 @@ def run_row(model, cfg, context: int, args, **opts) -> dict:
     last = st["last_step"]["bytes_moved"]
     pcie = last.get("host->device", 0) + last.get("disk->device", 0)
     med = statistics.median(ms)
-    row = {"context": context, "ms_per_token": med, "ms_all": ms, "fill_s": fill_s,
+    row = {"context": context, "attention": args.attention, "ms_per_token": med, "ms_all": ms, "fill_s": fill_s,
            "bytes_per_token": {k: v for k, v in last.items() if v}, "pcie_bytes_per_token": pcie,
            "achieved_gbps": pcie / (med / 1000) / 1e9, "host_read": st["host_read"], "disk_backend": st["disk_backend"],
-           "chunks": st["chunks"], "hit_rate": st["last_step"]["hit_rate"],
+           "chunks": st["chunks"], "hit_rate": st["last_step"]["hit_rate"], "sparse": st.get("sparse"),
            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     cache.close()
     return row
@@ -111,6 +116,9 @@ def main() -> None:
     ap.add_argument("--disk-steps", type=int, default=2)
     ap.add_argument("--host-read", default="mapped,copy")
     ap.add_argument("--link-gbps", type=float, default=52.0, help="measured pinned host->device GB/s")
+    ap.add_argument("--attention", default="full", choices=["full", "sparse"])
+    ap.add_argument("--token-budget", type=int, default=2048)
+    ap.add_argument("--no-dense", action="store_true", help="skip the all-on-GPU reference")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -120,7 +128,7 @@ def main() -> None:
     contexts = [int(parse_size(c.replace("K", "KiB").replace("k", "KiB"))) for c in args.context.split(",")]
     rows = []
     for ctx in contexts:
-        dense_ms = all_on_gpu_ms(model, cfg, ctx, args.steps)
+        dense_ms = None if args.no_dense else all_on_gpu_ms(model, cfg, ctx, args.steps)
         for mode in args.host_read.split(","):
             r = run_row(model, cfg, ctx, args, host_read=mode)
             r["all_on_gpu_ms"] = dense_ms
@@ -140,7 +148,7 @@ def main() -> None:
                 r = {"context": contexts[-1], "disk_backend": backend, "error": f"{type(exc).__name__}: {exc}"}
             rows.append(r)
             print(f"ctx {contexts[-1]} with disk ({backend}): {r.get('ms_per_token', r.get('error'))}", flush=True)
-    result = {"bench": "tiered_decode", "shape": args.shape, "gpu_budget": args.gpu_budget,
+    result = {"bench": "tiered_decode", "shape": args.shape, "attention": args.attention, "gpu_budget": args.gpu_budget,
               "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]), "rows": rows}
     line = json.dumps(result)
