@@ -95,7 +95,8 @@ class LLM:
         if self.tier.attention == "sparse":
             from tierkv.kv.sparse import SparseKVCache
 
-            cache: KVCache = SparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier)
+            cache: KVCache = SparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier,
+                                           rope=self.model.rope)
         elif self.tier.tiered:
             cache = TieredKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier)
         else:
@@ -181,6 +182,12 @@ class LLM:
             if len(text) > len(sent):
                 yield text[len(sent):]
             sent = text
+
+    def chat(self, system: str | None = None, context: str | Path | None = None, **options) -> "Chat":
+        """A multi-turn session whose KV cache persists between turns (tierkv.chat.Chat; options go to it)."""
+        from tierkv.chat import Chat  # chat sits above llm; imported on use
+
+        return Chat(self, system=system, context=context, **options)
 
     # --- accuracy ------------------------------------------------------------------------------
     @torch.no_grad()

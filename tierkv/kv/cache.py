@@ -52,6 +52,41 @@ class KVCache(ABC):
     def close(self) -> None:
         """Release storage (files, pinned memory). Safe to call twice."""
 
+    # ---- session state (save, resume, roll back) --------------------------------------------------
+    # Sessions move K/V as (2, T, Hkv, D) token ranges per layer (K at [0], V at [1]), so a session saved
+    # from one cache kind loads into another. A subclass with more state per token (sparse shadows,
+    # summaries) extends `extra_state` / `load_extra_state`, and `truncate` / `finish_import` for it.
+
+    def export_kv(self, layer: int, start: int, end: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """A copy of layer's K/V for positions [start, end) <= seq_len as (2, end-start, Hkv, D). Does not mutate."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export its K/V for a session")
+
+    def begin_import(self, num_tokens: int) -> None:
+        """Prepare an empty cache to receive num_tokens per layer through import_kv. Mutates."""
+        if self.seq_len:
+            raise RuntimeError(f"import needs an empty cache; this one holds {self.seq_len} tokens")
+
+    def import_kv(self, layer: int, start: int, kv: torch.Tensor) -> None:
+        """Write kv (2, T, Hkv, D) as layer's positions [start, start+T); ranges come in order per layer. Mutates."""
+        raise NotImplementedError(f"{type(self).__name__} cannot import K/V from a session")
+
+    def finish_import(self, num_tokens: int) -> None:
+        """Commit an import: every layer now holds positions [0, num_tokens). Mutates."""
+        self.seq_len = num_tokens
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget every position >= num_tokens (<= seq_len), also K/V appended but not advanced. Mutates."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be truncated")
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors besides K/V that a session must save (none here). Subclasses add theirs. Does not mutate."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `extra_state` returned, after finish_import. Mutates."""
+        if tensors:
+            raise RuntimeError(f"{type(self).__name__} has no extra state but got {sorted(tensors)[:3]}")
+
 
 class DenseKVCache(KVCache):
     """Every layer's K/V in preallocated tensors on one device; grows by doubling when full."""
@@ -90,6 +125,27 @@ class DenseKVCache(KVCache):
 
     def close(self) -> None:
         self.k = self.v = torch.empty(0)
+
+    def export_kv(self, layer: int, start: int, end: int, device: torch.device | str | None = None) -> torch.Tensor:
+        if not 0 <= start <= end <= self.seq_len:
+            raise ValueError(f"range [{start}, {end}) is outside the {self.seq_len} cached positions")
+        kv = torch.stack((self.k[layer, start:end], self.v[layer, start:end]))  # (2, T, Hkv, D)
+        return kv if device is None else kv.to(device)
+
+    def begin_import(self, num_tokens: int) -> None:
+        super().begin_import(num_tokens)
+        if num_tokens > self.capacity:
+            self._grow(num_tokens)
+
+    def import_kv(self, layer: int, start: int, kv: torch.Tensor) -> None:
+        end = start + kv.shape[1]
+        self.k[layer, start:end] = kv[0]
+        self.v[layer, start:end] = kv[1]
+
+    def truncate(self, num_tokens: int) -> None:
+        if not 0 <= num_tokens <= self.seq_len:
+            raise ValueError(f"cannot truncate {self.seq_len} cached positions to {num_tokens}")
+        self.seq_len = num_tokens  # slots beyond are overwritten by the next append
 
     @property
     def nbytes(self) -> int:

@@ -174,6 +174,15 @@ class TierManager:
         self.policy.remove(chunk, tier)
         return [Move(chunk, tier, None)]
 
+    def truncate(self, layer: int, keep: int) -> list[Move]:
+        """Forget layer's chunks with index >= keep (a rolled-back session). Mutates; returns drop moves."""
+        moves: list[Move] = []
+        for index in range(keep, self._sealed[layer]):
+            if ChunkId(layer, index) in self._where:
+                moves += self.drop(ChunkId(layer, index))
+        self._sealed[layer] = min(self._sealed[layer], keep)
+        return moves
+
     def observe_scores(self, chunks: Sequence[ChunkId], scores: Sequence[float]) -> None:
         """Hand attention scores to the eviction policy."""
         self.policy.observe_scores(chunks, scores)

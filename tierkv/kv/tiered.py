@@ -149,8 +149,12 @@ class TieredKVCache(KVCache):
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
         """Write k, v (T, Hkv, D) into the layer's open chunk, sealing and placing full chunks. Mutates; may block
         on tier moves. k_pre is not kept yet (low-rank shadows come with sparse mode)."""
-        c, pos, i, t = self.layout.chunk_size, self.seq_len, 0, k.shape[0]
         self._pending[layer] = (k, v)
+        self._write(layer, self.seq_len, k, v)
+
+    def _write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (T, Hkv, D) at positions [pos, pos+T) of layer's open chunk, sealing full chunks. Mutates."""
+        c, i, t = self.layout.chunk_size, 0, k.shape[0]
         while i < t:
             idx, off = divmod(pos, c)
             n = min(c - off, t - i)
@@ -272,6 +276,55 @@ class TieredKVCache(KVCache):
         if n and self._ahead is None:
             order, ticket = self._prepare([ChunkId(nxt, i) for i in range(n)])
             self._ahead = (nxt, order, ticket)
+
+    # ---- session state -------------------------------------------------------------------------------
+    def _chunk_kv(self, layer: int, index: int) -> torch.Tensor:
+        """Chunk `index` of layer as (2, C, Hkv, D) wherever it lives (valid until the next move or disk read)."""
+        chunk = ChunkId(layer, index)
+        raw = self._bytes_of(chunk, self.manager.tier_of(chunk)) if index < self.manager.sealed(layer) \
+            else self._open_raw[layer]
+        return raw.view(self.dtype).view(self.layout.shape)
+
+    def export_kv(self, layer: int, start: int, end: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Layer's K/V for [start, end) gathered from every tier (disk chunks verified) -> (2, T, Hkv, D)."""
+        if not 0 <= start <= end <= self.seq_len:
+            raise ValueError(f"range [{start}, {end}) is outside the {self.seq_len} cached positions")
+        lay, c = self.layout, self.layout.chunk_size
+        out = torch.empty((2, end - start, lay.num_kv_heads, lay.head_dim), dtype=self.dtype,
+                          device=self.device if device is None else device)
+        for idx in range(start // c, -(-end // c)):
+            lo, hi = max(idx * c, start), min((idx + 1) * c, end)
+            out[:, lo - start:hi - start] = self._chunk_kv(layer, idx)[:, lo - idx * c:hi - idx * c]
+        return out
+
+    def begin_import(self, num_tokens: int) -> None:
+        super().begin_import(num_tokens)
+        if any(self.manager.sealed(layer) for layer in range(self.num_layers)):
+            raise RuntimeError("import needs an empty cache; this one has sealed chunks")
+
+    def import_kv(self, layer: int, start: int, kv: torch.Tensor) -> None:
+        """Write kv (2, T, Hkv, D) at [start, start+T) of layer; full chunks are placed by the manager (may move)."""
+        kv = kv.to(self.device)
+        self._write(layer, start, kv[0], kv[1])
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget positions >= num_tokens: later chunks are dropped from their tiers and the chunk holding the
+        cut becomes the open chunk again. Blocks on in-flight reads. Mutates."""
+        if not 0 <= num_tokens <= self.seq_len:
+            raise ValueError(f"cannot truncate {self.seq_len} cached positions to {num_tokens}")
+        if self._ahead is not None:
+            self.prefetcher.complete(self._ahead[2])
+            self._ahead = None
+        self.prefetcher.fence()
+        self._pending.clear()
+        keep, part = divmod(num_tokens, self.layout.chunk_size)
+        for layer in range(self.num_layers):
+            if self.manager.sealed(layer) <= keep:
+                continue  # the open chunk already holds [keep*C, num_tokens)
+            if part:
+                self._open[layer].copy_(self._chunk_kv(layer, keep))
+            self._execute(self.manager.truncate(layer, keep))
+        self.seq_len = num_tokens
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
     def advance(self, n: int) -> None:

@@ -1,0 +1,50 @@
+"""Subprocess side of the session tests (run as a script): resume a session, or die in the middle of a save."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import tierkv
+
+
+def resume(session: str, model: str, text: str, max_new: int) -> None:
+    """Load the session in this fresh process, count forward passes during the load, send one turn."""
+    llm = tierkv.load(model, device="cpu", dtype="fp32")
+    calls = []
+    forward = llm.model.forward
+    llm.model.forward = lambda ids, *a, **k: (calls.append(int(ids.shape[0])), forward(ids, *a, **k))[1]
+    chat = tierkv.Chat.load(session, llm, max_new_tokens=max_new)
+    during_load = list(calls)
+    reply = chat.send(text)
+    print(json.dumps({"reply": reply, "forward_tokens_during_load": during_load, "restored": chat.restored,
+                      "last_turn": chat.stats["last_turn"], "ids": chat.ids}))
+
+
+def crash_save(session: str, model: str, kill_after: int) -> None:
+    """Resume, add a turn, then save over the same directory and SIGKILL ourselves midway through the K/V."""
+    llm = tierkv.load(model, device="cpu", dtype="fp32")
+    chat = tierkv.Chat.load(session, llm, max_new_tokens=4)
+    chat.send("one more turn")
+    export, calls = chat.cache.export_kv, [0]
+
+    def dying_export(*a, **k):
+        calls[0] += 1
+        if calls[0] > kill_after:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return export(*a, **k)
+
+    chat.cache.export_kv = dying_export
+    chat.save(session)
+    print("save finished: the kill did not happen")
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "resume":
+        resume(args[0], args[1], args[2], int(args[3]))
+    else:
+        crash_save(args[0], args[1], int(args[2]))

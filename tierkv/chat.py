@@ -1,0 +1,347 @@
+"""Chat: a multi-turn session over one KV cache that prefills only the tokens a turn adds, saved and resumed.
+
+The model's chat template renders the whole conversation every turn; the cache is rolled back to the longest
+common prefix of what it holds and the new rendering, so it always holds exactly the template's tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+import tierkv
+from tierkv.config import TierConfig, format_size
+from tierkv.engine import GenStats, eager_step, generate_ids, prefill
+from tierkv.errors import BudgetError, ConfigError, TierKVError
+from tierkv.kv.cache import KVCache
+from tierkv.kv.static import StaticKVCache
+from tierkv.kv.tiered import TieredKVCache
+from tierkv.session import SessionError, check_compatible, model_identity, read_manifest, read_tokens, restore_kv, \
+    save_session
+from tierkv.chat_template import render
+
+CONTEXT_JOIN = "\n\n"  # between system= and context= in the system message
+_SESSIONS: "weakref.WeakKeyDictionary[object, weakref.WeakSet]" = weakref.WeakKeyDictionary()  # LLM -> open chats
+
+
+class ChatClosedError(TierKVError):
+    """A call on a chat session after close()."""
+
+
+@dataclass
+class TurnStats:
+    """What the last turn cost: tokens reused from the cache, rolled back, prefilled and generated."""
+
+    reused: int = 0
+    rolled_back: int = 0
+    prefilled: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tok_s: float = 0.0
+
+
+class Chat:
+    """A conversation with one LLM whose KV cache persists between turns. Not thread-safe.
+
+    Sessions on one LLM share its tier budgets: each takes `budget_share` of kv_gpu_budget/cpu_budget (default:
+    all that other open sessions have not taken) and returns it on close(). Each has its own cache and files.
+    """
+
+    def __init__(self, llm, system: str | None = None, context: str | os.PathLike | None = None, *,
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 progress: bool = True, budget_share: float | None = None, _restore: dict | None = None) -> None:
+        """Open a session; with context=, prefill the system message holding it now (blocks, progress bar)."""
+        self.llm, self.progress = llm, progress
+        self.gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        self._tier, self._grant = _session_tier(llm, budget_share)
+        self.messages: list[dict] = []
+        self.ids: list[int] = []  # exactly the tokens in the cache
+        self.last_turn, self.restored, self.last_save = TurnStats(), None, None
+        self._graph, self._closed = None, False
+        if _restore is not None:
+            self.messages, self.prefix_len, n = _restore["messages"], _restore["prefix_len"], _restore["num_tokens"]
+            self.cache = self._new_cache(n + max_new_tokens + 64)
+            _SESSIONS.setdefault(llm, weakref.WeakSet()).add(self)
+            return
+        text = _read_context(context)
+        if system is not None or text is not None:
+            content = CONTEXT_JOIN.join(s for s in (system, text) if s is not None)
+            self.messages.append({"role": "system", "content": content})
+        prefix = self._prefix_ids()
+        llm.check_length(len(prefix) + 1)
+        self.cache = self._new_cache(len(prefix) + max_new_tokens + 512)
+        _SESSIONS.setdefault(llm, weakref.WeakSet()).add(self)
+        self.prefix_len = len(prefix)
+        if prefix:
+            t0 = time.perf_counter()
+            self._prefill(prefix, progress=progress)
+            self.ids = list(prefix)
+            self.last_turn = TurnStats(prefilled=len(prefix), prefill_s=time.perf_counter() - t0)
+
+    # ---- construction ------------------------------------------------------------------------------
+    def _prefix_ids(self) -> list[int]:
+        """Tokens of the system message that every later rendering starts with (checked against a probe turn)."""
+        if not self.messages:
+            return []
+        own = render(self.llm, self.messages, add_generation_prompt=False)
+        probe = render(self.llm, [*self.messages, {"role": "user", "content": "?"}], add_generation_prompt=True)
+        return own[:common_prefix(own, probe)]
+
+    def _new_cache(self, capacity: int) -> KVCache:
+        """A cache for this session: the LLM's own kind, with this session's share of the tier budgets."""
+        llm = self.llm
+        capacity = min(capacity, llm.cfg.max_position_embeddings + 1)
+        if not self._tier.tiered:
+            return llm.new_cache(capacity)  # registered with the LLM, closed by llm.close()
+        c = llm.cfg
+        shape = (c.num_layers, c.num_kv_heads, c.head_dim)
+        if self._tier.attention == "sparse":
+            from tierkv.kv.sparse import SparseKVCache
+
+            cache: KVCache = SparseKVCache(*shape, device=llm.device, dtype=llm.dtype, config=self._tier)
+        else:
+            cache = TieredKVCache(*shape, device=llm.device, dtype=llm.dtype, config=self._tier)
+        llm._caches.append(cache)
+        return cache
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, llm, **options) -> "Chat":
+        """Resume a saved session on llm without recomputing its prefill. Blocks on reads.
+
+        Refuses (SessionMismatchError) another model, dtype or attention mode, and (SessionDamagedError) a file
+        that fails its checksum, naming it. options are Chat's (max_new_tokens, temperature, budget_share, ...).
+        """
+        t0 = time.perf_counter()
+        body = read_manifest(path)
+        check_compatible(Path(path).absolute(), body, llm)
+        ids = read_tokens(path, body)
+        chat = cls(llm, _restore=body, **{"progress": False, **options})
+        try:
+            chat._check_hooks("load", "extra_state")
+            nbytes = restore_kv(path, body, chat.cache)
+        except BaseException:
+            chat.close()
+            raise
+        chat.ids = ids
+        chat.restored = {"path": str(Path(path).absolute()), "tokens": len(ids), "bytes": nbytes,
+                         "seconds": time.perf_counter() - t0}
+        return chat
+
+    # ---- turns ---------------------------------------------------------------------------------------
+    def send(self, text: str, **gen) -> str:
+        """Add a user turn and return the whole reply (stop token removed). Blocks; mutates the session."""
+        for _ in self.stream(text, **gen):
+            pass
+        return self.messages[-1]["content"] if self.messages and self.messages[-1]["role"] == "assistant" else ""
+
+    def stream(self, text: str, **gen) -> Iterator[str]:
+        """Add a user turn and yield the reply as text pieces while it is generated.
+
+        gen overrides max_new_tokens, temperature, top_p, seed for this turn. Closing the iterator early keeps
+        the part of the reply generated so far (in the history and the cache).
+        """
+        self._check_open()
+        opts = {**self.gen, **gen}
+        msgs = [*self.messages, {"role": "user", "content": text}]
+        ids = render(self.llm, msgs, add_generation_prompt=True)
+        self.llm.check_length(len(ids))
+        max_new = max(0, min(opts["max_new_tokens"], self.llm.cfg.max_position_embeddings - len(ids)))
+        keep = min(common_prefix(self.ids, ids), len(ids) - 1)  # the last prompt token is fed to get logits
+        turn = self.last_turn = TurnStats(reused=keep, rolled_back=len(self.ids) - keep, prefilled=len(ids) - keep)
+        if keep < self.cache.seq_len:
+            self._check_hooks("roll back to the common prefix of the cache and the template", "truncate")
+            self.cache.truncate(keep)
+        self.ids = self.ids[:keep]
+        self._ensure_capacity(len(ids) + max_new + 1)
+        got: list[int] = []
+        done = False
+        try:
+            t0 = time.perf_counter()
+            logits = self._prefill(ids[keep:], progress=self.progress)
+            turn.prefill_s = time.perf_counter() - t0
+            if max_new:
+                stats = GenStats()
+                toks = _record(generate_ids(self._step(), logits, len(ids), max_new, self.llm.stop_ids, stats,
+                                            temperature=opts["temperature"], top_p=opts["top_p"],
+                                            generator=self._generator(opts["seed"])), got)
+                yield from self.llm.detokenize(toks)
+                turn.decode_tok_s = stats.decode_tok_s
+            done = True
+        finally:
+            self._commit(msgs, ids, got, clean=done)
+            turn.new_tokens = len(got)
+
+    def _prefill(self, ids: Sequence[int], progress: bool) -> torch.Tensor:
+        x = torch.tensor(list(ids), dtype=torch.long, device=self.llm.device)
+        logits = prefill(self.llm.model, x, self.cache, self.llm.tier.prefill_chunk, progress=progress)
+        logits.sum().item()  # wait for the prefill so its time is billed to it
+        return logits
+
+    def _commit(self, msgs: list[dict], ids: list[int], got: list[int], clean: bool) -> None:
+        """Record the turn: the cache holds ids + got[:-1] (the last token was sampled but never fed)."""
+        n = self.cache.seq_len
+        if not clean:
+            self.cache.truncate(n)  # an interrupted forward may have appended to some layers
+        self.ids = (ids + got)[:n]
+        if got:
+            reply = [t for t in got if t not in self.llm.stop_ids]
+            text = self.llm.tokenizer.decode(reply, skip_special_tokens=True)
+            self.messages = [*msgs, {"role": "assistant", "content": text}]
+
+    def _step(self):
+        if isinstance(self.cache, StaticKVCache) and self.llm.uses_graph:
+            from tierkv.graph import GraphStep
+
+            if self._graph is None or self._graph.cache is not self.cache:
+                self._graph = GraphStep(self.llm.model, self.cache)
+            return self._graph
+        return eager_step(self.llm.model, self.cache)
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        gen = torch.Generator(device=self.llm.device)
+        gen.manual_seed(seed if seed is not None else int(time.time_ns() % (1 << 62)))
+        return gen
+
+    def _ensure_capacity(self, need: int) -> None:
+        """A fixed-capacity (graph) cache too small for this turn is replaced by a larger copy."""
+        old = self.cache
+        if not isinstance(old, StaticKVCache) or need <= old.capacity:
+            return
+        cap = min(max(need, 2 * old.capacity), self.llm.cfg.max_position_embeddings + 1)
+        new = self.llm.new_cache(cap)
+        n = old.seq_len
+        new.k[:, :n], new.v[:, :n] = old.k[:, :n], old.v[:, :n]
+        new.finish_import(n)
+        self.llm._release(old)
+        self.cache, self._graph = new, None
+
+    # ---- session ---------------------------------------------------------------------------------------
+    @property
+    def history(self) -> list[dict]:
+        """The messages so far (system message with the context first, then user/assistant turns); a copy."""
+        return [dict(m) for m in self.messages]
+
+    @property
+    def stats(self) -> dict:
+        """Tokens in the cache, what the last turn prefilled, and where the K/V lives. Does not mutate."""
+        self._check_open()
+        c = self.cache
+        out = {"tokens_in_context": c.seq_len, "prefix_tokens": self.prefix_len,
+               "turns": sum(m["role"] == "user" for m in self.messages), "last_turn": asdict(self.last_turn),
+               "cache": type(c).__name__, "restored": self.restored, "last_save": self.last_save}
+        if isinstance(c, TieredKVCache):
+            s = c.stats()
+            out.update(tier_bytes=s["bytes"], tier_chunks=s["chunks"], budget_bytes=s["budget_bytes"],
+                       disk_backend=s["disk_backend"])
+        else:
+            per_token = 2 * self.llm.cfg.num_layers * self.llm.cfg.num_kv_heads * self.llm.cfg.head_dim * \
+                torch.empty((), dtype=self.llm.dtype).element_size()
+            out.update(tier_bytes={"device": c.seq_len * per_token, "host": 0, "disk": 0},
+                       budget_bytes={"device": None, "host": None, "disk": None})
+        return out
+
+    def reset(self) -> None:
+        """Forget every turn but keep the system/context prefix (the cache is truncated to it). Mutates."""
+        self._check_open()
+        self._check_hooks("reset", "truncate")
+        self.cache.truncate(min(self.prefix_len, self.cache.seq_len))
+        self.ids = self.ids[:self.cache.seq_len]
+        self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
+        self.last_turn = TurnStats()
+
+    def save(self, path: str | os.PathLike) -> dict:
+        """Write the session to directory path atomically (an earlier save there stays whole until the new one
+        is complete). Blocks on writes; does not change the session. Returns {"bytes", "seconds", "swap"}."""
+        self._check_open()
+        self._check_hooks("save", "extra_state")
+        c = self.cache
+        body = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tierkv_version": tierkv.__version__,
+                "model": model_identity(self.llm), "attention": self.llm.tier.attention,
+                "tier": asdict(self.llm.tier), "cache_kind": type(c).__name__, "messages": self.messages,
+                "prefix_len": self.prefix_len, "placement": c.stats()["chunks"] if isinstance(c, TieredKVCache) else
+                {"device": c.seq_len}}
+        self.last_save = save_session(path, body, self.ids, c)
+        return self.last_save
+
+    def close(self) -> None:
+        """Release the cache (its files and memory) and this session's budget share. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self.llm._release(self.cache)
+
+    def _check_hooks(self, what: str, hook: str) -> None:
+        """Sparse caches keep shadows and summaries beside K/V: they must override the session hook to be saved,
+        loaded or rolled back (TieredKVCache's versions would leave them stale)."""
+        if self.llm.tier.attention == "sparse" and getattr(type(self.cache), hook) is getattr(TieredKVCache, hook):
+            raise ConfigError(f"a chat with attention='sparse' cannot {what} yet ({type(self.cache).__name__} has no "
+                              f"{hook}() for its shadows); use attention='full' for this session")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChatClosedError("this chat session is closed; open a new one with llm.chat() or Chat.load()")
+
+    def __enter__(self) -> "Chat":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _record(toks: Iterator[int], into: list[int]) -> Iterator[int]:
+    for t in toks:
+        into.append(t)
+        yield t
+
+
+def _read_context(context: str | os.PathLike | None) -> str | None:
+    """Text of context=: a path (Path, or a str naming an existing file) is read, any other str is the text."""
+    if context is None:
+        return None
+    if isinstance(context, os.PathLike) or (len(context) < 4096 and "\n" not in context and os.path.isfile(context)):
+        path = Path(context)
+        if not path.is_file():
+            raise ConfigError(f"context file {str(path)!r} does not exist; give a readable text file or the text")
+        return path.read_text(encoding="utf-8", errors="replace")
+    return context
+
+
+def _session_tier(llm, share: float | None) -> tuple[TierConfig, dict]:
+    """This session's TierConfig: the LLM's, with its budgets cut to share (or to what open sessions left)."""
+    tier = llm.tier
+    if not tier.tiered:
+        return tier, {}
+    if share is not None and not 0 < share <= 1:
+        raise ConfigError(f"budget_share={share!r} must be a fraction in (0, 1]")
+    others = [ch for ch in _SESSIONS.get(llm, ()) if not ch._closed]
+    grant = {}
+    for name in ("kv_gpu_budget", "cpu_budget"):
+        total = getattr(tier, name)
+        if total is None:
+            continue
+        taken = sum(ch._grant.get(name, 0) for ch in others)
+        want = total - taken if share is None else int(total * share)
+        if want > total - taken or want <= 0:
+            raise BudgetError(f"{name}={format_size(total)} is shared by this LLM's chat sessions and {len(others)} "
+                              f"open ones hold {format_size(taken)}; close one (chat.close()) or pass a smaller "
+                              f"budget_share")
+        grant[name] = want
+    return tier.replace(**grant), grant
+
+
+__all__ = ["Chat", "ChatClosedError", "SessionError", "TurnStats", "common_prefix"]

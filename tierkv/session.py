@@ -1,0 +1,236 @@
+"""Session directories: a chat's manifest, token ids and K/V of every tier, written atomically with checksums.
+
+Format 1: `session.json` (self-checksummed manifest), `tokens.bin` (int32 LE), `kv/layer_NNN.bin` (blocks of
+`block_tokens` positions, each (2, T, Hkv, D) K then V in the KV dtype, one CRC-32 per block) and optionally
+`extra.safetensors` (a cache subclass's `extra_state`). A save fills a sibling temp dir, then swaps it in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tierkv.errors import IntegrityError, TierKVError
+from tierkv.io.atomic import crc32, fsync_dir
+from tierkv.io.dirswap import swap_in, recover
+from tierkv.kv.cache import KVCache
+
+FORMAT = "tierkv-session"
+SESSION_VERSION = 1
+MANIFEST = "session.json"
+BLOCK_TOKENS = 1024
+
+
+class SessionError(TierKVError):
+    """A session directory that is missing or of an unknown format."""
+
+
+class SessionMismatchError(SessionError):
+    """A session saved with another model or incompatible settings."""
+
+
+class SessionDamagedError(IntegrityError):
+    """A session file that fails its checksum or cannot be parsed."""
+
+
+# ---- identity -------------------------------------------------------------------------------------
+def model_identity(llm) -> dict:
+    """What must match for a session to load: model shape, a weight fingerprint and the chat template."""
+    cfg = dataclasses.asdict(llm.cfg)
+    name = cfg.pop("name") or llm.source
+    template = getattr(llm.tokenizer, "chat_template", None) or ""
+    return {"name": name, "source": llm.source, "config": json.loads(json.dumps(cfg)),
+            "fingerprint": f"{_weights_crc(llm.model):08x}", "chat_template_crc32": f"{crc32(template.encode()):08x}"}
+
+
+def _weights_crc(model) -> int:
+    """CRC-32 of a few rows of four weight matrices, rounded to bf16 so fp32 and bf16 loads agree."""
+    rows = [model.embed_tokens[:4], model.lm_head[-4:], model.layers[0].qkv_proj[:4], model.layers[-1].down_proj[:4]]
+    acc = 0
+    for t in rows:
+        acc = crc32(np.ascontiguousarray(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy())) ^ (acc * 31)
+        acc &= 0xFFFFFFFF
+    return acc
+
+
+def check_compatible(path: Path, saved: dict, llm) -> None:
+    """Raise SessionMismatchError when the session at path cannot run on llm (model, dtype or attention)."""
+    mine, theirs = model_identity(llm), saved["model"]
+    for key in ("config", "fingerprint", "chat_template_crc32"):
+        if mine[key] != theirs[key]:
+            what = {"config": "shape", "fingerprint": "weights", "chat_template_crc32": "chat template"}[key]
+            raise SessionMismatchError(
+                f"session {path} was made with model {theirs['name']!r} but this LLM is {mine['name']!r} (their "
+                f"{what} differ); load the session with the model it was saved with")
+    dtype = str(llm.dtype).removeprefix("torch.")
+    if saved["kv"]["dtype"] != dtype:
+        raise SessionMismatchError(f"session {path} holds {saved['kv']['dtype']} K/V but this LLM runs {dtype}; "
+                                   f"load the model with dtype={saved['kv']['dtype']}")
+    if saved["attention"] != llm.tier.attention:
+        raise SessionMismatchError(f"session {path} was saved with attention={saved['attention']!r} but this LLM "
+                                   f"uses {llm.tier.attention!r}; load the model with attention={saved['attention']!r}")
+
+
+# ---- writing --------------------------------------------------------------------------------------
+def save_session(path: str | os.PathLike, body: dict, ids: Sequence[int], cache: KVCache,
+                 block_tokens: int = BLOCK_TOKENS) -> dict:
+    """Write a session directory at path, replacing an earlier save only once the new one is complete.
+
+    body: JSON-able manifest fields (model, messages, ...); ids: the cached token ids (len == cache.seq_len).
+    Blocks on disk writes and fsyncs; does not mutate the cache. Returns {"bytes", "seconds", "swap"}.
+    """
+    dest = Path(path).absolute()
+    if len(ids) != cache.seq_len:
+        raise RuntimeError(f"{len(ids)} token ids for a cache of {cache.seq_len} positions")
+    t0 = time.perf_counter()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    recover(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{time.time_ns() % 10**9}")
+    tmp.mkdir()
+    try:
+        files = {"tokens": _write_file(tmp / "tokens.bin", np.asarray(ids, dtype="<i4").tobytes())}
+        kv = _write_kv(tmp, cache, block_tokens)
+        extra = cache.extra_state()
+        if extra:
+            from safetensors.torch import save as st_save
+
+            blob = st_save({k: v.detach().contiguous().cpu() for k, v in extra.items()})
+            files["extra"] = _write_file(tmp / "extra.safetensors", blob)
+        body = {**body, "num_tokens": len(ids), "kv": kv, "files": files}
+        nbytes = sum(f["bytes"] for f in files.values()) + sum(f["bytes"] for f in kv["files"])
+        _write_file(tmp / MANIFEST, _manifest_bytes(body))
+        fsync_dir(tmp)
+        fsync_dir(tmp / "kv")
+        mode = swap_in(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"bytes": nbytes, "seconds": time.perf_counter() - t0, "swap": mode}
+
+
+def _write_file(path: Path, data: bytes | memoryview) -> dict:
+    """Write one file and fsync it. Returns its {"path", "bytes", "crc32"} entry."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"path": path.name, "bytes": len(memoryview(data).cast("B")), "crc32": crc32(data)}
+
+
+def _write_kv(root: Path, cache: KVCache, block_tokens: int) -> dict:
+    """One file per layer of (2, T, Hkv, D) blocks gathered from every tier; per-block CRC-32s."""
+    (root / "kv").mkdir()
+    n, files, shape = cache.seq_len, [], None
+    for layer in range(cache.num_layers):
+        name, crcs, size = f"kv/layer_{layer:03d}.bin", [], 0
+        with open(root / name, "wb") as f:
+            for start in range(0, n, block_tokens):
+                kv = cache.export_kv(layer, start, min(start + block_tokens, n), device="cpu").contiguous()
+                shape, dtype = kv.shape[2:], kv.dtype
+                raw = kv.view(torch.uint8).numpy()
+                f.write(raw.data)
+                crcs.append(crc32(raw))
+                size += raw.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        files.append({"path": name, "bytes": size, "block_crc32": crcs})
+    kv_dtype = str(cache.dtype if shape is None else dtype).removeprefix("torch.")
+    return {"block_tokens": block_tokens, "num_layers": cache.num_layers, "dtype": kv_dtype,
+            "heads_dim": list(shape) if shape is not None else None, "files": files}
+
+
+def _manifest_bytes(body: dict) -> bytes:
+    return json.dumps({"format": FORMAT, "format_version": SESSION_VERSION, "crc32": _body_crc(body),
+                       "body": body}, indent=1).encode()
+
+
+def _body_crc(body: dict) -> int:
+    return crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The verified manifest body of the session at path (finishing an interrupted swap first). Does not load KV."""
+    root = Path(path).absolute()
+    recover(root)
+    file = root / MANIFEST
+    if not file.is_file():
+        raise SessionError(f"no tierkv session at {root} ({MANIFEST} is missing); give a directory written by "
+                           f"chat.save()")
+    try:
+        doc = json.loads(file.read_bytes())
+        body, fmt, version, crc = doc["body"], doc["format"], doc["format_version"], doc["crc32"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SessionDamagedError(f"session file {file} is damaged ({e.__class__.__name__}); save the session "
+                                  f"again or delete {root}") from None
+    if fmt != FORMAT or version != SESSION_VERSION:
+        raise SessionError(f"session {root} has format {fmt!r} version {version}; this tierkv reads {FORMAT!r} "
+                           f"version {SESSION_VERSION}: save it again with this version")
+    if _body_crc(body) != crc:
+        raise SessionDamagedError(f"session file {file} failed its checksum; save the session again or delete {root}")
+    return body
+
+
+def read_file(root: Path, entry: dict) -> bytes:
+    """A whole small file of the session, checked against its manifest entry."""
+    file = root / entry["path"]
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise SessionDamagedError(f"session file {file} cannot be read ({e.strerror}); save the session again") from None
+    if len(data) != entry["bytes"] or crc32(data) != entry["crc32"]:
+        raise SessionDamagedError(f"session file {file} failed its checksum; save the session again or delete {root}")
+    return data
+
+
+def read_tokens(path: str | os.PathLike, body: dict) -> list[int]:
+    """The saved token ids, verified."""
+    return np.frombuffer(read_file(Path(path).absolute(), body["files"]["tokens"]), dtype="<i4").tolist()
+
+
+def restore_kv(path: str | os.PathLike, body: dict, cache: KVCache) -> int:
+    """Fill an empty cache with the saved K/V, block by block across layers (as prefill would). Mutates cache;
+    blocks on reads; verifies every block. Returns the bytes read."""
+    root, kv = Path(path).absolute(), body["kv"]
+    n, bt = body["num_tokens"], kv["block_tokens"]
+    if kv["num_layers"] != cache.num_layers:
+        raise SessionMismatchError(f"session {root} has {kv['num_layers']} layers but the model has {cache.num_layers}")
+    dtype = getattr(torch, kv["dtype"])
+    heads_dim = kv["heads_dim"] or [0, 0]
+    token_bytes = 2 * heads_dim[0] * heads_dim[1] * torch.empty((), dtype=dtype).element_size()
+    handles = []
+    try:
+        for entry in kv["files"]:
+            file = root / entry["path"]
+            if not file.is_file() or file.stat().st_size != entry["bytes"]:
+                raise SessionDamagedError(f"session file {file} is missing or has the wrong size; save the session again")
+            handles.append(open(file, "rb"))
+        cache.begin_import(n)
+        for b, start in enumerate(range(0, n, bt)):
+            t = min(bt, n - start)
+            for layer, f in enumerate(handles):
+                buf = bytearray(t * token_bytes)
+                f.seek(start * token_bytes)
+                f.readinto(buf)
+                if crc32(buf) != kv["files"][layer]["block_crc32"][b]:
+                    raise SessionDamagedError(
+                        f"session file {root / kv['files'][layer]['path']} failed its checksum at block {b} (bytes "
+                        f"{start * token_bytes}..{(start + t) * token_bytes}); save the session again or delete {root}")
+                cache.import_kv(layer, start, torch.frombuffer(buf, dtype=dtype).view(2, t, *heads_dim))
+        cache.finish_import(n)
+    finally:
+        for f in handles:
+            f.close()
+    if "extra" in body["files"]:
+        from safetensors.torch import load as st_load
+
+        cache.load_extra_state(st_load(read_file(root, body["files"]["extra"])))
+    return n * token_bytes * len(handles)
