@@ -104,7 +104,8 @@ class Chat:
         if self._tier.attention == "sparse":
             from tierkv.kv.sparse import SparseKVCache
 
-            cache: KVCache = SparseKVCache(*shape, device=llm.device, dtype=llm.dtype, config=self._tier)
+            cache: KVCache = SparseKVCache(*shape, device=llm.device, dtype=llm.dtype, config=self._tier,
+                                           rope=llm.model.rope)
         else:
             cache = TieredKVCache(*shape, device=llm.device, dtype=llm.dtype, config=self._tier)
         llm._caches.append(cache)
