@@ -43,3 +43,17 @@ def test_graph_decode_matches_eager_on_cuda(smol_folder, text_ids, dtype):
     eager = _greedy(llm, eager_cache, prompt, 64)
     graphed = _greedy(llm, graph_cache, prompt, 64, GraphStep)
     assert graphed == eager
+
+
+@pytest.mark.cuda
+def test_graph_decode_matches_eager_on_random_8b_shape():
+    import tierkv
+    from tierkv.graph import GraphStep
+
+    llm = tierkv.load("llama3.1-8b", device="cuda", dtype="bf16")
+    prompt = torch.randint(0, llm.cfg.vocab_size, (1024,), generator=torch.Generator().manual_seed(0)).tolist()
+    _, eager_cache = _caches(llm, 1024 + 64)
+    _, graph_cache = _caches(llm, 1024 + 64)
+    eager = _greedy(llm, eager_cache, prompt, 64)
+    graphed = _greedy(llm, graph_cache, prompt, 64, GraphStep)
+    assert graphed == eager
