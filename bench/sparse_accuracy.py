@@ -56,28 +56,29 @@ def compare(lp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict:
 
 
 def sweep(name: str) -> list[dict]:
-    """Configurations: TierConfig fields plus SparseOptions fields (prefixed sp_)."""
+    """Configurations: TierConfig fields plus SparseOptions fields (prefixed sp_); the defaults are the choice."""
     base = dict(token_budget=0.125, rank=32, chunk_size=32, sink_tokens=64, window_tokens=128)
     runs = []
-    if name in ("design", "all"):  # selection alone (exact keys for picks), then with rebuilt keys
+    if name == "design":  # selection alone (exact keys for picks), then with keys rebuilt from the shadow
         for scorer, r in (("mean", 32), ("minmax", 32), ("lowrank-shared", 32), ("lowrank", 8), ("lowrank", 16),
                           ("lowrank", 32)):
             runs.append({**base, "sp_scorer": scorer, "sp_score_rank": r, "sp_rebuild": False, "group": "design"})
         for r in (16, 32, 64, 96):
             runs.append({**base, "rank": r, "sp_score_rank": 16, "group": "shadow-rank"})
         runs.append({**base, "chunk_size": 16, "sp_score_rank": 16, "group": "chunk"})
-    if name in ("budget", "all"):
-        for frac in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4):
-            runs.append({**base, "token_budget": frac, "group": "budget"})
-    if name in ("rank", "all"):
-        for r in (8, 16, 32, 64):
-            runs.append({**base, "rank": r, "group": "rank"})
-    if name in ("focus", "all"):  # chunk size, score rank and a wide shadow together
+    if name == "focus":  # chunk size, score rank and a wide shadow together
         for cs, sr, r, rb in ((16, 16, 64, False), (16, 32, 64, True), (32, 32, 64, True), (16, 16, 64, True)):
             runs.append({**base, "chunk_size": cs, "rank": r, "sp_score_rank": sr, "sp_rebuild": rb, "group": "focus"})
         runs.append({**base, "rank": 64, "sp_scorer": "lowrank-shared", "sp_score_rank": 32, "group": "focus"})
+    if name == "final":  # the defaults: oracle, budget curve, shadow-rank curve, a smaller sink/window split
+        runs.append({"sp_score_rank": 64, "sp_rebuild": False, "group": "oracle"})
+        for frac in (1 / 8, 1 / 64, 1 / 32, 1 / 16, 1 / 4):
+            runs.append({"token_budget": frac, "group": "budget"})
+        runs.append({"sink_tokens": 32, "window_tokens": 64, "group": "split"})
+        for r in (16, 32, 128):
+            runs.append({"rank": r, "group": "shadow-rank"})
     if name == "one":
-        runs.append({**base, "group": "one"})
+        runs.append({"group": "one"})
     return runs
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--context", type=int, default=6144)
     ap.add_argument("--steps", type=int, default=256)
-    ap.add_argument("--sweep", default="all", choices=("all", "design", "focus", "budget", "rank", "one"))
+    ap.add_argument("--sweep", default="final", choices=("design", "focus", "final", "one"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

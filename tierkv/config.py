@@ -63,7 +63,8 @@ class TierConfig:
     chunk_size: int = 32
     attention: str = "full"
     token_budget: int | float = 0.125
-    rank: int = 32
+    # key-shadow rank (pre-RoPE, all KV heads); SmolLM2 (192 dims) at 1/8: 16 -> 89%, 32 -> 92%, 64 -> 93% (= exact)
+    rank: int = 64
     sink_tokens: int = 64
     window_tokens: int = 128
     prefill_chunk: int = 2048

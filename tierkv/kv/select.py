@@ -60,7 +60,8 @@ def merge_picks(top: torch.Tensor, plan: SelectionPlan) -> tuple[torch.Tensor, t
     bool: sinks and window for every head, a picked chunk for the heads that picked it. No host sync.
     """
     dev = top.device
-    fixed = torch.cat([torch.arange(plan.sink_end, device=dev), torch.arange(plan.window_start, plan.sealed, device=dev)])
+    fixed = torch.cat([torch.arange(plan.sink_end, device=dev),
+                       torch.arange(plan.window_start, plan.sealed, device=dev)])
     ids = torch.unique(torch.cat([fixed, top.flatten()]))  # (n,) sorted
     picked = (ids.view(1, -1, 1) == top.unsqueeze(1)).any(-1)  # (Hkv, n)
     always = (ids < plan.sink_end) | (ids >= plan.window_start)  # (n,)
