@@ -46,6 +46,13 @@ class Ticket:
     done: bool = False
 
 
+def _index(slots: Sequence[int] | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Slot indices as a long tensor on `device` (callers may pass one already there: no copy then)."""
+    if isinstance(slots, torch.Tensor):
+        return slots.to(device, non_blocking=True)
+    return torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+
+
 class Prefetcher:
     """Issues gathers on a dedicated copy stream (CUDA) and disk reads on a small thread pool.
 
@@ -91,8 +98,7 @@ class Prefetcher:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # pool writes and earlier users of dest
         with self._on_copy_stream():
             if nd:
-                idx = torch.tensor(device_slots, dtype=torch.long).to(self.device, non_blocking=True)
-                torch.index_select(src.device, 0, idx, out=rows[:nd])
+                torch.index_select(src.device, 0, _index(device_slots, self.device), out=rows[:nd])
             if nh:
                 self._gather_host(rows[nd:nd + nh], host_slots, src)
         t.event = self._record()
@@ -103,14 +109,13 @@ class Prefetcher:
 
     def _gather_host(self, out: torch.Tensor, slots: Sequence[int], src: Sources) -> None:
         if self.host_read == "direct":
-            torch.index_select(src.host, 0, torch.tensor(slots, dtype=torch.long), out=out)
+            torch.index_select(src.host, 0, _index(slots, "cpu"), out=out)
         elif self.host_read == "mapped":  # a GPU kernel reads pinned memory over the link, no host work
-            idx = torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
-            torch.index_select(src.host_mapped, 0, idx, out=out)
+            torch.index_select(src.host_mapped, 0, _index(slots, self.device), out=out)
         else:
             buf = self.staging.acquire()
             stage = buf.data[: len(slots) * self.nbytes].view(len(slots), self.nbytes)
-            torch.index_select(src.host, 0, torch.tensor(slots, dtype=torch.long), out=stage)
+            torch.index_select(src.host, 0, _index(slots, "cpu"), out=stage)
             out.copy_(stage, non_blocking=True)
             self.staging.release(buf, self._record())
 

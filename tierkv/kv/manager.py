@@ -167,6 +167,11 @@ class TierManager:
                 self._place(c, src, 0, moves, keep, stop=TIERS.index(src))
         return moves
 
+    def record_hits(self, counts: dict[str, int]) -> None:
+        """Count reads per tier without touching recency (a step that reads every chunk). Mutates."""
+        for tier, n in counts.items():
+            self.hits[tier] += n
+
     def drop(self, chunk: ChunkId) -> list[Move]:
         """Forget a chunk (e.g. a truncated session). Mutates; returns [(chunk, tier, None)]."""
         tier = self._where.pop(chunk)

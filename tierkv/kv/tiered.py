@@ -71,6 +71,22 @@ class _OnlineSoftmax:
         return out.permute(2, 0, 1, 3).reshape(self.shape).to(self.dtype)  # (T, Hq, D)
 
 
+@dataclass
+class _Batch:
+    """Chunks fetched together: ids in index order, rows in `order` (device, host, disk), slot indices."""
+
+    ids: list[ChunkId]
+    order: list[ChunkId]
+    dev: torch.Tensor
+    host: torch.Tensor
+    disk: list[ChunkId]
+    counts: dict[str, int]
+
+
+def _index(slots: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(slots, dtype=torch.long).to(device)
+
+
 class TieredKVCache(KVCache):
     """KV cache over device, host and disk tiers under byte budgets; attention is exact ('full')."""
 
@@ -97,6 +113,8 @@ class TieredKVCache(KVCache):
         self.prefetcher = Prefetcher(self.device, cb, staging, host_read=self.host_read, threads=opts.io_threads)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ahead: tuple[int, list[ChunkId], Ticket] | None = None  # (layer, chunks, ticket) prefetched
+        self._epoch = 0  # bumped on every executed move
+        self._plans: dict[int, tuple[tuple[int, int], list[_Batch]]] = {}  # layer -> ((epoch, sealed), batches)
         self._bounce = torch.empty(cb, dtype=torch.uint8)
         self._moved = {f"{a}->{b}": 0 for a in TIERS for b in TIERS if a != b}
         self._t = {"io_wait_s": 0.0, "attend_s": 0.0, "move_s": 0.0}
@@ -168,6 +186,7 @@ class TieredKVCache(KVCache):
         """Carry out the manager's moves in order (synchronously, after in-flight reads of slots finish)."""
         if not moves:
             return
+        self._epoch += 1  # cached batch plans name slots that may change now
         t0 = time.perf_counter()
         self.prefetcher.fence()
         for m in moves:
@@ -192,8 +211,15 @@ class TieredKVCache(KVCache):
 
     # ---- attention -----------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Exact causal attention of q (T, Hq, D) over every stored token of layer -> (T, Hq, D)."""
-        return self.attend_chunks(layer, q, range(self.layout.chunks_covering(self.seq_len)))
+        """Exact causal attention of q (T, Hq, D) over every stored token of layer -> (T, Hq, D).
+
+        Reads every chunk every step, so it counts hits per tier but leaves recency alone (it would carry no
+        information); the batches and their slot indices are cached until chunks move.
+        """
+        batches = self._full_plan(layer)
+        for b in batches:
+            self.manager.record_hits(b.counts)
+        return self._attend_batches(layer, q, batches, include_open=True)
 
     def attend_chunks(self, layer: int, q: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
         """Attention of q over the chunks `indices` (older tokens) plus the tokens just appended (causal).
@@ -201,23 +227,29 @@ class TieredKVCache(KVCache):
         Streams sealed chunks from their tiers in batches; the open chunk is read in place. Blocks on I/O that
         is not ready; records hits and may prefetch the next layer's first batch.
         """
+        sealed = self.manager.sealed(layer)
+        stream = [ChunkId(layer, i) for i in indices if i < sealed]
+        if stream:
+            self.manager.access(stream)
+        b = self.batch_chunks
+        batches = [self._batch(stream[i:i + b]) for i in range(0, len(stream), b)]
+        return self._attend_batches(layer, q, batches, include_open=sealed in indices)
+
+    def _attend_batches(self, layer: int, q: torch.Tensor, batches: list[_Batch], include_open: bool) -> torch.Tensor:
         t0, io0 = time.perf_counter(), self.prefetcher.io_wait_s
         start, c = self.seq_len, self.layout.chunk_size
         sealed = self.manager.sealed(layer)
-        stream = [ChunkId(layer, i) for i in indices if i < sealed]
         state = _OnlineSoftmax(q, self.layout.num_kv_heads)
-        batches = [stream[i:i + self.batch_chunks] for i in range(0, len(stream), self.batch_chunks)]
         if batches:
-            self.manager.access(stream)
             cur = self._take_ahead(layer, batches[0])
-            for b in range(len(batches)):
-                nxt = self._prepare(batches[b + 1]) if b + 1 < len(batches) else None
+            for i in range(len(batches)):
+                nxt = self._prepare_batch(batches[i + 1]) if i + 1 < len(batches) else None
                 order, ticket = cur
                 if nxt is None:
                     self._prefetch_after(layer, start + q.shape[0])
                 self._fold(state, self.prefetcher.complete(ticket), order, start)
                 cur = nxt
-        if sealed * c < start and sealed in indices:  # old tokens of the open chunk, read in place
+        if sealed * c < start and include_open:  # old tokens of the open chunk, read in place
             m = start - sealed * c
             state.add(self._open[layer, 0, :m], self._open[layer, 1, :m])
         k_new, v_new = self._pending.pop(layer)
@@ -229,6 +261,29 @@ class TieredKVCache(KVCache):
         self._t["io_wait_s"] += io
         self._t["attend_s"] += time.perf_counter() - t0
         return out
+
+    def _full_plan(self, layer: int) -> list[_Batch]:
+        """The sealed chunks holding committed tokens of layer, in batches; cached until a chunk moves (epoch) or
+        seals. Chunks sealed by the slice being appended are left out: their tokens come from `_pending`."""
+        sealed = min(self.manager.sealed(layer), self.layout.chunks_covering(self.seq_len))
+        cached = self._plans.get(layer)
+        if cached is not None and cached[0] == (self._epoch, sealed):
+            return cached[1]
+        b = self.batch_chunks
+        batches = [self._batch([ChunkId(layer, i) for i in range(lo, min(lo + b, sealed))]) for lo in range(0, sealed, b)]
+        self._plans[layer] = ((self._epoch, sealed), batches)
+        return batches
+
+    def _batch(self, chunks: list[ChunkId]) -> _Batch:
+        """Group chunks by tier, with their slot indices as tensors where the copy kernels want them."""
+        by = {DEVICE: [], HOST: [], DISK: []}
+        for ch in chunks:
+            by[self.manager.tier_of(ch)].append(ch)
+        host_on = self.device if self.host_read == "mapped" else torch.device("cpu")
+        return _Batch(ids=list(chunks), order=by[DEVICE] + by[HOST] + by[DISK],
+                      dev=_index(self.dev_pool.slots_of(by[DEVICE]), self.device),
+                      host=_index(self.host_pool.slots_of(by[HOST]), host_on), disk=by[DISK],
+                      counts={t: len(v) for t, v in by.items()})
 
     def _fold(self, state: _OnlineSoftmax, rows: torch.Tensor, order: list[ChunkId], start: int) -> None:
         """Add a fetched batch (rows: (n, chunk_bytes) uint8) to the softmax state, masking tokens >= start."""
@@ -245,27 +300,26 @@ class TieredKVCache(KVCache):
 
     def _prepare(self, chunks: list[ChunkId]) -> tuple[list[ChunkId], Ticket]:
         """Start fetching chunks into the next batch buffer; rows come back as device, host, disk order."""
-        by = {DEVICE: [], HOST: [], DISK: []}
-        for ch in chunks:
-            by[self.manager.tier_of(ch)].append(ch)
+        return self._prepare_batch(self._batch(chunks))
+
+    def _prepare_batch(self, batch: _Batch) -> tuple[list[ChunkId], Ticket]:
         dest = self._work[self._turn]
         self._turn ^= 1
         src = Sources(device=self.dev_pool.storage, host=self.host_pool.storage,
                       host_mapped=self.host_pool.mapped_view(self.device) if self.host_read == "mapped" else None,
                       read_disk=self.disk.read_into if self.disk is not None else None)
-        ticket = self.prefetcher.prepare(dest, self.dev_pool.slots_of(by[DEVICE]), self.host_pool.slots_of(by[HOST]),
-                                         by[DISK], src)
-        return by[DEVICE] + by[HOST] + by[DISK], ticket
+        ticket = self.prefetcher.prepare(dest, batch.dev, batch.host, batch.disk, src)
+        return batch.order, ticket
 
-    def _take_ahead(self, layer: int, first: list[ChunkId]) -> tuple[list[ChunkId], Ticket]:
+    def _take_ahead(self, layer: int, first: _Batch) -> tuple[list[ChunkId], Ticket]:
         """The prefetched first batch if it is this one, else a fresh fetch (a stale one is completed and dropped)."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             a_layer, a_chunks, a_ticket = ahead
-            if a_layer == layer and sorted(a_chunks) == first:
-                return a_chunks, a_ticket
+            if a_layer == layer and len(a_chunks) == len(first.ids) and sorted(a_chunks) == first.ids:
+                return a_chunks, a_ticket  # rows were read before any later move (moves fence reads first)
             self.prefetcher.complete(a_ticket)
-        return self._prepare(first)
+        return self._prepare_batch(first)
 
     def _prefetch_after(self, layer: int, next_start: int) -> None:
         """Start the first batch of the next layer (or of layer 0 for the next step) while this layer computes."""
@@ -274,7 +328,9 @@ class TieredKVCache(KVCache):
         nxt %= self.num_layers
         n = min(self.manager.sealed(nxt), self.layout.chunks_covering(end), self.batch_chunks)
         if n and self._ahead is None:
-            order, ticket = self._prepare([ChunkId(nxt, i) for i in range(n)])
+            plan = self._full_plan(nxt)
+            batch = plan[0] if plan and len(plan[0].ids) == n else self._batch([ChunkId(nxt, i) for i in range(n)])
+            order, ticket = self._prepare_batch(batch)
             self._ahead = (nxt, order, ticket)
 
     # ---- session state -------------------------------------------------------------------------------
