@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
@@ -19,12 +20,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset
     """
     t, s = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T|S, D)
-    if t == 1:
-        mask = None  # one query at the end sees every key
+    gqa = qh.shape[0] != kh.shape[0]
+    if t == 1:  # one query at the end sees every key
+        out = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)
+    elif q_offset + t == s:
+        # Queries are the last T keys: a bottom-right causal mask, which SDPA runs in its fused kernels
+        # (an explicit boolean mask sends long prefills to the slow materialising path).
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(t, s), enable_gqa=gqa)
     else:
         qpos = torch.arange(q_offset, q_offset + t, device=q.device)
         mask = torch.arange(s, device=q.device)[None, :] <= qpos[:, None]  # (T, S)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=qh.shape[0] != kh.shape[0])
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(0, 1)  # (T, Hq, D)
 
 

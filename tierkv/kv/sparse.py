@@ -88,6 +88,10 @@ class SparseKVCache(TieredKVCache):
         super().append(layer, k, v, k_pre)
         if layer == 0 and self.rope is None:
             self._derive_rope(k_pre, k)
+        if k.shape[0] > 1 and self.device.type == "cuda":
+            # prefill keys wait for the first sparse step in host memory: on the GPU they would hold the whole
+            # context's keys twice, outside the KV budget
+            k_pre, k = k_pre.to("cpu"), k.to("cpu")
         self._buf[layer].append((k_pre, k))
         if self._fitted[layer]:
             self.scorers[layer].extend(k)
@@ -120,16 +124,16 @@ class SparseKVCache(TieredKVCache):
         end = (total // c) * c
         if end - sh.covered < self.sp.fold_tokens:
             return
-        pre = torch.cat([p for p, _ in self._buf[layer]])  # (total - covered, Hkv, D)
-        post = torch.cat([q for _, q in self._buf[layer]])
+        pre = torch.cat([p.to(self.device) for p, _ in self._buf[layer]])  # (total - covered, Hkv, D)
+        post = torch.cat([q.to(self.device) for _, q in self._buf[layer]])
         n = end - sh.covered
         sh.fold(pre[:n], post[:n])
         self._buf[layer] = [(pre[n:], post[n:])] if n < pre.shape[0] else []
 
     def _fit(self, layer: int, total: int) -> None:
         """Fit the layer's shadow (on every token so far) and score index; cover whole chunks. Mutates."""
-        pre = torch.cat([p for p, _ in self._buf[layer]])  # (total, Hkv, D)
-        post = torch.cat([q for _, q in self._buf[layer]])
+        pre = torch.cat([p.to(self.device) for p, _ in self._buf[layer]])  # (total, Hkv, D)
+        post = torch.cat([q.to(self.device) for _, q in self._buf[layer]])
         self.scorers[layer].fit(post)
         sh, n = self.shadows[layer], (total // self.layout.chunk_size) * self.layout.chunk_size
         sh.fit(pre[:n], post[:n])  # basis from whole chunks; a partial tail stays exact
