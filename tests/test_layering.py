@@ -1,0 +1,46 @@
+"""Imports flow one way, downwards (DESIGN.md): a lower layer never imports a higher one."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import tierkv
+
+LAYERS = [
+    {"config", "errors", "paths", "sample"},
+    {"kernels", "io"},
+    {"kv"},
+    {"models"},
+    {"engine", "graph"},
+    {"llm"},
+    {"chat", "chat_template", "session", "bench"},
+    {"cli"},
+]
+ROOT = Path(tierkv.__file__).parent
+# Deliberate upward imports, each done inside a function on use.
+ALLOWED = {("llm", "tierkv.chat"): "LLM.chat() is the public API of sessions (issue 7)"}
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if module.startswith("tierkv.") else module
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"tierkv.{top} has no layer in tests/test_layering.py; add it")
+
+
+def test_no_module_imports_a_higher_layer():
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        if rel.name in ("__init__", "__main__") and len(rel.parts) == 1:
+            continue  # the package's public face may import anything
+        own = _layer("tierkv." + ".".join(rel.parts))
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            for name in names:
+                if name.startswith("tierkv.") and _layer(name) > own and (rel.parts[0], name) not in ALLOWED:
+                    bad.append(f"{'/'.join(rel.parts)}.py imports {name}")
+    assert not bad, "; ".join(bad)
