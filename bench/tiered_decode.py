@@ -83,6 +83,7 @@ def run_row(model, cfg, context: int, args, **opts) -> dict:
     row = {"context": context, "attention": args.attention, "ms_per_token": med, "ms_all": ms, "fill_s": fill_s,
            "bytes_per_token": {k: v for k, v in last.items() if v}, "pcie_bytes_per_token": pcie,
            "achieved_gbps": pcie / (med / 1000) / 1e9, "host_read": st["host_read"], "disk_backend": st["disk_backend"],
+           "disk_threads": st.get("disk_threads"), "disk_parallelism_gbps": st.get("disk_parallelism_gbps"),
            "chunks": st["chunks"], "hit_rate": st["last_step"]["hit_rate"], "sparse": st.get("sparse"),
            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     cache.close()
@@ -143,7 +144,7 @@ def main() -> None:
         for backend in ("kvikio", "posix"):
             try:
                 r = run_row(model, cfg, contexts[-1], argparse.Namespace(**{**vars(args), "steps": args.disk_steps}),
-                            cpu_budget=args.disk_cpu_budget, disk_backend=backend, io_threads=16)
+                            cpu_budget=args.disk_cpu_budget, disk_backend=backend)
             except Exception as exc:  # a backend that cannot run is reported, not omitted
                 r = {"context": contexts[-1], "disk_backend": backend, "error": f"{type(exc).__name__}: {exc}"}
             rows.append(r)

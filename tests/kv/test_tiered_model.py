@@ -29,6 +29,7 @@ def test_tiered_smollm2_matches_dense(smol_folder, text_ids, tmp_path):
     assert kv["chunks"]["host"] > 0
     assert kv["total"]["bytes_moved"]["disk->device"] + kv["total"]["bytes_moved"]["disk->host"] > 0
     assert kv["disk_backend"] == "posix"
+    assert kv["disk_threads"] in (1, 4, 16) and set(kv["disk_parallelism_gbps"]) == {1, 4, 16}  # measured there
     assert not any(p.is_file() for p in tmp_path.rglob("*")), "run files are removed when the cache closes"
 
 

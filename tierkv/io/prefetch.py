@@ -67,10 +67,18 @@ class Prefetcher:
         self.device, self.nbytes, self.staging, self.host_read = torch.device(device), nbytes, staging, host_read
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tierkv-io")
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="tierkv-io")
         self._open: list[Ticket] = []
         self.bytes = {"device->device": 0, "host->device": 0, "disk->device": 0}
         self.io_wait_s = 0.0
+
+    def set_threads(self, threads: int) -> None:
+        """Resize the disk-read pool (after the disk's parallelism is known). Waits for reads in flight."""
+        if max(1, threads) != self.threads:
+            self._pool.shutdown(wait=True)
+            self.threads = max(1, threads)
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="tierkv-io")
 
     def _on_copy_stream(self):
         return torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()

@@ -34,7 +34,7 @@ class TieredOptions:
     batch_tokens: int = 4096  # tokens per streamed batch (two batch buffers live on the device)
     host_read: str = "auto"  # CUDA: 'mapped' (GPU reads pinned host memory in place) | 'copy' | 'auto'
     disk_backend: str = "auto"  # 'auto' | 'kvikio' | 'posix'
-    io_threads: int = 4  # disk read threads; also kvikio's thread count
+    io_threads: int | None = None  # disk read threads and kvikio's; None: measured on the disk at the first spill
     staging_buffers: int = 4
     keep_files: bool = False  # keep the run directory on close (sessions)
     pin_host: bool | None = None  # None: pin when CUDA is available
@@ -110,7 +110,7 @@ class TieredKVCache(KVCache):
         self._turn = 0
         self.host_read = self._host_read_mode(opts.host_read)
         staging = StagingRing(opts.staging_buffers, self.batch_chunks * cb, pin=self.host_pool.pinned)
-        self.prefetcher = Prefetcher(self.device, cb, staging, host_read=self.host_read, threads=opts.io_threads)
+        self.prefetcher = Prefetcher(self.device, cb, staging, host_read=self.host_read, threads=opts.io_threads or 4)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ahead: tuple[int, list[ChunkId], Ticket] | None = None  # (layer, chunks, ticket) prefetched
         self._epoch = 0  # bumped on every executed move
@@ -161,6 +161,7 @@ class TieredKVCache(KVCache):
             o = self.opts
             self.disk = DiskStore(self.layout.chunk_bytes, self.config.disk_dir, backend=o.disk_backend,
                                   threads=o.io_threads, keep=o.keep_files)
+            self.prefetcher.set_threads(self.disk.threads)
         return self.disk
 
     # ---- writing ------------------------------------------------------------------------------------
@@ -415,6 +416,9 @@ class TieredKVCache(KVCache):
             "chunks": m["chunks"], "bytes": m["bytes"], "budget_bytes": m["budget_bytes"],
             "disk_backend": self.disk.backend_name if self.disk is not None else "none",
             "disk_path": str(self.disk.path) if self.disk is not None else None,
+            "disk_threads": self.disk.threads if self.disk is not None else None,
+            "disk_parallelism_gbps": self.disk.parallelism.gbps if self.disk is not None and self.disk.parallelism
+            else None,
             "disk_file_bytes": self.disk.file_bytes() if self.disk is not None else 0,
             "host_memory": self.host_pool.mode, "host_read": self.host_read,
             "gpu_reserved_bytes": self.gpu_reserved_bytes, "staging_waits": self.prefetcher.staging.waits,

@@ -24,6 +24,7 @@ from tierkv.config import format_size
 from tierkv.errors import IntegrityError, StorageError
 from tierkv.io.atomic import FORMAT_VERSION, atomic_write, crc32
 from tierkv.io.disk import BackendChoice, choose_backend, open_file
+from tierkv.io.parallelism import measure_read_parallelism
 from tierkv.kv.layout import ChunkId
 from tierkv.kv.tiers.base import Tier
 
@@ -58,12 +59,15 @@ class DiskStore(Tier):
     name = "disk"
 
     def __init__(self, chunk_bytes: int, directory: str | os.PathLike | None = None, *, backend: str = "auto",
-                 threads: int = 4, keep: bool = False) -> None:
+                 threads: int | None = 4, keep: bool = False) -> None:
         self.chunk_bytes, self.keep = chunk_bytes, keep
         self.stride = -(-chunk_bytes // ALIGN) * ALIGN
         self.run_dir = new_run_dir(directory)
         self.path = self.run_dir / "kv.bin"
-        self.backend, kvikio = choose_backend(self.run_dir, backend, threads)
+        # threads=None: as many read threads as this disk serves scattered chunk reads best with (measured)
+        self.parallelism = measure_read_parallelism(self.run_dir, chunk_bytes) if threads is None else None
+        self.threads = self.parallelism.threads if self.parallelism else threads
+        self.backend, kvikio = choose_backend(self.run_dir, backend, self.threads)
         self.file = open_file(self.path, self.backend, kvikio)
         self._slot: dict[ChunkId, int] = {}
         self._crc: dict[int, int] = {}  # slot -> CRC-32 of its bytes
