@@ -6,7 +6,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ from tierkv.models.config import ModelConfig
 from tierkv.models.llama import LlamaModel
 from tierkv.models.shapes import SHAPES, shape_config
 from tierkv.models.weights import TensorSource, resolve_model
+
+if TYPE_CHECKING:
+    from tierkv.chat import Chat
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}

@@ -19,7 +19,8 @@ from tierkv.kv.manager import EvictionPolicy
 from tierkv.kv.select import SelectionPlan, merge_picks, plan_selection
 from tierkv.kv.shadow import KeyShadow
 from tierkv.kv.summary import make_scorer
-from tierkv.kv.tiered import TieredKVCache, TieredOptions, _OnlineSoftmax
+from tierkv.kv.online_softmax import OnlineSoftmax
+from tierkv.kv.tiered import TieredKVCache, TieredOptions
 
 
 class RopeTables(Protocol):
@@ -184,7 +185,7 @@ class SparseKVCache(TieredKVCache):
         t0, io0 = time.perf_counter(), self.prefetcher.io_wait_s
         self._execute(self.manager.access(chunks, promote=self.sp.promote))
         col = {ch.index: j for j, ch in enumerate(chunks)}
-        state = _OnlineSoftmax(q, self.layout.num_kv_heads)
+        state = OnlineSoftmax(q, self.layout.num_kv_heads)
         queue, cur = self._first_fetch(layer, chunks)
         while cur is not None:
             nxt = self._prepare(queue.pop(0)) if queue else None
@@ -236,7 +237,7 @@ class SparseKVCache(TieredKVCache):
             order, ticket = self._prepare(guess)
             self._ahead = (nxt, order, ticket)
 
-    def _fold_sparse(self, state: _OnlineSoftmax, layer: int, rows: torch.Tensor, order: list[ChunkId],
+    def _fold_sparse(self, state: OnlineSoftmax, layer: int, rows: torch.Tensor, order: list[ChunkId],
                      col: dict[int, int], keep: torch.Tensor, plan: SelectionPlan) -> None:
         """Add a fetched batch: values as stored, keys rebuilt for covered picked chunks (exact otherwise)."""
         lay, c = self.layout, self.layout.chunk_size

@@ -7,7 +7,6 @@ Sparse mode later calls `attend_chunks` with the chunks it picked instead of all
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -22,6 +21,7 @@ from tierkv.io.staging import StagingRing
 from tierkv.kv.cache import KVCache
 from tierkv.kv.layout import ChunkId, ChunkLayout
 from tierkv.kv.manager import DEVICE, DISK, HOST, TIERS, EvictionPolicy, Move, TierBudgets, TierManager
+from tierkv.kv.online_softmax import OnlineSoftmax
 from tierkv.kv.tiers.device import DevicePool
 from tierkv.kv.tiers.disk import DiskStore
 from tierkv.kv.tiers.host import HostPool, probe_mapped_read
@@ -39,36 +39,6 @@ class TieredOptions:
     keep_files: bool = False  # keep the run directory on close (sessions)
     pin_host: bool | None = None  # None: pin when CUDA is available
     auto_host_fraction: float = 0.5  # cpu_budget=None: this share of the memory available at start
-
-
-class _OnlineSoftmax:
-    """Running max, denominator and weighted sum of exact attention, merged batch by batch (fp32)."""
-
-    def __init__(self, q: torch.Tensor, num_kv_heads: int) -> None:
-        t, hq, d = q.shape
-        self.shape, self.dtype, self.hkv = (t, hq, d), q.dtype, num_kv_heads
-        qf = q.float().view(t, num_kv_heads, hq // num_kv_heads, d).permute(1, 2, 0, 3)  # (Hkv, G, T, D)
-        self.q = qf * (1.0 / math.sqrt(d))
-        self.m = torch.full(qf.shape[:3], -math.inf, device=q.device)  # (Hkv, G, T)
-        self.l = torch.zeros(qf.shape[:3], device=q.device)
-        self.acc = torch.zeros(qf.shape, device=q.device)  # (Hkv, G, T, D)
-
-    def add(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """Fold keys/values k, v (S, Hkv, D) in; keep: bool (S,) or (T, S), False masks a key. Mutates."""
-        s = self.q @ k.float().permute(1, 2, 0).unsqueeze(1)  # (Hkv, G, T, S)
-        if keep is not None:
-            s = s.masked_fill(~keep, -math.inf)
-        m_new = torch.maximum(self.m, s.amax(-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows that saw no key yet
-        alpha = torch.exp(self.m - m_safe)
-        p = torch.exp(s - m_safe.unsqueeze(-1))
-        self.l = self.l * alpha + p.sum(-1)
-        self.acc = self.acc * alpha.unsqueeze(-1) + p @ v.float().permute(1, 0, 2).unsqueeze(1)  # (Hkv,1,S,D)
-        self.m = m_new
-
-    def result(self) -> torch.Tensor:
-        out = self.acc / self.l.unsqueeze(-1)  # (Hkv, G, T, D)
-        return out.permute(2, 0, 1, 3).reshape(self.shape).to(self.dtype)  # (T, Hq, D)
 
 
 @dataclass
@@ -240,7 +210,7 @@ class TieredKVCache(KVCache):
         t0, io0 = time.perf_counter(), self.prefetcher.io_wait_s
         start, c = self.seq_len, self.layout.chunk_size
         sealed = self.manager.sealed(layer)
-        state = _OnlineSoftmax(q, self.layout.num_kv_heads)
+        state = OnlineSoftmax(q, self.layout.num_kv_heads)
         if batches:
             cur = self._take_ahead(layer, batches[0])
             for i in range(len(batches)):
@@ -286,7 +256,7 @@ class TieredKVCache(KVCache):
                       host=_index(self.host_pool.slots_of(by[HOST]), host_on), disk=by[DISK],
                       counts={t: len(v) for t, v in by.items()})
 
-    def _fold(self, state: _OnlineSoftmax, rows: torch.Tensor, order: list[ChunkId], start: int) -> None:
+    def _fold(self, state: OnlineSoftmax, rows: torch.Tensor, order: list[ChunkId], start: int) -> None:
         """Add a fetched batch (rows: (n, chunk_bytes) uint8) to the softmax state, masking tokens >= start."""
         lay = self.layout
         x = rows.view(self.dtype).view(len(order), *lay.shape)  # (n, 2, C, Hkv, D)

@@ -1,7 +1,7 @@
-"""Rotary position embeddings: inverse frequencies for each supported scaling, cos/sin tables, apply.
+"""Rotary position embeddings: inverse frequencies for each supported scaling and the cos/sin tables.
 
-Scalings: default, linear, llama3 (Llama 3.1), yarn. Tables are computed in float64/float32 once and
-grown on demand; lookups index them with a position tensor on the device (no host sync).
+Scalings: default, linear, llama3 (Llama 3.1), yarn. Tables are computed once and grown on demand; the
+kernels (tierkv.kernels.qk_rope) index them with a position tensor on the device (no host sync).
 """
 
 from __future__ import annotations
@@ -84,18 +84,3 @@ class Rope:
         emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
         self.cos = (emb.cos() * self.factor).to(self.device, self.dtype)
         self.sin = (emb.sin() * self.factor).to(self.device, self.dtype)
-
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, 1, D) at positions (T,) on the device."""
-        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (T, H, D) with cos/sin (T, 1, D). Does not mutate."""
-    return x * cos + rotate_half(x) * sin

@@ -1,0 +1,39 @@
+"""Exact attention merged batch by batch: a running max, denominator and weighted sum in fp32 (online softmax),
+so keys and values can stream from the tiers without the whole cache on the device at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class OnlineSoftmax:
+    """Running max, denominator and weighted sum of exact attention, merged batch by batch (fp32)."""
+
+    def __init__(self, q: torch.Tensor, num_kv_heads: int) -> None:
+        t, hq, d = q.shape
+        self.shape, self.dtype, self.hkv = (t, hq, d), q.dtype, num_kv_heads
+        qf = q.float().view(t, num_kv_heads, hq // num_kv_heads, d).permute(1, 2, 0, 3)  # (Hkv, G, T, D)
+        self.q = qf * (1.0 / math.sqrt(d))
+        self.m = torch.full(qf.shape[:3], -math.inf, device=q.device)  # (Hkv, G, T)
+        self.l = torch.zeros(qf.shape[:3], device=q.device)
+        self.acc = torch.zeros(qf.shape, device=q.device)  # (Hkv, G, T, D)
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Fold keys/values k, v (S, Hkv, D) in; keep: bool (S,) or (T, S), False masks a key. Mutates."""
+        s = self.q @ k.float().permute(1, 2, 0).unsqueeze(1)  # (Hkv, G, T, S)
+        if keep is not None:
+            s = s.masked_fill(~keep, -math.inf)
+        m_new = torch.maximum(self.m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows that saw no key yet
+        alpha = torch.exp(self.m - m_safe)
+        p = torch.exp(s - m_safe.unsqueeze(-1))
+        self.l = self.l * alpha + p.sum(-1)
+        self.acc = self.acc * alpha.unsqueeze(-1) + p @ v.float().permute(1, 0, 2).unsqueeze(1)  # (Hkv,1,S,D)
+        self.m = m_new
+
+    def result(self) -> torch.Tensor:
+        out = self.acc / self.l.unsqueeze(-1)  # (Hkv, G, T, D)
+        return out.permute(2, 0, 1, 3).reshape(self.shape).to(self.dtype)  # (T, Hq, D)
