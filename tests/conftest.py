@@ -9,6 +9,16 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device for the parity tests (cpu or cuda); default cpu")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    """Where the parity tests run our forward and transformers' (`pytest --device cuda` on a GPU machine)."""
+    return request.config.getoption("--device")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

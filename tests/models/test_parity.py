@@ -10,39 +10,40 @@ from tierkv.engine import prefill
 from tests.conftest import save_random_checkpoint
 
 
-def _hf_logits(folder, ids) -> torch.Tensor:
+def _hf_logits(folder, ids, device="cpu") -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
+        return model(torch.tensor([ids], device=device)).logits[0].float().cpu()
 
 
 def _our_logits(llm, ids, chunk=4096) -> torch.Tensor:
     cache = llm.new_cache(len(ids))
     with torch.no_grad():
-        out = prefill(llm.model, torch.tensor(ids), cache, chunk, all_logits=True)
+        out = prefill(llm.model, torch.tensor(ids, device=llm.device), cache, chunk, all_logits=True)
     cache.close()
-    return out
+    return out.cpu()
 
 
-def test_smollm2_logits_match_transformers(smol, smol_folder, text_ids):
+def test_smollm2_logits_match_transformers(smol, smol_folder, text_ids, device):
     ids = text_ids[:300]
-    diff = (_our_logits(smol, ids) - _hf_logits(smol_folder, ids)).abs().max().item()
-    print(f"SmolLM2 fp32 max abs logit diff vs transformers: {diff:.2e}")
+    llm = smol if device == "cpu" else tierkv.load(str(smol_folder), device=device, dtype="fp32")
+    diff = (_our_logits(llm, ids) - _hf_logits(smol_folder, ids, device)).abs().max().item()
+    print(f"SmolLM2 fp32 on {device}: max abs logit diff vs transformers {diff:.2e}")
     assert diff < 1e-3
 
 
 @pytest.mark.parametrize("kind", ["llama31", "qwen2", "mistral"])
-def test_random_checkpoints_match_transformers(kind, tmp_path, smol_folder, text_ids):
+def test_random_checkpoints_match_transformers(kind, tmp_path, smol_folder, text_ids, device):
     folder = save_random_checkpoint(tmp_path, kind, smol_folder)
     assert len(list(folder.glob("*.safetensors"))) > 1, "the test checkpoint should be sharded"
     assert (folder / "model.safetensors.index.json").is_file()
-    llm = tierkv.load(str(folder), device="cpu", dtype="fp32")
+    llm = tierkv.load(str(folder), device=device, dtype="fp32")
     ids = text_ids[:200]  # beyond llama31's original 64-position window, so the llama3 scaling matters
-    ours, ref = _our_logits(llm, ids), _hf_logits(folder, ids)
+    ours, ref = _our_logits(llm, ids), _hf_logits(folder, ids, device)
     diff = (ours - ref).abs().max().item()
-    print(f"{kind}: max abs logit diff {diff:.2e} (logit scale {ref.abs().max().item():.2f})")
+    print(f"{kind} on {device}: max abs logit diff {diff:.2e} (logit scale {ref.abs().max().item():.2f})")
     assert diff < 1e-3
     assert ref.std() > 0.1  # the comparison is not between near-constant logits
 
