@@ -54,10 +54,8 @@ def test_sparse_nll_within_1_5_percent_of_full_at_one_eighth_budget(eighth_budge
     assert nll_sparse <= nll_full * 1.015
 
 
-# The target is 94%. Measured 93.4% (239 of 256 positions; 241 needed) with every low-rank design tried
-# (bench/results/sparse-accuracy-*-cpu-2026-11-25.json). strict: the day it passes, this marker must go.
+# Measured 94.1% (241 of 256; the target needs 241) with the group-summed chunk mass; 93.4% with the group max.
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="target missed: 93.4% top-1 agreement measured against the 94% target")
 def test_sparse_top1_agrees_with_full_at_one_eighth_budget(eighth_budget_scores):
     agreement, _, _ = eighth_budget_scores
     assert agreement >= 0.94

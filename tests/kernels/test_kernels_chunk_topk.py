@@ -11,7 +11,8 @@ from tierkv.kernels.chunk_topk import chunk_scores_torch
 
 
 def naive_chunk_scores(q_low, coeffs, n_tokens, chunk, scale, reduce):
-    """(Hkv, C) float64: per chunk, max over the query group of the reduced (and, for mass, normalised) score."""
+    """(Hkv, C) float64: per chunk, the reduced (for mass, normalised) score of each query head, then the max over
+    the group, or for group-mass the log of the shares summed over the group."""
     hkv, g, _ = q_low.shape
     s_cap = coeffs.shape[-2]
     c = math.ceil(s_cap / chunk)
@@ -24,8 +25,8 @@ def naive_chunk_scores(q_low, coeffs, n_tokens, chunk, scale, reduce):
             for ci in range(c):
                 part = s[ci * chunk:(ci + 1) * chunk]
                 if part.numel():
-                    out[h, j, ci] = (torch.logsumexp(part, 0) - total) if reduce == "mass" else part.max()
-    return out.amax(dim=1)
+                    out[h, j, ci] = part.max() if reduce == "max" else torch.logsumexp(part, 0) - total
+    return torch.logsumexp(out, dim=1) if reduce == "group-mass" else out.amax(dim=1)
 
 
 def check_topk(name, ids, scores, naive, first, end, k):
@@ -41,7 +42,7 @@ def check_topk(name, ids, scores, naive, first, end, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("reduce", ["mass", "max"])
+@pytest.mark.parametrize("reduce", ["mass", "group-mass", "max"])
 @pytest.mark.parametrize("layout", ["shared", "per_head"])
 @pytest.mark.parametrize("hkv,g", [(2, 4), (3, 3)])
 def test_chunk_topk_matches_naive(gen, dtype, reduce, layout, hkv, g):
@@ -71,7 +72,7 @@ def test_device_scalars_and_too_few_eligible(gen):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("reduce", ["mass", "max"])
+@pytest.mark.parametrize("reduce", ["mass", "group-mass", "max"])
 @pytest.mark.parametrize("layout", ["shared", "per_head"])
 @pytest.mark.parametrize("hkv,g,r,chunk,s_cap", [(2, 4, 8, 16, 16 * 37), (3, 3, 32, 32, 32 * 29 + 7), (8, 4, 20, 8, 8 * 101)])
 def test_chunk_topk_triton_matches_torch(gen, triton_device, dtype, reduce, layout, hkv, g, r, chunk, s_cap):

@@ -1,8 +1,9 @@
 """Chunk selection from low-rank key scores: per-token scores, reduced per chunk, top-k chunks per KV head.
 
 Score of token t for query head g: scale * q_low[h, g] . A[t] (A shared (S, r) or per KV head (Hkv, S, r)).
-reduce="mass" (default): log of the chunk's share of the head's softmax mass, sum over the chunk's tokens
-(issue 5: closest to the oracle); reduce="max": the chunk's best token score. Max over the query group.
+reduce="mass" (default): log of the chunk's share of the head's softmax mass, sum over the chunk's tokens,
+then the max over the query group; "group-mass": the same shares summed over the query group (the chunk's values
+serve every head of the group; measured best on SmolLM2); "max": the chunk's best token score, max over the group.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 from tierkv.kernels import dispatch
 
-REDUCES = ("mass", "max")
+REDUCES = ("mass", "group-mass", "max")
 
 
 def coeff_views(q_low: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
@@ -34,13 +35,13 @@ def chunk_scores_torch(
     keep = torch.arange(s_cap, device=s.device) < n_tokens  # (S,)
     s = s.masked_fill(~keep, float("-inf"))
     s = torch.nn.functional.pad(s, (0, c * chunk_size - s_cap), value=float("-inf")).view(hkv, g, c, chunk_size)
-    return torch.logsumexp(s, dim=-1) if reduce == "mass" else s.amax(dim=-1)  # (Hkv, G, C)
+    return s.amax(dim=-1) if reduce == "max" else torch.logsumexp(s, dim=-1)  # (Hkv, G, C)
 
 
 def select_top_chunks(
     red: torch.Tensor, select_end: torch.Tensor | int, k: int, first: int, reduce: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared tail: normalise (mass), max over the query group, mask chunks outside [first, select_end), top-k.
+    """Shared tail: normalise (mass), reduce over the query group, mask chunks outside [first, select_end), top-k.
 
     red: (Hkv, G, C) from a chunk-scores kernel. Returns ids (Hkv, k) int64 and their scores (Hkv, k) fp32,
     best first; a score of -inf marks a pick that is not eligible (fewer than k eligible chunks).
@@ -48,10 +49,10 @@ def select_top_chunks(
     c = red.shape[-1]
     if not 0 < k <= c:
         raise ValueError(f"chunk_topk: k={k} must be in 1..{c} (the chunk count)")
-    if reduce == "mass":
+    if reduce != "max":
         total = torch.logsumexp(red, dim=-1, keepdim=True)  # (Hkv, G, 1)
         red = red - torch.where(torch.isinf(total), torch.zeros_like(total), total)
-    best = red.amax(dim=1)  # (Hkv, C)
+    best = torch.logsumexp(red, dim=1) if reduce == "group-mass" else red.amax(dim=1)  # (Hkv, C)
     ids = torch.arange(c, device=red.device)
     eligible = (ids >= first) & (ids < select_end)  # (C,)
     best = best.masked_fill(~eligible, float("-inf"))

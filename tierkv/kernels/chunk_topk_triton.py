@@ -63,7 +63,7 @@ def chunk_scores_triton(
     _chunk_scores_kernel[(hkv, triton.cdiv(n_chunks, block_c))](
         q_low, a3, n_tokens, out, s_cap, rank, g, n_chunks, scale,
         q_low.stride(0), q_low.stride(1), a3.stride(0), a3.stride(1), out.stride(0), out.stride(1),
-        MASS=reduce == "mass", CHUNK=chunk_size, BLOCK_C=block_c,
+        MASS=reduce != "max", CHUNK=chunk_size, BLOCK_C=block_c,
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_R=max(16, triton.next_power_of_2(rank)),
     )
     return out

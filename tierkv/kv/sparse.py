@@ -41,11 +41,14 @@ class SparseOptions:
     many sealed tokens beyond the shadow accumulate, then they are projected onto the shadow's basis.
     outlier_threshold: relative key error (Frobenius, per chunk) above which a chunk keeps exact keys.
     rebuild: False attends picked chunks with exact keys (isolates selection error; for measurements).
+    reduce: how a chunk's per-query-head scores become one per KV head (kernels.chunk_topk: 'group-mass',
+    'mass', 'max').
     """
 
     scorer: str = "lowrank"
     score_rank: int | None = 32  # per KV head; sweep at 1/8: 8 -> 88%, 16 -> 93%, 32 -> 93-94%
-    reduce: str = "mass"
+    # chunk mass summed over the query group: 94.1% at 1/8 on SmolLM2 against 93.4% for the max over the group
+    reduce: str = "group-mass"
     fold_tokens: int = 512
     outlier_threshold: float = 0.5
     rebuild: bool = True
