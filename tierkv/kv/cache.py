@@ -13,25 +13,18 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
-    """Attention of T queries at positions [q_offset, q_offset+T) over keys at [0, S); GQA by head groups.
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of the T queries that are the last T of the S keys, causally; GQA by head groups.
 
-    q (T, Hq, D), k/v (S, Hkv, D) -> (T, Hq, D). Does not mutate; computes in q's dtype.
+    q (T, Hq, D), k/v (S, Hkv, D) with S >= T -> (T, Hq, D). Does not mutate; computes in q's dtype.
     """
     t, s = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T|S, D)
-    gqa = qh.shape[0] != kh.shape[0]
-    if t == 1:  # one query at the end sees every key
-        out = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)
-    elif q_offset + t == s:
-        # Queries are the last T keys: a bottom-right causal mask, which SDPA runs in its fused kernels
-        # (an explicit boolean mask sends long prefills to the slow materialising path).
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(t, s), enable_gqa=gqa)
-    else:
-        qpos = torch.arange(q_offset, q_offset + t, device=q.device)
-        mask = torch.arange(s, device=q.device)[None, :] <= qpos[:, None]  # (T, S)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
-    return out.transpose(0, 1)  # (T, Hq, D)
+    # one query at the end sees every key; more get a bottom-right causal mask, which SDPA runs in its
+    # fused kernels (an explicit boolean mask sends long prefills to the slow materialising path)
+    mask = causal_lower_right(t, s) if t > 1 else None
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=qh.shape[0] != kh.shape[0])
+    return out.transpose(0, 1)
 
 
 class KVCache(ABC):
@@ -127,7 +120,7 @@ class DenseKVCache(KVCache):
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         end = self.seq_len + q.shape[0]
-        return causal_attention(q, self.k[layer, :end], self.v[layer, :end], self.seq_len)
+        return causal_attention(q, self.k[layer, :end], self.v[layer, :end])
 
     def close(self) -> None:
         self.k = self.v = torch.empty(0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tierkv.kernels import dispatch
-from tierkv.kv.cache import DenseKVCache, causal_attention
+from tierkv.kv.cache import DenseKVCache
 
 
 class StaticKVCache(DenseKVCache):
@@ -54,5 +54,3 @@ class StaticKVCache(DenseKVCache):
         super().truncate(num_tokens)
         self.pos.fill_(num_tokens)
 
-
-__all__ = ["StaticKVCache", "causal_attention"]

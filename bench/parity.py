@@ -1,0 +1,60 @@
+"""Logits of our forward against transformers' on the same weights (what tests/models/test_parity.py asserts),
+recorded as JSON: SmolLM2 (real weights, 300 tokens) and random Llama-3.1/Qwen2/Mistral checkpoints (200 tokens).
+Usage: python bench/parity.py --device cpu --out bench/results/parity-cpu-<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for the tests' helpers
+
+import torch  # noqa: E402
+
+import tierkv  # noqa: E402
+from tests.conftest import save_random_checkpoint  # noqa: E402
+from tests.models.test_parity import _hf_logits, _our_logits  # noqa: E402
+from tierkv.models.weights import default_model_path, resolve_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    from pydoc_data.topics import topics
+
+    smol = resolve_model(default_model_path())
+    llm = tierkv.load(str(smol), device=a.device, dtype="fp32")
+    ids = llm.tokenizer("\n\n".join(topics[k] for k in sorted(topics)), add_special_tokens=False)["input_ids"]
+    rows = []
+
+    def record(name: str, model, folder: Path, n: int) -> None:
+        ours, ref = _our_logits(model, ids[:n]), _hf_logits(folder, ids[:n], a.device)
+        rows.append({"model": name, "tokens": n, "max_abs_diff": (ours - ref).abs().max().item(),
+                     "logit_scale": ref.abs().max().item(),
+                     "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+
+    record("SmolLM2-135M-Instruct", llm, smol, 300)
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("llama31", "qwen2", "mistral"):
+            folder = save_random_checkpoint(Path(tmp), kind, smol)
+            record(f"random {kind} (sharded)", tierkv.load(str(folder), device=a.device, dtype="fp32"), folder, 200)
+    dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"cpu ({platform.machine()})"
+    out = {"bench": "parity", "dtype": "fp32", "rows": rows, "transformers": __import__("transformers").__version__,
+           "torch": torch.__version__, "device": dev, "date": datetime.date.today().isoformat(),
+           "command": "python " + " ".join(sys.argv)}
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
