@@ -1,34 +1,44 @@
 """The decode step captured once as a CUDA graph and replayed for every token.
 
-Static buffers hold the input token and the logits; the cache's device-side position advances inside
-the graph, so a replay needs no host work beyond launching it.
+Static buffers hold the input token and the logits; the cache's device-side position (`pos`) advances inside
+the graph, so a replay needs no host work beyond launching it. A cache may ask for an eager step
+(`needs_eager()`: a sparse cache fitting or folding its key shadows); the graph is captured at the first step
+that does not need one and replayed afterwards, its buffers written in place by the eager steps in between.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tierkv.kv.static import StaticKVCache
+from tierkv.kv.cache import KVCache
 from tierkv.models.llama import LlamaModel
 
 
 class GraphStep:
-    """Callable like engine.eager_step: (token (1,), position) -> logits (1, V), replaying one graph."""
+    """Callable like engine.eager_step: (token (1,), position) -> logits (1, V), replaying one graph.
 
-    def __init__(self, model: LlamaModel, cache: StaticKVCache, warmup: int = 2) -> None:
+    The cache needs `pos` (1,) on the device, `capacity`, and may define `needs_eager()`.
+    """
+
+    def __init__(self, model: LlamaModel, cache: KVCache, warmup: int = 2) -> None:
         if model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.warmup = model, cache, warmup
         self.token = torch.zeros(1, dtype=torch.long, device=model.device)
-        model.rope.ensure(cache.capacity + 1)
-        saved_len = cache.seq_len
-        saved_pos = cache.pos.clone()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = self.replays = 0
+        model.rope.ensure(cache.capacity + 1)  # tables are never reallocated after capture
+
+    def _capture(self) -> None:
+        model, cache = self.model, self.cache
+        saved_len, saved_pos = cache.seq_len, cache.pos.clone()
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):
-            for _ in range(warmup):  # the warm-up writes the slot at `pos`, which the real step rewrites
+            for _ in range(self.warmup):  # the warm-up writes the slot at `pos`, which the real step rewrites
                 model.forward(self.token, cache.pos, cache)
                 cache.pos.copy_(saved_pos)
+                cache.seq_len = saved_len
         torch.cuda.current_stream(model.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -37,7 +47,15 @@ class GraphStep:
         cache.pos.copy_(saved_pos)
 
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        needs_eager = getattr(self.cache, "needs_eager", None)
+        if needs_eager is not None and needs_eager():
+            self.eager_steps += 1
+            return self.model.forward(token.view(1), self.cache.pos, self.cache)
+        if self.graph is None:
+            self.token.copy_(token)
+            self._capture()
         self.token.copy_(token)
         self.graph.replay()
-        self.cache.seq_len += 1
+        self.replays += 1
+        self.cache.after_replay(1)
         return self.logits

@@ -85,20 +85,33 @@ class LLM:
 
         The tiered caches move chunks between tiers with host decisions, so they decode eagerly for now.
         """
-        return self.graph and self.device.type == "cuda" and not self.tier.tiered
+        return self.graph and self.device.type == "cuda" and (not self.tier.tiered or self.uses_fast_sparse)
 
-    def new_cache(self, capacity: int) -> KVCache:
+    @property
+    def uses_fast_sparse(self) -> bool:
+        """Whether one-shot generation in sparse mode uses the graph-capturable sparse cache (CUDA, graphs on,
+        no disk tier): every token's K/V in pinned host memory read in place, shadows and index on the GPU."""
+        return self.graph and self.device.type == "cuda" and self.tier.attention == "sparse" \
+            and self.tier.disk_dir is None
+
+    def new_cache(self, capacity: int, *, decode_graph: bool = False) -> KVCache:
         """A fresh KV cache for one sequence, built from the tier settings.
 
         No budgets and full attention: the all-on-device cache (static, graph-capturable, on CUDA).
-        Otherwise the tiered cache (exact attention), or the sparse cache for attention="sparse".
+        Otherwise the tiered cache (exact attention), or the sparse cache for attention="sparse";
+        decode_graph=True asks for the graph-capturable sparse cache where `uses_fast_sparse` holds.
         """
         c = self.cfg
         shape = (c.num_layers, c.num_kv_heads, c.head_dim)
-        if self.tier.attention == "sparse":
+        if decode_graph and self.uses_fast_sparse:
+            from tierkv.kv.fast_sparse import FastSparseKVCache
+
+            cache: KVCache = FastSparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier,
+                                               capacity=capacity, rope=self.model.rope)
+        elif self.tier.attention == "sparse":
             from tierkv.kv.sparse import SparseKVCache
 
-            cache: KVCache = SparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier,
+            cache = SparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier,
                                            rope=self.model.rope)
         elif self.tier.tiered:
             cache = TieredKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier)
@@ -139,7 +152,7 @@ class LLM:
         if temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed if seed is not None else int(time.time_ns() % (1 << 62)))
-        cache = self.new_cache(len(ids) + max_new + 1)
+        cache = self.new_cache(len(ids) + max_new + 1, decode_graph=max_new > 1)
         try:
             t0 = time.perf_counter()
             x = torch.tensor(list(ids), dtype=torch.long, device=self.device)

@@ -53,6 +53,10 @@ class KVCache(ABC):
         """Commit n tokens appended to every layer."""
         self.seq_len += n
 
+    def after_replay(self, n: int) -> None:
+        """Host bookkeeping for n tokens whose device work (append, attend, advance) ran in a CUDA graph."""
+        self.seq_len += n
+
     def close(self) -> None:
         """Release storage (files, pinned memory). Safe to call twice."""
 

@@ -36,10 +36,13 @@ class KeyShadow:
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int, rank: int, chunk_size: int, *,
-                 outlier_threshold: float, device: torch.device, dtype: torch.dtype) -> None:
+                 outlier_threshold: float, device: torch.device, dtype: torch.dtype, keep_exact: bool = True) -> None:
         self.hkv, self.d, self.c = num_kv_heads, head_dim, chunk_size
         self.rank = min(rank, num_kv_heads * head_dim)
         self.threshold, self.dtype = outlier_threshold, dtype
+        # keep_exact=False: outliers are only marked (chunk_err > threshold); the caller reads their exact keys
+        # elsewhere (the graph-safe sparse cache reads them in place from pinned host memory)
+        self.keep_exact = keep_exact
         self.coeffs = torch.zeros((0, self.rank), device=device, dtype=dtype)  # (S_cap, r)
         self.basis: torch.Tensor | None = None  # (r, Hkv*D)
         self.covered = 0
@@ -47,6 +50,15 @@ class KeyShadow:
         self.outlier_slot = torch.zeros(0, dtype=torch.long, device=device)  # (chunks,) row in exact, -1 if none
         self.exact = torch.zeros((0, chunk_size, num_kv_heads, head_dim), device=device, dtype=dtype)
         self.predicted_sq_err = torch.zeros((), device=device)  # dropped energy of the fit (fp32)
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate room for `tokens` coefficients and their chunks now, so later folds write in place (CUDA graphs
+        hold buffer addresses). Mutates; keeps what is stored."""
+        if tokens > self.coeffs.shape[0]:
+            grown = self.coeffs.new_zeros((tokens, self.rank))
+            grown[:self.covered] = self.coeffs[:self.covered]
+            self.coeffs = grown
+        self._grow_chunks(-(-tokens // self.c))
 
     @property
     def fitted(self) -> bool:
@@ -101,6 +113,8 @@ class KeyShadow:
         err = (r2 / x2).sqrt()  # (n,)
         self._grow_chunks(last)
         self.chunk_err[first:last] = err
+        if not self.keep_exact:
+            return
         bad = (err > self.threshold).nonzero().flatten()  # host sync, at fit/fold time only
         if bad.numel():
             rows = k_post[lo:lo + n * c].view(n, c, self.hkv, self.d)[bad]  # (nb, C, Hkv, D)

@@ -62,16 +62,34 @@ class LowRankIndex:
         self.coeffs[..., self.count:end, :] = a.to(self.dtype)
         self.count = end
 
-    def top_chunks(self, q: torch.Tensor, first: int, select_end: int, k: int) -> torch.Tensor:
-        """Ids (Hkv, k) of the k best chunks in [first, select_end) per KV head for query q (Hq, D)."""
+    def reserve(self, tokens: int) -> None:
+        """Allocate room for `tokens` indexed tokens now, so later writes happen in place (CUDA graphs hold
+        buffer addresses). Mutates; keeps what is indexed."""
+        if tokens > self.coeffs.shape[-2]:
+            shape = list(self.coeffs.shape)
+            shape[-2] = tokens
+            grown = self.coeffs.new_zeros(shape)
+            grown[..., :self.count, :] = self.coeffs[..., :self.count, :]
+            self.coeffs = grown
+
+    def write_at(self, pos: torch.Tensor, k_post: torch.Tensor) -> None:
+        """Index one token's keys k_post (1, Hkv, D) at the device position pos (1,), in reserved room. Graph-safe:
+        no host sync, no reallocation; the caller advances `count`. Per-KV-head indexes only."""
+        a = torch.einsum("thd,hrd->htr", k_post.float(), self.basis.float())  # (Hkv, 1, r)
+        self.coeffs.index_copy_(1, pos, a.to(self.dtype))
+
+    def project_query(self, q: torch.Tensor) -> torch.Tensor:
+        """q (Hq, D) in the index's low-rank space, grouped by KV head: (Hkv, G, r) in the index dtype."""
         qg = q.float().view(self.hkv, -1, self.d)  # (Hkv, G, D)
         if self.shared:
             b = self.basis.float().view(self.rank, self.hkv, self.d).permute(1, 2, 0)  # (Hkv, D, r)
-            q_low = torch.bmm(qg, b)  # (Hkv, G, r)
-        else:
-            q_low = torch.bmm(qg, self.basis.float().transpose(1, 2))  # (Hkv, G, r)
+            return torch.bmm(qg, b).to(self.dtype)
+        return torch.bmm(qg, self.basis.float().transpose(1, 2)).to(self.dtype)
+
+    def top_chunks(self, q: torch.Tensor, first: int, select_end: int, k: int) -> torch.Tensor:
+        """Ids (Hkv, k) of the k best chunks in [first, select_end) per KV head for query q (Hq, D)."""
         coeffs = self.coeffs[..., :self.count, :]
-        ids, _ = chunk_topk(q_low.to(self.dtype), coeffs, self.count, select_end, k, self.c,
+        ids, _ = chunk_topk(self.project_query(q), coeffs, self.count, select_end, k, self.c,
                             1.0 / math.sqrt(self.d), first, self.reduce)
         return ids
 

@@ -1,0 +1,241 @@
+"""FastSparseKVCache: sparse decode whose steps are safe to capture in a CUDA graph.
+
+Every token's K and V live in one pinned host pool that the GPU reads in place (mapped, zero-copy); the GPU
+holds only the low-rank key shadows, the score index and a small ring of recent pre-RoPE keys. A decode step
+scores chunks, picks the top ones per KV head and attends sinks + window + open chunk + picks in one kernel,
+with picked keys rebuilt from the shadow: no host sync and no host decision, so the step can be replayed.
+Fitting the shadows and folding new keys into them happen in the few steps that run eagerly (`needs_eager`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tierkv.config import TierConfig, format_size
+from tierkv.io.staging import alloc_host, pinning_available
+from tierkv.kernels import chunk_topk, shadow_paged_attention
+from tierkv.kv.cache import KVCache, causal_attention
+from tierkv.kv.select import plan_selection
+from tierkv.kv.shadow import KeyShadow
+from tierkv.kv.sparse import RopeTables, SparseOptions
+from tierkv.kv.summary import LowRankIndex
+from tierkv.kv.tiers.host import check_host_budget, map_pinned
+
+
+class FastSparseKVCache(KVCache):
+    """Fixed-capacity sparse cache (attention="sparse") whose decode step is graph-capturable.
+
+    Selection semantics equal SparseKVCache's (same plan, scorer, fold rule and key rebuild), so the two give
+    the same tokens; only where bytes live differs. `pos` (1,) on the device mirrors seq_len.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
+                 dtype: torch.dtype, config: TierConfig, capacity: int, rope: RopeTables,
+                 sparse: SparseOptions | None = None, max_append: int | None = None) -> None:
+        self.sp = sp = sparse or SparseOptions()
+        if sp.scorer != "lowrank" or not sp.rebuild:
+            raise ValueError("FastSparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
+        self.device, self.dtype, self.config, self.rope = torch.device(device), dtype, config, rope
+        self.num_layers, self.hkv, self.d = num_layers, num_kv_heads, head_dim
+        c = self.chunk = config.chunk_size
+        self.n_chunks = -(-max(1, capacity) // c)
+        self.capacity = self.n_chunks * c
+        self.seq_len = 0
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._alloc_host_pool()
+        # pre-RoPE keys of tokens not yet folded into the shadow; a fold happens before fold_tokens + a chunk
+        # accumulate, and one append adds at most max_append (a prefill slice)
+        self.ring = sp.fold_tokens + 2 * c + (max_append or config.prefill_chunk)
+        self.k_pre = torch.zeros((num_layers, self.ring, num_kv_heads, head_dim), device=self.device, dtype=dtype)
+        self.shadows = [KeyShadow(num_kv_heads, head_dim, config.rank, c, outlier_threshold=sp.outlier_threshold,
+                                  device=self.device, dtype=dtype, keep_exact=False) for _ in range(num_layers)]
+        self.index = [LowRankIndex(num_kv_heads, head_dim, sp.score_rank or config.rank, c, shared=False,
+                                   reduce=sp.reduce, device=self.device, dtype=dtype) for _ in range(num_layers)]
+        for sh, ix in zip(self.shadows, self.index):
+            sh.reserve(self.capacity)
+            ix.reserve(self.capacity)
+        self.outlier = torch.zeros((num_layers, self.n_chunks), dtype=torch.bool, device=self.device)
+        self.covered = 0  # tokens with shadow coefficients (chunk-aligned), the same in every layer
+        self.covered_chunks = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._fit_buf: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # k_pre on the host until the fit
+        self.fitted = False
+        self.sink_chunks = -(-config.sink_tokens // c)
+        self.window_chunks = -(-config.window_tokens // c)
+        self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
+        self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
+
+    # ---- storage ------------------------------------------------------------------------------------
+    def _alloc_host_pool(self) -> None:
+        """K and V of every position, (L, N, C, Hkv, D) each, pinned and mapped for the GPU (plain on the CPU)."""
+        shape = (self.num_layers, self.n_chunks, self.chunk, self.hkv, self.d)
+        nbytes = math.prod(shape) * torch.finfo(self.dtype).bits // 8
+        check_host_budget(2 * nbytes, "host memory for the sparse cache's K/V")
+        pin = self.device.type == "cuda" and pinning_available()
+        self._host = [alloc_host(nbytes, pin=pin) for _ in range(2)]  # uint8 storage; keeps it alive
+        if self.device.type == "cuda":
+            if not pin:
+                raise RuntimeError("the sparse graph cache needs pinned host memory, which torch cannot allocate here")
+            views = [map_pinned(h, self.device) for h in self._host]
+        else:
+            views = self._host
+        self.k_host, self.v_host = (v.view(self.dtype).view(shape) for v in views)  # device-readable views
+        self.host_bytes = 2 * nbytes
+
+    def _flat(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
+        return pool[layer].view(self.capacity, self.hkv, self.d)  # (S_cap, Hkv, D)
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
+        """Store k, v, k_pre (T, Hkv, D) at positions [seq_len, seq_len+T) (T == 1: at the device `pos`).
+        Mutates; a multi-token append or an eager step may fit or fold the shadow (host decisions)."""
+        if k_pre is None:
+            raise ValueError("FastSparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
+        t = k.shape[0]
+        if self.seq_len + t > self.capacity:
+            raise RuntimeError(f"FastSparseKVCache holds {self.capacity} tokens; {self.seq_len + t} were asked for")
+        if t == 1:
+            at, ring_at = self.pos, self.pos.remainder(self.ring)
+        else:
+            at = torch.arange(self.seq_len, self.seq_len + t, device=self.device)
+            ring_at = at.remainder(self.ring)
+        self._flat(self.k_host, layer).index_copy_(0, at, k)  # a GPU write into mapped host memory on CUDA
+        self._flat(self.v_host, layer).index_copy_(0, at, v)
+        self.k_pre[layer].index_copy_(0, ring_at, k_pre)
+        if not self.fitted:
+            self._fit_buf[layer].append(k_pre.to("cpu"))
+            return
+        if t == 1:
+            self.index[layer].write_at(self.pos, k)
+        else:
+            self.index[layer].count = self.seq_len
+            self.index[layer].extend(k)
+        if not _capturing():
+            self._maybe_fold(layer, self.seq_len + t)
+
+    def _maybe_fold(self, layer: int, total: int) -> None:
+        """SparseKVCache's rule: once >= fold_tokens sealed tokens lie beyond the shadow, fold them in."""
+        end = (total // self.chunk) * self.chunk
+        if end - self.shadows[layer].covered < self.sp.fold_tokens:
+            return
+        start = self.shadows[layer].covered
+        at = torch.arange(start, end, device=self.device)
+        self.shadows[layer].fold(self.k_pre[layer].index_select(0, at.remainder(self.ring)),
+                                 self._flat(self.k_host, layer)[start:end])
+        self._mark_outliers(layer, start, end)
+        if layer == self.num_layers - 1:
+            self._n["folds"] += 1
+
+    def _mark_outliers(self, layer: int, start: int, end: int) -> None:
+        sh, c = self.shadows[layer], self.chunk
+        self.outlier[layer, start // c:end // c] = sh.chunk_err[start // c:end // c] > sh.threshold
+        if layer == self.num_layers - 1:
+            self.covered = end
+            self.covered_chunks.fill_(end // c)
+
+    def _fit(self, layer: int, total: int) -> None:
+        """Fit the layer's shadow and index on every token so far (as SparseKVCache does). Eager only."""
+        pre = torch.cat(self._fit_buf[layer]).to(self.device)  # (total, Hkv, D)
+        post = self._flat(self.k_host, layer)[:total].clone()
+        self._fit_buf[layer] = []
+        self.index[layer].fit(post)
+        n = (total // self.chunk) * self.chunk
+        self.shadows[layer].fit(pre[:n], post[:n])
+        self._mark_outliers(layer, 0, n)
+        if layer == self.num_layers - 1:
+            self.fitted = True
+
+    # ---- attention ----------------------------------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Prefill (T > 1) and dense steps: exact. Otherwise sparse over sinks, window, open chunk and picks."""
+        total = self.seq_len + q.shape[0]
+        if q.shape[0] > 1 or (not _capturing() and self._plan(total).dense):
+            if layer == 0 and q.shape[0] == 1:
+                self._n["dense_steps"] += 1
+            return self._attend_exact(layer, q, total)
+        if not self.fitted:  # the first sparse step fits every layer in turn (fitted is set after the last)
+            self._fit(layer, total)
+        if layer == 0:
+            self._n["sparse_steps"] += 1
+        return self._attend_sparse(layer, q)
+
+    def _plan(self, total: int):
+        cfg = self.config
+        return plan_selection(total, self.chunk, cfg.sink_tokens, cfg.window_tokens, cfg.budget_tokens(total))
+
+    def _attend_exact(self, layer: int, q: torch.Tensor, total: int) -> torch.Tensor:
+        k = self._flat(self.k_host, layer)[:total].clone()  # one pass over the link, then attention on the GPU
+        v = self._flat(self.v_host, layer)[:total].clone()
+        return causal_attention(q, k, v)
+
+    def _step_plan(self) -> tuple[torch.Tensor, ...]:
+        """Device-side plan of this step (plan_selection's arithmetic on tensors): sealed, window start, picks."""
+        c = self.chunk
+        total = self.pos + 1  # (1,)
+        sealed = torch.div(total, c, rounding_mode="floor")
+        sink_end = torch.clamp(sealed, max=self.sink_chunks)
+        window_start = torch.maximum(sink_end, sealed - self.window_chunks)
+        tb = self.config.token_budget
+        budget = (total.double() * tb).floor().long().clamp_min(1) if isinstance(tb, float) else torch.full_like(total, tb)
+        fixed = (sink_end + sealed - window_start) * c + total - sealed * c
+        picks = torch.clamp(torch.div(budget - fixed, c, rounding_mode="floor"), min=0)
+        picks = torch.minimum(picks, window_start - sink_end)
+        return total, sealed, sink_end, window_start, picks
+
+    def _attend_sparse(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q (1, Hq, D) -> (1, Hq, D). Graph-safe: fixed shapes, no host sync."""
+        c, hkv, dev = self.chunk, self.hkv, self.device
+        total, sealed, sink_end, window_start, picks = self._step_plan()
+        ix = self.index[layer]
+        top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, c,
+                                1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce)  # (Hkv, K)
+        rank = torch.arange(self.max_picks, device=dev)
+        picked = (rank < picks) & torch.isfinite(score)  # (Hkv, K)
+        # entries per KV head: sinks | window | open chunk | picks
+        sink_ids = torch.arange(self.sink_chunks, device=dev)
+        win_ids = window_start + torch.arange(self.window_chunks, device=dev)
+        fixed_ids = torch.cat([sink_ids, win_ids, sealed])  # (F,)
+        fixed_len = torch.cat([torch.where(sink_ids < sink_end, c, 0), torch.where(win_ids < sealed, c, 0),
+                               total - sealed * c])
+        ids = torch.cat([fixed_ids.expand(hkv, -1), top], dim=1)  # (Hkv, F + K)
+        lengths = torch.cat([fixed_len.expand(hkv, -1), torch.where(picked, c, 0)], dim=1)
+        rebuild = picked & (top < self.covered_chunks) & ~self.outlier[layer][top]
+        cids = torch.cat([torch.full((hkv, fixed_ids.shape[0]), -1, device=dev, dtype=top.dtype),
+                          torch.where(rebuild, top, -1)], dim=1)
+        slots = ids.clamp(0, self.n_chunks - 1)
+        sh = self.shadows[layer]
+        out, _ = shadow_paged_attention(q[0], sh.coeffs, sh.basis, self.rope.cos, self.rope.sin,
+                                        self.k_host[layer], self.v_host[layer], slots, lengths, cids)
+        return out[None]  # (1, Hq, D)
+
+    # ---- steps and bookkeeping ------------------------------------------------------------------------
+    def needs_eager(self) -> bool:
+        """Whether the next decode step makes host decisions (fit, fold, a dense step) and so cannot replay."""
+        total = self.seq_len + 1
+        if not self.fitted or self._plan(total).dense or total > self.capacity:
+            return True
+        return (total // self.chunk) * self.chunk - self.covered >= self.sp.fold_tokens
+
+    def advance(self, n: int) -> None:
+        self.seq_len += n
+        self.pos.add_(n)
+
+    def stats(self) -> dict:
+        """Step counts, shadow and index bytes on the device, host pool bytes."""
+        gpu = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index)
+        gpu += self.k_pre.numel() * self.k_pre.element_size() + self.outlier.numel()
+        return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n,
+                "max_picks": self.max_picks, "covered": self.covered,
+                "outlier_chunks": int(self.outlier.sum()) if self.fitted else 0,
+                "gpu_bytes": gpu, "gpu": format_size(gpu), "host_bytes": self.host_bytes,
+                "host": format_size(self.host_bytes)}
+
+    def close(self) -> None:
+        self._host = []
+        self.k_host = self.v_host = torch.empty(0)
+        self._fit_buf = [[] for _ in range(self.num_layers)]
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
