@@ -16,20 +16,16 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 
 import torch
 
+from tierkv.bench.stages import stage_times
 from tierkv.config import TierConfig, format_size, parse_size
 from tierkv.graph import GraphStep
 from tierkv.kernels.rope import rope_torch
 from tierkv.kv.fast_sparse import FastSparseKVCache
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
-
-STAGES = (("scoring", ("_chunk_scores",)), ("top-k", ("topk", "sort", "logsumexp", "reduce_kernel")),
-          ("attention", ("_shadow_split", "merge")), ("weight GEMVs", ("gemv", "gemm", "nvjet", "cutlass", "xmma", "sm90")),
-          ("norm/rope/silu", ("rms", "norm", "rope", "silu")))
 
 
 def fill(cache: FastSparseKVCache, model, n: int, seed: int, slice_tokens: int = 2048) -> float:
@@ -66,21 +62,14 @@ def timed(fn, n: int, dev) -> list[float]:
 
 
 def profile(fn, n: int) -> dict:
-    """CUDA kernel time per step by stage (kernel names matched to STAGES), ms."""
+    """CUDA kernel time per step by stage (tierkv.bench.stages), ms."""
     from torch.profiler import ProfilerActivity, profile as prof
 
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    by = defaultdict(float)
-    for e in p.key_averages():
-        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        name = e.key.lower()
-        stage = next((s for s, keys in STAGES if any(k.lower() in name for k in keys)), "other")
-        by[stage] += us / 1000 / n
-    by["kernel total"] = sum(v for k, v in by.items())
-    return {k: round(v, 3) for k, v in by.items()}
+    return stage_times(p.key_averages(), n)
 
 
 def run_context(model, ctx: int, args, weights_bytes: int) -> dict:

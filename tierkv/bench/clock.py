@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from tierkv.bench.common import now, summarize, sync
+from tierkv.bench.stages import stage_times
 
 
 class StepClock:
@@ -21,6 +22,7 @@ class StepClock:
         self.on_start, self.on_end = on_start, on_end
         self.ticks: list[float] = []
         self.profile_table: str | None = None
+        self.profile_stages: dict[str, float] | None = None  # ms per step by stage (CUDA)
         self._prof = None
 
     @property
@@ -61,5 +63,8 @@ class StepClock:
         sync(self.device)
         self._prof.stop()
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        self.profile_table = self._prof.key_averages().table(sort_by=key, row_limit=15)
+        events = self._prof.key_averages()
+        self.profile_table = events.table(sort_by=key, row_limit=15)
+        if self.device.type == "cuda":
+            self.profile_stages = stage_times(events, self.profile_steps)
         self._prof = None

@@ -79,7 +79,11 @@ def decode_table(doc: dict) -> str:
 
 def profiles(doc: dict) -> str:
     """The profiler tables of rows that have one."""
-    return "".join(f"\n--- profile: {r['system']} @ {format_context(r['context'])} ---\n{r['profile']}"
+    def stages(r: dict) -> str:
+        st = r.get("profile_stages_ms")
+        return ("by stage (kernel ms/token): " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()) + "\n") if st else ""
+
+    return "".join(f"\n--- profile: {r['system']} @ {format_context(r['context'])} ---\n{stages(r)}{r['profile']}"
                    for r in doc.get("rows", []) if r.get("profile"))
 
 

@@ -76,6 +76,7 @@ class Row:
     measured_over_floor: float | None = None
     settings: dict = field(default_factory=dict)
     profile: str | None = None
+    profile_stages_ms: dict | None = None  # kernel ms per step by stage (CUDA, --profile)
 
 
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
@@ -176,7 +177,7 @@ def _measure_tierkv(llm, row: Row, spec: DecodeSpec) -> None:
     s = llm.stats
     row.decode_ms, row.steps, row.prefill_tok_s = clock.summary(), spec.steps, s["prefill_tok_s"]
     row.peak_memory_bytes, row.memory_kind = peak_memory(llm.device)
-    row.profile = clock.profile_table
+    row.profile, row.profile_stages_ms = clock.profile_table, clock.profile_stages
     if snaps.get("start") and snaps.get("end"):
         _tier_numbers(row, snaps["start"], snaps["end"], spec.steps)
     else:
