@@ -16,9 +16,11 @@ from tierkv.kernels.dispatch import implementation
 from tierkv.kernels.rebuild_keys import rebuild_keys, rebuild_keys_torch
 from tierkv.kernels.rope import rope_torch
 from tierkv.kernels.shadow_attention import shadow_paged_attention, shadow_paged_attention_torch
+from tierkv.kernels.sparse_entries import sparse_entries, sparse_entries_torch
 
 __all__ = [
     "chunk_topk", "chunk_topk_torch", "decode_attention", "decode_attention_torch", "implementation",
     "merge_partials", "merge_partials_torch", "paged_decode_attention", "paged_decode_attention_torch",
     "rebuild_keys", "rebuild_keys_torch", "rope_torch", "shadow_paged_attention", "shadow_paged_attention_torch",
+    "sparse_entries", "sparse_entries_torch",
 ]

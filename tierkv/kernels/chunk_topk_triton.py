@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tierkv.kernels.chunk_topk import _check, coeff_views, select_top_chunks
+from tierkv.kernels.chunk_topk import _check, coeff_views
 
 
 @triton.jit
@@ -29,8 +29,10 @@ def _chunk_scores_kernel(
     offs_t = c0 * CHUNK + tl.arange(0, BLOCK_C * CHUNK)
     valid = (offs_t < s_cap) & (offs_t < n_tokens)
     a = tl.load(a_ptr + h * s_ah + offs_t[:, None].to(tl.int64) * s_at + offs_r[None, :],
-                mask=valid[:, None] & mask_r[None, :], other=0.0).to(tl.float32)  # (BLOCK_C*CHUNK, BLOCK_R)
-    s = tl.dot(q, tl.trans(a), input_precision="ieee") * scale  # (BLOCK_G, BLOCK_C*CHUNK)
+                mask=valid[:, None] & mask_r[None, :], other=0.0).to(q.dtype)  # (BLOCK_C*CHUNK, BLOCK_R)
+    # half-precision inputs go to the tensor cores as they are (their products are exact in the fp32
+    # accumulator); fp32 inputs keep the exact fp32 dot
+    s = tl.dot(q, tl.trans(a), input_precision="ieee", out_dtype=tl.float32) * scale  # (BLOCK_G, BLOCK_C*CHUNK)
     s = tl.where(valid[None, :], s, float("-inf"))
     s3 = tl.reshape(s, (BLOCK_G, BLOCK_C, CHUNK))
     mx = tl.max(s3, axis=2)  # (BLOCK_G, BLOCK_C)
@@ -53,7 +55,9 @@ def chunk_scores_triton(
     a3 = coeff_views(q_low, coeffs)  # (Hkv, S, r)
     if a3.stride(-1) != 1:
         a3 = a3.contiguous()
-    q_low = q_low.float().contiguous()  # fp32 scores, as the reference
+    # the reference scores in fp32 from q_low and A as given; bf16/fp16 pairs keep their dtype for the dot
+    half = q_low.dtype == a3.dtype and q_low.dtype in (torch.bfloat16, torch.float16) and q_low.device.type == "cuda"
+    q_low = (q_low if half else q_low.float()).contiguous()
     s_cap = a3.shape[1]
     n_chunks = -(-s_cap // chunk_size)
     if not isinstance(n_tokens, torch.Tensor):
@@ -67,6 +71,72 @@ def chunk_scores_triton(
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_R=max(16, triton.next_power_of_2(rank)),
     )
     return out
+
+
+@triton.jit
+def _lse_rows(x, axis: tl.constexpr):
+    """log-sum-exp along axis; -inf where every entry is -inf."""
+    mx = tl.max(x, axis)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(tl.exp(x - tl.expand_dims(safe, axis)), axis)
+    return tl.where(total > 0, tl.log(tl.where(total > 0, total, 1.0)) + safe, float("-inf"))
+
+
+@triton.jit
+def _group_reduce_kernel(
+    red_ptr, out_ptr, end_ptr, n_chunks, group, first, s_rh, s_rg, s_oh,
+    MASS: tl.constexpr, GROUP_MASS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """select_top_chunks' tail before top-k, one program per KV head: normalise each query head's chunk
+    scores by their log-sum-exp (mass), reduce over the group, mask chunks outside [first, select_end)."""
+    h = tl.program_id(0)
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < group
+    select_end = tl.load(end_ptr)
+    row = red_ptr + h * s_rh + offs_g[:, None] * s_rg
+    shift = tl.zeros([BLOCK_G], tl.float32)
+    if MASS:  # pass 1: online log-sum-exp over the chunks of each query head
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        acc = tl.zeros([BLOCK_G], tl.float32)
+        for c0 in range(0, n_chunks, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            x = tl.load(row + offs_c[None, :], mask=mask_g[:, None] & (offs_c < n_chunks)[None, :], other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, 1))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
+            m = m_new
+        safe = tl.where(m == float("-inf"), 0.0, m)
+        shift = tl.where(acc > 0, tl.log(tl.where(acc > 0, acc, 1.0)) + safe, 0.0)
+    for c0 in range(0, n_chunks, BLOCK_C):  # pass 2: reduce over the group, mask, store
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < n_chunks
+        x = tl.load(row + offs_c[None, :], mask=mask_g[:, None] & mask_c[None, :], other=float("-inf"))
+        x = x - shift[:, None]
+        if GROUP_MASS:
+            best = _lse_rows(x, 0)
+        else:
+            best = tl.max(x, 0)
+        best = tl.where((offs_c >= first) & (offs_c < select_end), best, float("-inf"))
+        tl.store(out_ptr + h * s_oh + offs_c, best, mask=mask_c)
+
+
+def select_top_chunks_triton(red: torch.Tensor, select_end: torch.Tensor | int, k: int, first: int,
+                             reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as chunk_topk.select_top_chunks: one Triton launch for the tail, then torch.topk."""
+    hkv, g, c = red.shape
+    if not 0 < k <= c:
+        raise ValueError(f"chunk_topk: k={k} must be in 1..{c} (the chunk count)")
+    if not isinstance(select_end, torch.Tensor):
+        select_end = torch.full((), select_end, dtype=torch.int64, device=red.device)
+    red = red.contiguous()
+    best = torch.empty((hkv, c), device=red.device, dtype=torch.float32)  # (Hkv, C)
+    _group_reduce_kernel[(hkv,)](
+        red, best, select_end, c, g, first, red.stride(0), red.stride(1), best.stride(0),
+        MASS=reduce != "max", GROUP_MASS=reduce == "group-mass", BLOCK_G=max(2, triton.next_power_of_2(g)),
+        BLOCK_C=1024,
+    )
+    scores, top = torch.topk(best, k, dim=-1)  # (Hkv, k)
+    return top, scores
 
 
 def chunk_topk_triton(
@@ -83,4 +153,4 @@ def chunk_topk_triton(
     """Same contract as `chunk_topk_torch`: fused score + per-chunk reduce, then the shared torch tail."""
     _check(q_low, coeffs, reduce)
     red = chunk_scores_triton(q_low, coeffs, n_tokens, chunk_size, scale, reduce)
-    return select_top_chunks(red, select_end, k, first, reduce)
+    return select_top_chunks_triton(red, select_end, k, first, reduce)

@@ -15,7 +15,7 @@ import torch
 
 from tierkv.config import TierConfig, format_size
 from tierkv.io.staging import alloc_host, pinning_available
-from tierkv.kernels import chunk_topk, shadow_paged_attention
+from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kv.cache import KVCache, causal_attention
 from tierkv.kv.select import plan_selection
 from tierkv.kv.shadow import KeyShadow
@@ -170,7 +170,7 @@ class FastSparseKVCache(KVCache):
         return causal_attention(q, k, v)
 
     def _step_plan(self) -> tuple[torch.Tensor, ...]:
-        """Device-side plan of this step (plan_selection's arithmetic on tensors): sealed, window start, picks."""
+        """Device-side plan of this step (plan_selection's arithmetic on tensors) and its fixed entries."""
         c = self.chunk
         total = self.pos + 1  # (1,)
         sealed = torch.div(total, c, rounding_mode="floor")
@@ -181,29 +181,25 @@ class FastSparseKVCache(KVCache):
         fixed = (sink_end + sealed - window_start) * c + total - sealed * c
         picks = torch.clamp(torch.div(budget - fixed, c, rounding_mode="floor"), min=0)
         picks = torch.minimum(picks, window_start - sink_end)
-        return total, sealed, sink_end, window_start, picks
-
-    def _attend_sparse(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """q (1, Hq, D) -> (1, Hq, D). Graph-safe: fixed shapes, no host sync."""
-        c, hkv, dev = self.chunk, self.hkv, self.device
-        total, sealed, sink_end, window_start, picks = self._step_plan()
-        ix = self.index[layer]
-        top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, c,
-                                1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce)  # (Hkv, K)
-        rank = torch.arange(self.max_picks, device=dev)
-        picked = (rank < picks) & torch.isfinite(score)  # (Hkv, K)
-        # entries per KV head: sinks | window | open chunk | picks
-        sink_ids = torch.arange(self.sink_chunks, device=dev)
-        win_ids = window_start + torch.arange(self.window_chunks, device=dev)
+        # fixed entries: sinks | window | open chunk, with their valid tokens
+        sink_ids = torch.arange(self.sink_chunks, device=self.device)
+        win_ids = window_start + torch.arange(self.window_chunks, device=self.device)
         fixed_ids = torch.cat([sink_ids, win_ids, sealed])  # (F,)
         fixed_len = torch.cat([torch.where(sink_ids < sink_end, c, 0), torch.where(win_ids < sealed, c, 0),
                                total - sealed * c])
-        ids = torch.cat([fixed_ids.expand(hkv, -1), top], dim=1)  # (Hkv, F + K)
-        lengths = torch.cat([fixed_len.expand(hkv, -1), torch.where(picked, c, 0)], dim=1)
-        rebuild = picked & (top < self.covered_chunks) & ~self.outlier[layer][top]
-        cids = torch.cat([torch.full((hkv, fixed_ids.shape[0]), -1, device=dev, dtype=top.dtype),
-                          torch.where(rebuild, top, -1)], dim=1)
-        slots = ids.clamp(0, self.n_chunks - 1)
+        return total, sealed, window_start, picks, fixed_ids, fixed_len
+
+    def _attend_sparse(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q (1, Hq, D) -> (1, Hq, D). Graph-safe: fixed shapes, no host sync."""
+        c = self.chunk
+        if layer == 0:  # the plan and the fixed entries are the same in every layer: once per step
+            self._step = self._step_plan()
+        total, sealed, window_start, picks, fixed_ids, fixed_len = self._step
+        ix = self.index[layer]
+        top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, c,
+                                1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce)  # (Hkv, K)
+        slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
+                                              fixed_ids, fixed_len, c, self.n_chunks)
         sh = self.shadows[layer]
         out, _ = shadow_paged_attention(q[0], sh.coeffs, sh.basis, self.rope.cos, self.rope.sin,
                                         self.k_host[layer], self.v_host[layer], slots, lengths, cids)

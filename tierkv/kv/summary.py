@@ -32,6 +32,13 @@ class LowRankIndex:
         self.count = 0
 
     @property
+    def basis32(self) -> torch.Tensor:
+        """The basis in fp32, cast once per basis (the decode step's projections would cast it every call)."""
+        if getattr(self, "_b32_of", None) is not self.basis:
+            self._b32, self._b32_of = self.basis.float(), self.basis
+        return self._b32
+
+    @property
     def nbytes(self) -> int:
         b = self.basis.numel() * self.basis.element_size() if self.basis is not None else 0
         return b + self.coeffs.numel() * self.coeffs.element_size()
@@ -75,16 +82,16 @@ class LowRankIndex:
     def write_at(self, pos: torch.Tensor, k_post: torch.Tensor) -> None:
         """Index one token's keys k_post (1, Hkv, D) at the device position pos (1,), in reserved room. Graph-safe:
         no host sync, no reallocation; the caller advances `count`. Per-KV-head indexes only."""
-        a = torch.einsum("thd,hrd->htr", k_post.float(), self.basis.float())  # (Hkv, 1, r)
+        a = torch.bmm(k_post[0].unsqueeze(1).float(), self.basis32.transpose(1, 2))  # (Hkv, 1, r)
         self.coeffs.index_copy_(1, pos, a.to(self.dtype))
 
     def project_query(self, q: torch.Tensor) -> torch.Tensor:
         """q (Hq, D) in the index's low-rank space, grouped by KV head: (Hkv, G, r) in the index dtype."""
         qg = q.float().view(self.hkv, -1, self.d)  # (Hkv, G, D)
         if self.shared:
-            b = self.basis.float().view(self.rank, self.hkv, self.d).permute(1, 2, 0)  # (Hkv, D, r)
+            b = self.basis32.view(self.rank, self.hkv, self.d).permute(1, 2, 0)  # (Hkv, D, r)
             return torch.bmm(qg, b).to(self.dtype)
-        return torch.bmm(qg, self.basis.float().transpose(1, 2)).to(self.dtype)
+        return torch.bmm(qg, self.basis32.transpose(1, 2)).to(self.dtype)
 
     def top_chunks(self, q: torch.Tensor, first: int, select_end: int, k: int) -> torch.Tensor:
         """Ids (Hkv, k) of the k best chunks in [first, select_end) per KV head for query q (Hq, D)."""
