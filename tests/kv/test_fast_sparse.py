@@ -114,3 +114,10 @@ def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape():
         cache.close()
     assert step.replays >= 60
     assert runs[0] == runs[1]
+
+
+def test_fast_sparse_refuses_a_cpu_budget_too_small_for_its_capacity(smol):
+    from tierkv.errors import BudgetError
+
+    with pytest.raises(BudgetError, match="cpu_budget=1.00 MiB cannot hold"):
+        fast_cache(smol.model, TIER.replace(cpu_budget=1024**2), 100_000)

@@ -13,9 +13,9 @@ from tierkv.kernels.chunk_topk import _check, coeff_views
 
 @triton.jit
 def _chunk_scores_kernel(
-    q_ptr, a_ptr, n_ptr, out_ptr,
+    q_ptr, a_ptr, n_ptr, out_ptr, part_ptr,
     s_cap, rank, group, n_chunks, scale,
-    s_qh, s_qg, s_ah, s_at, s_oh, s_og,
+    s_qh, s_qg, s_ah, s_at, s_oh, s_og, s_ph, s_pg,
     MASS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     h = tl.program_id(0)
@@ -43,12 +43,18 @@ def _chunk_scores_kernel(
     offs_c = c0 + tl.arange(0, BLOCK_C)
     o_mask = (offs_g[:, None] < group) & (offs_c[None, :] < n_chunks)
     tl.store(out_ptr + h * s_oh + offs_g[:, None] * s_og + offs_c[None, :], mx, mask=o_mask)
+    if MASS:  # this block's share of each query head's total mass, so the top-k tail need not re-read all chunks
+        tl.store(part_ptr + h * s_ph + offs_g * s_pg + tl.program_id(1), _lse_rows(mx, 1), mask=offs_g < group)
 
 
 def chunk_scores_triton(
-    q_low: torch.Tensor, coeffs: torch.Tensor, n_tokens: torch.Tensor | int, chunk_size: int, scale: float, reduce: str
-) -> torch.Tensor:
-    """Same contract as `chunk_scores_torch`; chunk_size must be a power of two <= 256. One launch."""
+    q_low: torch.Tensor, coeffs: torch.Tensor, n_tokens: torch.Tensor | int, chunk_size: int, scale: float, reduce: str,
+    with_parts: bool = False,
+):
+    """Same contract as `chunk_scores_torch`; chunk_size must be a power of two <= 256. One launch.
+
+    with_parts=True also returns the log-sum-exp of each program's block of chunks, (Hkv, G, blocks) fp32
+    ('mass' reduces only; the chunk scores themselves otherwise)."""
     if chunk_size & (chunk_size - 1) or chunk_size > 256:
         raise ValueError(f"chunk_topk_triton needs chunk_size a power of two <= 256, got {chunk_size}")
     hkv, g, rank = q_low.shape
@@ -64,13 +70,16 @@ def chunk_scores_triton(
         n_tokens = torch.full((), n_tokens, dtype=torch.int64, device=q_low.device)
     out = torch.empty((hkv, g, n_chunks), device=q_low.device, dtype=torch.float32)  # (Hkv, G, C)
     block_c = max(1, 256 // chunk_size)
-    _chunk_scores_kernel[(hkv, triton.cdiv(n_chunks, block_c))](
-        q_low, a3, n_tokens, out, s_cap, rank, g, n_chunks, scale,
+    blocks = triton.cdiv(n_chunks, block_c)
+    parts = torch.empty((hkv, g, blocks), device=q_low.device, dtype=torch.float32) if reduce != "max" else out
+    _chunk_scores_kernel[(hkv, blocks)](
+        q_low, a3, n_tokens, out, parts, s_cap, rank, g, n_chunks, scale,
         q_low.stride(0), q_low.stride(1), a3.stride(0), a3.stride(1), out.stride(0), out.stride(1),
+        parts.stride(0), parts.stride(1),
         MASS=reduce != "max", CHUNK=chunk_size, BLOCK_C=block_c,
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_R=max(16, triton.next_power_of_2(rank)),
     )
-    return out
+    return (out, parts) if with_parts else out
 
 
 @triton.jit
@@ -84,56 +93,63 @@ def _lse_rows(x, axis: tl.constexpr):
 
 @triton.jit
 def _group_reduce_kernel(
-    red_ptr, out_ptr, end_ptr, n_chunks, group, first, s_rh, s_rg, s_oh,
-    MASS: tl.constexpr, GROUP_MASS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    red_ptr, part_ptr, out_ptr, end_ptr, n_chunks, n_parts, group, first, s_rh, s_rg, s_ph, s_pg, s_oh,
+    MASS: tl.constexpr, GROUP_MASS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """select_top_chunks' tail before top-k, one program per KV head: normalise each query head's chunk
-    scores by their log-sum-exp (mass), reduce over the group, mask chunks outside [first, select_end)."""
+    """select_top_chunks' tail before top-k for one KV head and one block of chunks: normalise each query head's
+    chunk scores by its total log-sum-exp (combined from n_parts partial ones), reduce over the group, mask
+    chunks outside [first, select_end)."""
     h = tl.program_id(0)
     offs_g = tl.arange(0, BLOCK_G)
     mask_g = offs_g < group
-    select_end = tl.load(end_ptr)
-    row = red_ptr + h * s_rh + offs_g[:, None] * s_rg
     shift = tl.zeros([BLOCK_G], tl.float32)
-    if MASS:  # pass 1: online log-sum-exp over the chunks of each query head
+    if MASS:  # online log-sum-exp over the partials of each query head
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         acc = tl.zeros([BLOCK_G], tl.float32)
-        for c0 in range(0, n_chunks, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            x = tl.load(row + offs_c[None, :], mask=mask_g[:, None] & (offs_c < n_chunks)[None, :], other=float("-inf"))
+        for p0 in range(0, n_parts, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            x = tl.load(part_ptr + h * s_ph + offs_g[:, None] * s_pg + offs_p[None, :],
+                        mask=mask_g[:, None] & (offs_p < n_parts)[None, :], other=float("-inf"))
             m_new = tl.maximum(m, tl.max(x, 1))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             acc = acc * tl.exp(m - safe) + tl.sum(tl.exp(x - safe[:, None]), 1)
             m = m_new
         safe = tl.where(m == float("-inf"), 0.0, m)
         shift = tl.where(acc > 0, tl.log(tl.where(acc > 0, acc, 1.0)) + safe, 0.0)
-    for c0 in range(0, n_chunks, BLOCK_C):  # pass 2: reduce over the group, mask, store
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < n_chunks
-        x = tl.load(row + offs_c[None, :], mask=mask_g[:, None] & mask_c[None, :], other=float("-inf"))
-        x = x - shift[:, None]
-        if GROUP_MASS:
-            best = _lse_rows(x, 0)
-        else:
-            best = tl.max(x, 0)
-        best = tl.where((offs_c >= first) & (offs_c < select_end), best, float("-inf"))
-        tl.store(out_ptr + h * s_oh + offs_c, best, mask=mask_c)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < n_chunks
+    x = tl.load(red_ptr + h * s_rh + offs_g[:, None] * s_rg + offs_c[None, :],
+                mask=mask_g[:, None] & mask_c[None, :], other=float("-inf"))
+    x = x - shift[:, None]
+    if GROUP_MASS:
+        best = _lse_rows(x, 0)
+    else:
+        best = tl.max(x, 0)
+    best = tl.where((offs_c >= first) & (offs_c < tl.load(end_ptr)), best, float("-inf"))
+    tl.store(out_ptr + h * s_oh + offs_c, best, mask=mask_c)
 
 
 def select_top_chunks_triton(red: torch.Tensor, select_end: torch.Tensor | int, k: int, first: int,
-                             reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as chunk_topk.select_top_chunks: one Triton launch for the tail, then torch.topk."""
+                             reduce: str, parts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as chunk_topk.select_top_chunks: one Triton launch for the tail, then torch.topk.
+
+    parts: optional (Hkv, G, P) partial log-sum-exps whose total equals that of red's rows (the scoring kernel's).
+    """
     hkv, g, c = red.shape
     if not 0 < k <= c:
         raise ValueError(f"chunk_topk: k={k} must be in 1..{c} (the chunk count)")
     if not isinstance(select_end, torch.Tensor):
         select_end = torch.full((), select_end, dtype=torch.int64, device=red.device)
     red = red.contiguous()
+    parts = red if parts is None else parts.contiguous()
     best = torch.empty((hkv, c), device=red.device, dtype=torch.float32)  # (Hkv, C)
-    _group_reduce_kernel[(hkv,)](
-        red, best, select_end, c, g, first, red.stride(0), red.stride(1), best.stride(0),
+    block_c = 256
+    _group_reduce_kernel[(hkv, triton.cdiv(c, block_c))](
+        red, parts, best, select_end, c, parts.shape[-1], g, first, red.stride(0), red.stride(1),
+        parts.stride(0), parts.stride(1), best.stride(0),
         MASS=reduce != "max", GROUP_MASS=reduce == "group-mass", BLOCK_G=max(2, triton.next_power_of_2(g)),
-        BLOCK_C=1024,
+        BLOCK_P=1024, BLOCK_C=block_c,
     )
     scores, top = torch.topk(best, k, dim=-1)  # (Hkv, k)
     return top, scores
@@ -152,5 +168,5 @@ def chunk_topk_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `chunk_topk_torch`: fused score + per-chunk reduce, then the shared torch tail."""
     _check(q_low, coeffs, reduce)
-    red = chunk_scores_triton(q_low, coeffs, n_tokens, chunk_size, scale, reduce)
-    return select_top_chunks_triton(red, select_end, k, first, reduce)
+    red, parts = chunk_scores_triton(q_low, coeffs, n_tokens, chunk_size, scale, reduce, with_parts=True)
+    return select_top_chunks_triton(red, select_end, k, first, reduce, parts if reduce != "max" else None)

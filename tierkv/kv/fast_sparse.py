@@ -14,6 +14,7 @@ import math
 import torch
 
 from tierkv.config import TierConfig, format_size
+from tierkv.errors import BudgetError
 from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kv.cache import KVCache, causal_attention
@@ -22,6 +23,9 @@ from tierkv.kv.shadow import KeyShadow
 from tierkv.kv.sparse import RopeTables, SparseOptions
 from tierkv.kv.summary import LowRankIndex
 from tierkv.kv.tiers.host import check_host_budget, map_pinned
+
+
+FIT_SLICE = 16384  # tokens per slice when fitting shadows and index (rounded down to whole chunks)
 
 
 class FastSparseKVCache(KVCache):
@@ -71,6 +75,10 @@ class FastSparseKVCache(KVCache):
         """K and V of every position, (L, N, C, Hkv, D) each, pinned and mapped for the GPU (plain on the CPU)."""
         shape = (self.num_layers, self.n_chunks, self.chunk, self.hkv, self.d)
         nbytes = math.prod(shape) * torch.finfo(self.dtype).bits // 8
+        budget = self.config.cpu_budget
+        if budget is not None and 2 * nbytes > budget:
+            raise BudgetError(f"cpu_budget={format_size(budget)} cannot hold the {format_size(2 * nbytes)} of K/V that "
+                              f"{self.capacity} tokens need in host memory; raise cpu_budget or give disk_dir")
         check_host_budget(2 * nbytes, "host memory for the sparse cache's K/V")
         pin = self.device.type == "cuda" and pinning_available()
         self._host = [alloc_host(nbytes, pin=pin) for _ in range(2)]  # uint8 storage; keeps it alive
@@ -135,13 +143,31 @@ class FastSparseKVCache(KVCache):
             self.covered_chunks.fill_(end // c)
 
     def _fit(self, layer: int, total: int) -> None:
-        """Fit the layer's shadow and index on every token so far (as SparseKVCache does). Eager only."""
-        pre = torch.cat(self._fit_buf[layer]).to(self.device)  # (total, Hkv, D)
-        post = self._flat(self.k_host, layer)[:total].clone()
+        """Fit the layer's shadow and index on every token so far, as SparseKVCache does, in slices of
+        FIT_SLICE tokens so that a 256K context needs no more than a slice's fp32 copies at once. Eager only."""
+        dev, n = self.device, (total // self.chunk) * self.chunk
+        step = max(1, FIT_SLICE // self.chunk) * self.chunk  # whole chunks, so folds judge every chunk
+        pre = torch.cat(self._fit_buf[layer])  # (total, Hkv, D) on the host
         self._fit_buf[layer] = []
-        self.index[layer].fit(post)
-        n = (total // self.chunk) * self.chunk
-        self.shadows[layer].fit(pre[:n], post[:n])
+        posts = self._flat(self.k_host, layer)
+        f = self.hkv * self.d
+        gram = torch.zeros((f, f), device=dev)
+        grams = torch.zeros((self.hkv, self.d, self.d), device=dev)
+        for s in range(0, total, step):
+            x = posts[s:min(total, s + step)].float().transpose(0, 1)  # (Hkv, T, D)
+            grams += torch.bmm(x.transpose(1, 2), x)
+            if s < n:
+                p = pre[s:min(n, s + step)].to(dev).float().reshape(-1, f)  # (T, Hkv*D)
+                gram += p.T @ p
+        ix, sh = self.index[layer], self.shadows[layer]
+        ix.fit_grams(grams)
+        sh.fit_gram(gram)
+        for s in range(0, total, step):
+            e = min(total, s + step)
+            post = posts[s:e].clone()  # (T, Hkv, D) on the device
+            ix.extend(post)
+            if s < n:
+                sh.fold(pre[s:min(n, e)].to(dev), post[:min(n, e) - s])
         self._mark_outliers(layer, 0, n)
         if layer == self.num_layers - 1:
             self.fitted = True

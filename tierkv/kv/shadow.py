@@ -19,11 +19,16 @@ def fit_basis(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     subspace as the SVD of x at S*F^2 cost, and it can be summed over prefill slices. Does not mutate x.
     """
     xf = x.float()
-    gram = xf.T @ xf  # (F, F)
+    return basis_from_gram(xf.T @ xf, rank)
+
+
+def basis_from_gram(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fit_basis` from the Gram matrix x.T @ x (F, F) fp32, which callers may sum over slices of x."""
     evals, evecs = torch.linalg.eigh(gram.double())  # ascending
-    r = min(rank, x.shape[1])
+    f = gram.shape[0]
+    r = min(rank, f)
     basis = evecs[:, -r:].flip(-1).T.float().contiguous()  # (r, F), largest first
-    dropped = evals[:-r].clamp_min(0).sum().float() if r < x.shape[1] else torch.zeros((), device=x.device)
+    dropped = evals[:-r].clamp_min(0).sum().float() if r < f else torch.zeros((), device=gram.device)
     return basis, dropped
 
 
@@ -78,6 +83,13 @@ class KeyShadow:
         self.predicted_sq_err = dropped
         self.covered = 0
         self.fold(k_pre, k_post)
+
+    def fit_gram(self, gram: torch.Tensor) -> None:
+        """Take the basis from the Gram matrix (Hkv*D, Hkv*D) of the pre-RoPE keys; nothing is covered yet:
+        the caller folds the tokens in, chunk-aligned slices at a time (bounded memory). Mutates."""
+        basis, self.predicted_sq_err = basis_from_gram(gram, self.rank)
+        self.basis = basis.to(self.dtype)
+        self.covered = 0
 
     def fold(self, k_pre: torch.Tensor, k_post: torch.Tensor) -> None:
         """Project tokens [covered, covered+T) (k_pre, k_post: (T, Hkv, D)) onto the basis; mark outliers.

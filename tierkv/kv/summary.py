@@ -12,7 +12,7 @@ import torch
 
 from tierkv.kernels import chunk_topk
 from tierkv.kernels.chunk_topk import select_top_chunks
-from tierkv.kv.shadow import fit_basis
+from tierkv.kv.shadow import basis_from_gram, fit_basis
 
 SCORERS = ("lowrank", "lowrank-shared", "mean", "minmax")
 
@@ -51,6 +51,12 @@ class LowRankIndex:
             self.basis = torch.stack([fit_basis(k_post[:, h], self.rank)[0] for h in range(self.hkv)]).to(self.dtype)
         self.count = 0
         self.extend(k_post)
+
+    def fit_grams(self, grams: torch.Tensor) -> None:
+        """Per-KV-head bases from the Gram matrices (Hkv, D, D) of the keys (summed over slices by the caller);
+        nothing is indexed yet: the caller extends with the keys. Mutates."""
+        self.basis = torch.stack([basis_from_gram(g, self.rank)[0] for g in grams]).to(self.dtype)
+        self.count = 0
 
     def extend(self, k_post: torch.Tensor) -> None:
         """Index the next T tokens' keys k_post (T, Hkv, D) in the fixed basis. Mutates; no host sync."""
@@ -117,6 +123,12 @@ class ChunkLandmarks:
 
     def fit(self, k_post: torch.Tensor) -> None:
         self.extend(k_post)
+
+    def fit_grams(self, grams: torch.Tensor) -> None:
+        """Per-KV-head bases from the Gram matrices (Hkv, D, D) of the keys (summed over slices by the caller);
+        nothing is indexed yet: the caller extends with the keys. Mutates."""
+        self.basis = torch.stack([basis_from_gram(g, self.rank)[0] for g in grams]).to(self.dtype)
+        self.count = 0
 
     def extend(self, k_post: torch.Tensor) -> None:
         """Add tokens k_post (T, Hkv, D); landmarks of completed chunks are appended. Mutates."""
