@@ -124,7 +124,6 @@ class Chat:
         ids = read_tokens(path, body)
         chat = cls(llm, _restore=body, **{"progress": False, **options})
         try:
-            chat._check_hooks("load", "extra_state")
             nbytes = restore_kv(path, body, chat.cache)
         except BaseException:
             chat.close()
@@ -156,7 +155,6 @@ class Chat:
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)  # the last prompt token is fed to get logits
         turn = self.last_turn = TurnStats(reused=keep, rolled_back=len(self.ids) - keep, prefilled=len(ids) - keep)
         if keep < self.cache.seq_len:
-            self._check_hooks("roll back to the common prefix of the cache and the template", "truncate")
             self.cache.truncate(keep)
         self.ids = self.ids[:keep]
         self._ensure_capacity(len(ids) + max_new + 1)
@@ -248,9 +246,9 @@ class Chat:
         return out
 
     def reset(self) -> None:
-        """Forget every turn but keep the system/context prefix (the cache is truncated to it). Mutates."""
+        """Forget every turn but keep the system/context prefix (the cache is truncated to it; a sparse cache refits
+        its shadows at the next turn, as a fresh session would). Mutates."""
         self._check_open()
-        self._check_hooks("reset", "truncate")
         self.cache.truncate(min(self.prefix_len, self.cache.seq_len))
         self.ids = self.ids[:self.cache.seq_len]
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
@@ -260,7 +258,6 @@ class Chat:
         """Write the session to directory path atomically (an earlier save there stays whole until the new one
         is complete). Blocks on writes; does not change the session. Returns {"bytes", "seconds", "swap"}."""
         self._check_open()
-        self._check_hooks("save", "extra_state")
         c = self.cache
         body = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tierkv_version": tierkv.__version__,
                 "model": model_identity(self.llm), "attention": self.llm.tier.attention,
@@ -275,13 +272,6 @@ class Chat:
         if not self._closed:
             self._closed = True
             self.llm._release(self.cache)
-
-    def _check_hooks(self, what: str, hook: str) -> None:
-        """Sparse caches keep shadows and summaries beside K/V: they must override the session hook to be saved,
-        loaded or rolled back (TieredKVCache's versions would leave them stale)."""
-        if self.llm.tier.attention == "sparse" and getattr(type(self.cache), hook) is getattr(TieredKVCache, hook):
-            raise ConfigError(f"a chat with attention='sparse' cannot {what} yet ({type(self.cache).__name__} has no "
-                              f"{hook}() for its shadows); use attention='full' for this session")
 
     def _check_open(self) -> None:
         if self._closed:

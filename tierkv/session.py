@@ -2,7 +2,8 @@
 
 Format 1: `session.json` (self-checksummed manifest), `tokens.bin` (int32 LE), `kv/layer_NNN.bin` (blocks of
 `block_tokens` positions, each (2, T, Hkv, D) K then V in the KV dtype, one CRC-32 per block) and optionally
-`extra.safetensors` (a cache subclass's `extra_state`). A save fills a sibling temp dir, then swaps it in.
+`extra.safetensors` (a cache subclass's `extra_state`: the sparse cache's shadows, score index and unfolded
+pre-RoPE keys). A save fills a sibling temp dir, then swaps it in.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ def check_compatible(path: Path, saved: dict, llm) -> None:
     if saved["attention"] != llm.tier.attention:
         raise SessionMismatchError(f"session {path} was saved with attention={saved['attention']!r} but this LLM "
                                    f"uses {llm.tier.attention!r}; load the model with attention={saved['attention']!r}")
+    if saved["attention"] == "sparse":  # shadows are laid out per chunk at the saved rank
+        for key in ("chunk_size", "rank"):
+            if saved["tier"][key] != getattr(llm.tier, key):
+                raise SessionMismatchError(f"session {path} was saved with {key}={saved['tier'][key]} but this LLM "
+                                           f"uses {getattr(llm.tier, key)} (the sparse shadows depend on it); load "
+                                           f"the model with {key}={saved['tier'][key]}")
 
 
 # ---- writing --------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Saved sessions: resumed in a new process without re-prefilling, atomic against a killed save, checked for
-damage and for the model they were made with; on the all-on-device and the tiered cache."""
+damage and for the model they were made with; on the all-on-device and the tiered cache (the sparse cache's
+sessions are in test_sparse_session.py)."""
 
 import copy
 import json
@@ -16,8 +17,6 @@ import tierkv
 from tests.chat.conftest import MAX_NEW, TURNS
 from tierkv.chat import Chat
 from tierkv.config import TierConfig
-from tierkv.errors import ConfigError
-from tierkv.kv.cache import KVCache
 from tierkv.llm import LLM
 from tierkv.session import SessionDamagedError, SessionError, SessionMismatchError
 
@@ -115,15 +114,3 @@ def _bf16(smol):
     fake = copy.copy(smol)
     fake.dtype = torch.bfloat16
     return fake
-
-
-def test_sparse_session_save_is_refused_until_its_hooks_exist(smol, tmp_path):
-    cfg = TierConfig(attention="sparse", chunk_size=8, sink_tokens=8, window_tokens=8, disk_dir=str(tmp_path))
-    llm = LLM(smol.model, smol.tokenizer, cfg, source=smol.source, stop_ids=smol.stop_ids)
-    with llm.chat(max_new_tokens=2) as chat:
-        chat.send("Hi.")
-        if type(chat.cache).extra_state is not KVCache.extra_state:
-            pytest.skip("SparseKVCache saves its shadows now")
-        with pytest.raises(ConfigError, match="attention='sparse' cannot save"):
-            chat.save(tmp_path / "s")
-    llm.close()

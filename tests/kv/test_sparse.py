@@ -152,3 +152,122 @@ def test_append_needs_pre_rope_keys():
     cache = SparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=config())
     with pytest.raises(ValueError, match="k_pre"):
         cache.append(0, torch.zeros(1, HKV, D), torch.zeros(1, HKV, D))
+
+
+# ---- session state: save/load, truncate -----------------------------------------------------------------
+def small_budget(tmp_path=None, **kw):
+    """Really sparse (24 of ~60-100 tokens per step); tiers on host and disk when tmp_path is given."""
+    tiers = dict(kv_gpu_budget=30 * CB, cpu_budget=8 * CB, disk_dir=str(tmp_path)) if tmp_path else {}
+    return config(token_budget=24, rank=6, **tiers, **kw)
+
+
+def sparse_cache(rope, tmp_path=None, fold=8, cls=SparseKVCache):
+    return cls(L, HKV, D, device="cpu", dtype=torch.float32, config=small_budget(tmp_path), rope=rope,
+               options=TieredOptions(batch_tokens=8, io_threads=1), sparse=SparseOptions(fold_tokens=fold))
+
+
+class Tokens:
+    """Fixed random keys, values and queries per position and layer, however they are grouped into forwards."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.k_pre = torch.randn(n, L, HKV, D, generator=g) * torch.linspace(2, 0.1, D)  # (N, L, Hkv, D)
+        self.v, self.q = torch.randn(n, L, HKV, D, generator=g), torch.randn(n, L, HQ, D, generator=g)
+
+
+TOKENS = Tokens(160, seed=5)
+
+
+def outputs(cache, steps, data: Tokens = TOKENS) -> list[torch.Tensor]:
+    """Run forwards of `steps` tokens each from cache.seq_len on; every layer's attention output."""
+    outs = []
+    for t in steps:
+        p = torch.arange(cache.seq_len, cache.seq_len + t)
+        for layer in range(L):
+            k_pre = data.k_pre[p, layer]
+            cache.append(layer, rope_torch(k_pre, ROPE.cos, ROPE.sin, p), data.v[p, layer], k_pre)
+            outs.append(cache.attend(layer, data.q[p, layer]))
+        cache.advance(t)
+    return outs
+
+
+def copy_via_session_format(src: SparseKVCache, dst: SparseKVCache) -> None:
+    """What a session save + load does: K/V in blocks across layers, extra state through safetensors bytes."""
+    from safetensors.torch import load, save
+
+    n = src.seq_len
+    dst.begin_import(n)
+    for start in range(0, n, 16):
+        for layer in range(L):
+            dst.import_kv(layer, start, src.export_kv(layer, start, min(start + 16, n), device="cpu"))
+    dst.finish_import(n)
+    dst.load_extra_state(load(save({k: v.contiguous() for k, v in src.extra_state().items()})))
+
+
+@pytest.mark.parametrize("rope,tiers", [(ROPE, False), (None, False), (ROPE, True)],
+                         ids=["rope", "derived-rope", "rope-on-tiers"])
+def test_saved_state_resumes_bitwise(rope, tiers, tmp_path):
+    """Resumed from its saved state, a sparse cache gives the same outputs as the one that never stopped: bitwise
+    when every chunk is on the device; on host and disk tiers exact steps may add batches in another tier order."""
+    a = sparse_cache(rope, tmp_path / "a" if tiers else None)
+    outputs(a, [57] + [1] * 12 + [5] + [1] * 8)  # fitted at step 58, decode keys folded (fold_tokens=8)
+    assert all(a._fitted) and a.shadows[0].covered > 56 and a._buf[0] and a._last_picks[0]
+    b = sparse_cache(rope, tmp_path / "b" if tiers else None)
+    copy_via_session_format(a, b)
+    sa, sb = a.extra_state(), b.extra_state()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    steps = [4] + [1] * 16
+    for x, y in zip(outputs(a, steps), outputs(b, steps)):
+        torch.testing.assert_close(x, y, atol=1e-6 if tiers else 0, rtol=0)
+    s = b.stats()
+    assert s["sparse"]["sparse_steps"] == 16 and (s["chunks"]["disk"] > 0) == tiers
+    a.close(), b.close()
+
+
+def test_unfitted_state_and_a_plain_kv_import_resume(tmp_path):
+    a = sparse_cache(ROPE)
+    outputs(a, [61])  # prefill only: every pre-RoPE key still buffered, nothing fitted
+    b, c = sparse_cache(ROPE), sparse_cache(ROPE)
+    copy_via_session_format(a, b)
+    assert torch.equal(b._buf[0][0][0], a._buf[0][0][0]) and not any(b._fitted)
+    n = a.seq_len  # c gets the K/V alone: it refits from the stored keys, un-rotated
+    c.begin_import(n)
+    for layer in range(L):
+        c.import_kv(layer, 0, a.export_kv(layer, 0, n))
+    c.finish_import(n)
+    steps = [1] * 10
+    oa, ob, oc = outputs(a, steps), outputs(b, steps), outputs(c, steps)
+    assert all(torch.equal(x, y) for x, y in zip(oa, ob))
+    for x, z in zip(oa, oc):
+        torch.testing.assert_close(x, z, atol=1e-5, rtol=0)
+    assert c.stats()["sparse"]["sparse_steps"] == 10
+
+
+@pytest.mark.parametrize("cut,fold", [("prefix", 8), ("after-fit", 512), ("into-folded", 8), ("pending", 512)])
+def test_truncate_then_continue_matches_a_cache_that_stopped_there(cut, fold):
+    """a goes further, then is cut back to n. Its next outputs agree with b's, which never went further, up to
+    the rounding of keys read back from the tiers and the order of prefetched batches. A cut into folded keys
+    restarts the layer: b is then a cache that prefilled [0, n) at once."""
+    a = sparse_cache(ROPE, fold=fold)
+    outputs(a, [57] + [1] * 20)  # fitted at the first decode step (58 tokens)
+    n = {"prefix": 57, "after-fit": 59, "into-folded": a.shadows[0].covered - 3, "pending": a.seq_len}[cut]
+    if cut == "pending":  # a forward interrupted after layer 0's append, which extended its index
+        a.append(0, *(torch.randn(9, HKV, D),) * 2, torch.randn(9, HKV, D))
+    else:
+        outputs(a, [1] * 4)
+    fitted, covered = a._fitted[1], a.shadows[1].covered
+    a.truncate(n)
+    b = sparse_cache(ROPE, fold=fold)
+    if cut == "into-folded":
+        assert fitted and n < covered
+        outputs(b, [n])
+    else:
+        outputs(b, [57] + [1] * (n - 57))
+    for layer in range(L):
+        assert (a._fitted[layer], a.shadows[layer].covered) == (b._fitted[layer], b.shadows[layer].covered)
+        assert getattr(a.scorers[layer], "count", 0) == getattr(b.scorers[layer], "count", 0)
+    assert a.seq_len == b.seq_len == n and a._fitted[0] == (cut in ("after-fit", "pending"))
+    steps = [3] + [1] * 12
+    for x, y in zip(outputs(a, steps), outputs(b, steps)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    assert a.stats()["sparse"]["sparse_steps"] >= 12 and all(a._fitted)

@@ -2,7 +2,9 @@
 
 Prefill attends exactly. At the first sparse step of a layer its key shadow (kv/shadow.py) and score index
 (kv/summary.py) are fitted; each step then picks chunks per KV head (kv/select.py), fetches their values
-through the tier manager and prefetcher, rebuilds their keys from the shadow and attends.
+through the tier manager and prefetcher, rebuilds their keys from the shadow and attends. Sessions save the
+shadows, indexes and unfolded pre-RoPE keys beside K/V (kv/sparse_state.py); a truncation that cuts into a
+layer's fit starts that layer over, refitted at its next sparse step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from tierkv.kv.layout import ChunkId
 from tierkv.kv.manager import EvictionPolicy
 from tierkv.kv.select import SelectionPlan, merge_picks, plan_selection
 from tierkv.kv.shadow import KeyShadow
+from tierkv.kv.sparse_state import check_meta, checked, meta, pack_scorer, pack_shadow, take_tokens, trim_scorer, \
+    unpack_scorer, unpack_shadow, unrope
 from tierkv.kv.summary import make_scorer
 from tierkv.kv.online_softmax import OnlineSoftmax
 from tierkv.kv.tiered import TieredKVCache, TieredOptions
@@ -68,21 +72,34 @@ class SparseKVCache(TieredKVCache):
                  sparse: SparseOptions | None = None) -> None:
         super().__init__(num_layers, num_kv_heads, head_dim, device=device, dtype=dtype, config=config,
                          options=options, policy=policy)
-        self.sp = sp = sparse or SparseOptions()
+        self.sp = sparse or SparseOptions()
         self.rope = rope
-        c, dev = config.chunk_size, self.device
-        self.shadows = [KeyShadow(num_kv_heads, head_dim, config.rank, c, outlier_threshold=sp.outlier_threshold,
-                                  device=dev, dtype=dtype) for _ in range(num_layers)]
-        self.scorers = [make_scorer(sp.scorer, num_kv_heads, head_dim, sp.score_rank or config.rank, c, device=dev,
-                                    dtype=dtype, reduce=sp.reduce) for _ in range(num_layers)]
+        dev = self.device
+        self.shadows = [self._new_shadow() for _ in range(num_layers)]
+        self.scorers = [self._new_scorer() for _ in range(num_layers)]
         self._fitted = [False] * num_layers
-        self._buf: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_layers)]  # (k_pre, k)
+        self._fit_at = [0] * num_layers  # tokens in the cache (the new one included) when the layer was fitted
+        # (k_pre, k) of tokens [start, seq_len + pending): start is shadow.covered once fitted, else _lost[layer]:
+        # tokens [0, _lost) of an unfitted layer (after a cut into its fit, or an import) are read back from the
+        # tiers and un-rotated at its fit
+        self._buf: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_layers)]
+        self._lost = [0] * num_layers
         self._cos = torch.zeros((0, head_dim), device=dev)  # derived tables (S_cap, D) fp32
         self._sin = torch.zeros((0, head_dim), device=dev)
         self._last_picks: list[list[ChunkId]] = [[] for _ in range(num_layers)]
         self._n = {"sparse_steps": 0, "dense_steps": 0, "attended_tokens": 0, "context_tokens": 0,
                    "rebuilt_tokens": 0, "predicted": 0, "predicted_used": 0, "needed": 0, "fetched": 0}
         self._t_select = 0.0
+
+    def _new_shadow(self) -> KeyShadow:
+        lay, cfg = self.layout, self.config
+        return KeyShadow(lay.num_kv_heads, lay.head_dim, cfg.rank, lay.chunk_size,
+                         outlier_threshold=self.sp.outlier_threshold, device=self.device, dtype=self.dtype)
+
+    def _new_scorer(self):
+        lay, sp = self.layout, self.sp
+        return make_scorer(sp.scorer, lay.num_kv_heads, lay.head_dim, sp.score_rank or self.config.rank,
+                           lay.chunk_size, device=self.device, dtype=self.dtype, reduce=sp.reduce)
 
     # ---- writing ------------------------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
@@ -136,13 +153,27 @@ class SparseKVCache(TieredKVCache):
 
     def _fit(self, layer: int, total: int) -> None:
         """Fit the layer's shadow (on every token so far) and score index; cover whole chunks. Mutates."""
-        pre = torch.cat([p.to(self.device) for p, _ in self._buf[layer]])  # (total, Hkv, D)
-        post = torch.cat([q.to(self.device) for _, q in self._buf[layer]])
+        parts = self._buf[layer]
+        if self._lost[layer]:
+            parts = [self._recover(layer, self._lost[layer]), *parts]
+            self._lost[layer] = 0
+        pre = torch.cat([p.to(self.device) for p, _ in parts])  # (total, Hkv, D)
+        post = torch.cat([q.to(self.device) for _, q in parts])
         self.scorers[layer].fit(post)
         sh, n = self.shadows[layer], (total // self.layout.chunk_size) * self.layout.chunk_size
         sh.fit(pre[:n], post[:n])  # basis from whole chunks; a partial tail stays exact
         self._buf[layer] = [(pre[n:], post[n:])] if n < total else []
-        self._fitted[layer] = True
+        self._fitted[layer], self._fit_at[layer] = True, total
+
+    def _recover(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_pre, k) of positions [0, n) from the tiers: post-RoPE keys as stored, pre-RoPE keys un-rotated
+        (equal to the model's up to rounding). Blocks on tier reads."""
+        k = self.export_kv(layer, 0, n)[0]  # (n, Hkv, D)
+        cos, sin = self._tables(n)
+        if cos.shape[0] < n:
+            raise RuntimeError(f"no RoPE tables for positions [0, {n}): a sparse cache without `rope` gets them "
+                               f"from appends or a saved state, not from imported K/V alone")
+        return unrope(k, cos, sin), k
 
     # ---- attention -----------------------------------------------------------------------------------
     def plan(self, total: int) -> SelectionPlan:
@@ -265,6 +296,93 @@ class SparseKVCache(TieredKVCache):
                 k = k.view(-1, c, hkv, d).index_copy(0, sel, rebuilt).view(-1, hkv, d)
                 self._n["rebuilt_tokens"] += len(cov) * c
         state.add(k, v, mask.view(hkv, 1, 1, -1))
+
+    # ---- session state -------------------------------------------------------------------------------
+    def _meta(self) -> torch.Tensor:
+        sp = self.sp
+        return meta(self.layout.chunk_size, self.shadows[0].rank, sp.score_rank or self.config.rank, sp.scorer,
+                    self.seq_len)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Fit flags and points, fitted layers' shadows and indexes, the buffered (not yet folded) pre-RoPE keys,
+        the prefetch hints and derived RoPE tables, as named tensors. Between forwards only. Does not mutate."""
+        out = {"sparse.meta": self._meta(), "sparse.fitted": torch.tensor(self._fitted, dtype=torch.uint8),
+               "sparse.fit_at": torch.tensor(self._fit_at), "sparse.lost": torch.tensor(self._lost)}
+        for layer in range(self.num_layers):
+            p = f"sparse.{layer}."
+            if self._fitted[layer]:
+                out |= pack_shadow(self.shadows[layer], p + "shadow.") | pack_scorer(self.scorers[layer], p + "index.")
+            pre = [k for k, _ in self._buf[layer]]
+            if sum(k.shape[0] for k in pre) != self.seq_len - self._buf_start(layer):
+                raise RuntimeError("the sparse state can be saved between forwards only (keys are pending)")
+            if pre:  # post-RoPE keys are not saved: they are the stored K
+                out[p + "k_pre"] = torch.cat([k.to("cpu") for k in pre])  # (seq_len - start, Hkv, D)
+            out[p + "picks"] = torch.tensor([ch.index for ch in self._last_picks[layer]], dtype=torch.int64)
+        if self.rope is None:
+            out |= {"sparse.rope_cos": self._cos[:self.seq_len], "sparse.rope_sin": self._sin[:self.seq_len]}
+        return out
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore `extra_state` after finish_import (K/V already in the tiers). Raises ConfigError for a state
+        saved with other sparse settings. Mutates."""
+        check_meta(tensors["sparse.meta"], self._meta())
+        flags = zip(*(tensors[f"sparse.{n}"].tolist() for n in ("fitted", "fit_at", "lost")))
+        keep_on = torch.device("cpu") if self.device.type == "cuda" else self.device  # where prefill keys wait
+        for layer, (fitted, fit_at, lost) in enumerate(flags):
+            p = f"sparse.{layer}."
+            self._fitted[layer], self._fit_at[layer], self._lost[layer] = bool(fitted), fit_at, lost
+            if fitted:
+                unpack_shadow(self.shadows[layer], tensors, p + "shadow.")
+                unpack_scorer(self.scorers[layer], tensors, p + "index.")
+            start, self._buf[layer] = self._buf_start(layer), []
+            if start < self.seq_len:
+                post = self.export_kv(layer, start, self.seq_len, device=keep_on)[0]  # (T, Hkv, D)
+                self._buf[layer] = [(checked(tensors, p + "k_pre", tuple(post.shape), post.dtype).to(keep_on), post)]
+            self._last_picks[layer] = [ChunkId(layer, i) for i in tensors[p + "picks"].tolist()]
+        if self.rope is None:
+            self._cos, self._sin = (tensors[f"sparse.rope_{n}"].to(self.device) for n in ("cos", "sin"))
+
+    def _buf_start(self, layer: int) -> int:
+        """First position whose keys are in the layer's buffer."""
+        return self.shadows[layer].covered if self._fitted[layer] else self._lost[layer]
+
+    def finish_import(self, num_tokens: int) -> None:
+        """Commit imported K/V: with no saved state to follow, every layer refits from the tiers' keys at its
+        first sparse step (load_extra_state replaces this with the saved state). Mutates."""
+        super().finish_import(num_tokens)
+        self._lost = [num_tokens] * self.num_layers
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget positions >= num_tokens (also keys appended but not advanced) in the tiers and the sparse state.
+
+        A layer keeps its fit when the cut leaves what it was fitted on and what was folded in; otherwise it is
+        started over and refits at its next sparse step, its folded keys read back from the tiers (pre-RoPE keys
+        un-rotated, so equal to a fresh fit up to rounding). Prefetch hints are dropped. Mutates.
+        """
+        forgets = num_tokens < self.seq_len
+        super().truncate(num_tokens)
+        for layer in range(self.num_layers):
+            self._truncate_layer(layer, num_tokens)
+        if forgets:
+            self._last_picks = [[] for _ in range(self.num_layers)]
+
+    def _truncate_layer(self, layer: int, n: int) -> None:
+        sh = self.shadows[layer]
+        if self._fitted[layer] and (n < self._fit_at[layer] or n < sh.covered):
+            # the fit saw tokens past the cut, or folded some: start over. Tokens [0, covered) are buffered no more,
+            # so the refit reads them back from the tiers; the buffered ones stay exact
+            self._lost[layer] = sh.covered
+            self.shadows[layer], self.scorers[layer] = self._new_shadow(), self._new_scorer()
+            self._fitted[layer], self._fit_at[layer] = False, 0
+        start = self._buf_start(layer)
+        if n <= start:
+            self._buf[layer] = []
+            if not self._fitted[layer]:
+                self._lost[layer] = n
+        else:
+            self._buf[layer] = take_tokens(self._buf[layer], n - start)
+        if self._fitted[layer]:
+            trim_scorer(self.scorers[layer], n, lambda a, b: self.export_kv(layer, a, b)[0])
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
     def stats(self) -> dict:
