@@ -114,7 +114,6 @@ def run_context(model, ctx: int, args, weights_bytes: int) -> dict:
     med = sorted(graph)[len(graph) // 2]
     floor = 1000 * (weights_bytes / args.hbm_gbps / 1e9 + link / args.link_gbps / 1e9)
     cache.close()
-    del cache, step
     return {"context": ctx, "graph_ms": {"min": min(graph), "median": med, "max": max(graph)},
             "eager_ms_median": sorted(eager)[len(eager) // 2], "graph_equals_eager_next_token": same,
             "peak_gpu_bytes": peak, "peak_gpu": format_size(peak), "within_24GiB": peak <= 24 * 1024**3,
