@@ -121,3 +121,22 @@ def test_fast_sparse_refuses_a_cpu_budget_too_small_for_its_capacity(smol):
 
     with pytest.raises(BudgetError, match="cpu_budget=1.00 MiB cannot hold"):
         fast_cache(smol.model, TIER.replace(cpu_budget=1024**2), 100_000)
+
+
+def test_repeat_tracking_counts_picks_made_again_and_changes_no_token(smol, text_ids):
+    model, ids, n = smol.model, text_ids[:1500], 24
+    c = model.cfg
+    plain = fast_cache(model, TIER, len(ids) + n + 1)
+    tracked = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
+                                config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS,
+                                track_repeats=True)
+    try:
+        assert greedy(model, tracked, ids, n) == greedy(model, plain, ids, n)
+        st = tracked.stats()
+        per_step = c.num_layers * c.num_kv_heads * tracked.max_picks
+        assert 0 < st["picks"] <= (n - 1) * per_step
+        assert 0 < st["picks_repeated"] < st["picks"]  # the first step has nothing to repeat
+        assert 0.0 < st["repeat_rate"] < 1.0
+    finally:
+        plain.close()
+        tracked.close()

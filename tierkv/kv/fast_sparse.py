@@ -37,7 +37,8 @@ class FastSparseKVCache(KVCache):
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
                  dtype: torch.dtype, config: TierConfig, capacity: int, rope: RopeTables,
-                 sparse: SparseOptions | None = None, max_append: int | None = None) -> None:
+                 sparse: SparseOptions | None = None, max_append: int | None = None,
+                 track_repeats: bool = False) -> None:
         self.sp = sp = sparse or SparseOptions()
         if sp.scorer != "lowrank" or not sp.rebuild:
             raise ValueError("FastSparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
@@ -69,6 +70,13 @@ class FastSparseKVCache(KVCache):
         self.window_chunks = -(-config.window_tokens // c)
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
+        # track_repeats: count how many picks the same layer also picked the step before, the hit rate a GPU chunk
+        # cache of last step's picks would have (a few small kernels per layer; off by default)
+        self.track_repeats = track_repeats
+        if track_repeats:
+            self._last_top = torch.full((num_layers, num_kv_heads, self.max_picks), -1, dtype=torch.long,
+                                        device=self.device)
+            self._repeats = torch.zeros(2, dtype=torch.long, device=self.device)  # repeated picks, picks
 
     # ---- storage ------------------------------------------------------------------------------------
     def _alloc_host_pool(self) -> None:
@@ -226,10 +234,19 @@ class FastSparseKVCache(KVCache):
                                 1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce)  # (Hkv, K)
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
                                               fixed_ids, fixed_len, c, self.n_chunks)
+        if self.track_repeats:
+            self._count_repeats(layer, top, lengths[:, fixed_ids.shape[0]:] > 0)
         sh = self.shadows[layer]
         out, _ = shadow_paged_attention(q[0], sh.coeffs, sh.basis, self.rope.cos, self.rope.sin,
                                         self.k_host[layer], self.v_host[layer], slots, lengths, cids)
         return out[None]  # (1, Hq, D)
+
+    def _count_repeats(self, layer: int, top: torch.Tensor, picked: torch.Tensor) -> None:
+        """Add this step's picks (Hkv, K) and how many of them the layer picked last step. Graph-safe."""
+        cur = torch.where(picked, top, -1)
+        hit = (cur.unsqueeze(-1) == self._last_top[layer].unsqueeze(-2)).any(-1) & picked  # (Hkv, K)
+        self._repeats += torch.stack([hit.sum(), picked.sum()])
+        self._last_top[layer].copy_(cur)
 
     # ---- steps and bookkeeping ------------------------------------------------------------------------
     def needs_eager(self) -> bool:
@@ -247,7 +264,11 @@ class FastSparseKVCache(KVCache):
         """Step counts, shadow and index bytes on the device, host pool bytes."""
         gpu = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index)
         gpu += self.k_pre.numel() * self.k_pre.element_size() + self.outlier.numel()
-        return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n,
+        extra = {}
+        if self.track_repeats:
+            rep, total = self._repeats.tolist()
+            extra = {"picks": total, "picks_repeated": rep, "repeat_rate": rep / total if total else None}
+        return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n, **extra,
                 "max_picks": self.max_picks, "covered": self.covered,
                 "outlier_chunks": int(self.outlier.sum()) if self.fitted else 0,
                 "gpu_bytes": gpu, "gpu": format_size(gpu), "host_bytes": self.host_bytes,
