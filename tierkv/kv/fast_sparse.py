@@ -52,7 +52,8 @@ class FastSparseKVCache(KVCache):
         self._alloc_host_pool()
         # pre-RoPE keys of tokens not yet folded into the shadow; a fold happens before fold_tokens + a chunk
         # accumulate, and one append adds at most max_append (a prefill slice)
-        self.ring = sp.fold_tokens + 2 * c + (max_append or config.prefill_chunk)
+        self.max_append = max_append or config.prefill_chunk
+        self.ring = sp.fold_tokens + 2 * c + self.max_append
         self.k_pre = torch.zeros((num_layers, self.ring, num_kv_heads, head_dim), device=self.device, dtype=dtype)
         self.shadows = [KeyShadow(num_kv_heads, head_dim, config.rank, c, outlier_threshold=sp.outlier_threshold,
                                   device=self.device, dtype=dtype, keep_exact=False) for _ in range(num_layers)]
@@ -109,6 +110,9 @@ class FastSparseKVCache(KVCache):
         if k_pre is None:
             raise ValueError("FastSparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
         t = k.shape[0]
+        if t > self.max_append:
+            raise ValueError(f"FastSparseKVCache takes at most {self.max_append} tokens per append (a prefill slice); "
+                             f"got {t}")
         if self.seq_len + t > self.capacity:
             raise RuntimeError(f"FastSparseKVCache holds {self.capacity} tokens; {self.seq_len + t} were asked for")
         if t == 1:
