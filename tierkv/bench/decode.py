@@ -96,7 +96,7 @@ def _tierkv_family(spec, cfg, contexts, total_steps, record, log) -> None:
     for c in contexts:
         for s in systems:
             log(f"{s} at {format_context(c)}")
-            record(_guard(s, c, lambda: run_tierkv(llm, s, c, spec, weights)))
+            record(_guard(s, c, lambda m=llm, s=s, c=c: run_tierkv(m, s, c, spec, weights)))
     del llm
     free_memory(spec.device)
 
