@@ -59,3 +59,20 @@ def test_shadow_triton_matches_torch(gen, triton_device, dtype, layout, hq, hkv,
     assert max_diff(f"shadow triton out {layout} {dtype}", got[0], want[0]) < TOL[dtype]
     # bf16: a rebuilt key element may round to the neighbouring bf16 value (other summation order)
     assert max_diff(f"shadow triton lse {layout} {dtype}", got[1], want[1]) < (1e-3 if dtype == torch.float32 else 2e-2)
+
+
+def test_rows_past_a_chunks_length_never_reach_the_output(gen):
+    """Pool rows beyond each entry's length may be memory never written: NaN there must not leak (0 * NaN)."""
+    from tierkv.kernels.shadow_attention import shadow_paged_attention_torch
+
+    n, c, h, d, hq, r = 8, 4, 2, 8, 4, 3
+    k_pool, v_pool = torch.randn(n, c, h, d, generator=gen), torch.randn(n, c, h, d, generator=gen)
+    q, coeffs, basis = torch.randn(hq, d, generator=gen), torch.randn(40, r, generator=gen), torch.randn(r, h * d, generator=gen)
+    ang = torch.outer(torch.arange(64).float(), torch.ones(d))
+    slots = torch.tensor([[0, 1, 6, 7], [2, 3, 6, 5]])
+    lengths = torch.tensor([[4, 4, 0, 0], [4, 2, 0, 0]])
+    cids = torch.tensor([[-1, 1, -1, -1], [2, -1, -1, -1]])
+    clean, _ = shadow_paged_attention_torch(q, coeffs, basis, ang.cos(), ang.sin(), k_pool, v_pool, slots, lengths, cids)
+    k_pool[5:], v_pool[5:], v_pool[3, 2:] = float("nan"), float("nan"), float("nan")
+    dirty, _ = shadow_paged_attention_torch(q, coeffs, basis, ang.cos(), ang.sin(), k_pool, v_pool, slots, lengths, cids)
+    assert torch.equal(clean, dirty)

@@ -124,7 +124,7 @@ def test_fast_sparse_refuses_a_cpu_budget_too_small_for_its_capacity(smol):
 
 
 def test_repeat_tracking_counts_picks_made_again_and_changes_no_token(smol, text_ids):
-    model, ids, n = smol.model, text_ids[:1500], 24
+    model, ids, n = smol.model, text_ids[:1200], 12
     c = model.cfg
     plain = fast_cache(model, TIER, len(ids) + n + 1)
     tracked = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,

@@ -72,7 +72,8 @@ def attend_chunks(q, kg, vg, lengths, chunk: int, scale: float) -> tuple[torch.T
     s = torch.bmm(qf, kg.float().transpose(1, 2)) * scale  # (Hkv, G, m*chunk)
     keep = (torch.arange(chunk, device=kg.device) < lengths.unsqueeze(-1)).reshape(hkv, n)
     s = s.masked_fill(~keep.unsqueeze(1), float("-inf"))
-    return _attend(s, vg, q.dtype)
+    # rows past a chunk's length may be memory never written (NaN bit patterns): 0 * NaN would leak into out
+    return _attend(s, vg.masked_fill(~keep.unsqueeze(-1), 0), q.dtype)
 
 
 def merge_partials_torch(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
