@@ -3,6 +3,8 @@
 The prompt is prefilled once (exact attention) and its K/V replayed into a fresh cache per configuration,
 so each point costs only its teacher-forced decode steps. Ends with one JSON line; writes it to --out.
 Usage: python bench/sparse_accuracy.py --context 6144 --steps 256 --sweep all --out bench/results/x.json
+--text takes other real text: plain files (joined by blank lines) or pydoc:PATH (another Python's
+pydoc_data/topics.py, joined as the default text is); --skip drops that many leading tokens first.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import datetime
 import json
 import platform
+import runpy
 import sys
 import time
 
@@ -79,23 +82,56 @@ def sweep(name: str) -> list[dict]:
             runs.append({"rank": r, "group": "shadow-rank"})
     if name == "one":
         runs.append({"group": "one"})
+    if name == "robust":  # each knob alone from the defaults, at 1/8: selection vs rebuild, then selection knobs
+        runs.append({"group": "default"})
+        runs.append({"sp_rebuild": False, "group": "selection-only"})
+        for r in (96, 128):
+            runs.append({"rank": r, "group": "shadow-rank"})
+        for sr in (48, 64):
+            runs.append({"sp_score_rank": sr, "group": "score-rank"})
+        runs.append({"sp_reduce": "mass", "group": "reduce"})
+        runs.append({"sp_outlier_threshold": 0.25, "group": "outlier"})
+        runs.append({"sink_tokens": 32, "window_tokens": 64, "group": "split"})
+        runs.append({"chunk_size": 16, "group": "chunk"})
+        runs.append({"chunk_size": 16, "sink_tokens": 32, "window_tokens": 64, "group": "chunk"})
     return runs
+
+
+def load_text(specs: list[str] | None) -> tuple[str, str]:
+    """(text, label): the running Python's pydoc topics, or the given files / pydoc:PATH modules joined."""
+    if not specs:
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[k] for k in sorted(topics)), "pydoc_data.topics"
+    parts = []
+    for spec in specs:
+        if spec.startswith("pydoc:"):
+            topics = runpy.run_path(spec[6:])["topics"]
+            parts.append("\n\n".join(topics[k] for k in sorted(topics)))
+        else:
+            with open(spec, encoding="utf-8", errors="replace") as f:
+                parts.append(f.read())
+    return "\n\n".join(parts), " + ".join(specs)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--context", type=int, default=6144)
     ap.add_argument("--steps", type=int, default=256)
-    ap.add_argument("--sweep", default="final", choices=("design", "focus", "final", "one"))
+    ap.add_argument("--sweep", default="final", choices=("design", "focus", "final", "one", "robust"))
+    ap.add_argument("--configs", default=None, help="JSON list of runs (overrides --sweep)")
+    ap.add_argument("--text", nargs="+", default=None, help="files, or pydoc:PATH to a pydoc_data/topics.py")
+    ap.add_argument("--skip", type=int, default=0, help="leading tokens of the text to drop")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     llm = tierkv.load(device="cpu", dtype="fp32")
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = torch.tensor(llm.tokenizer(text, add_special_tokens=False)["input_ids"][: a.context + a.steps])
+    text, label = load_text(a.text)
+    ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"][a.skip:a.skip + a.context + a.steps]
+    if len(ids) < a.context + a.steps:
+        sys.exit(f"the text has {len(ids)} tokens after --skip, {a.context + a.steps} needed")
+    ids = torch.tensor(ids)
     c, n = llm.cfg, a.context
     shape = (c.num_layers, c.num_kv_heads, c.head_dim)
     results = []
@@ -108,7 +144,7 @@ def main() -> None:
         rec.replay(full, n)
         ref = decode_rows(llm.model, full, ids, first)  # row i: token n + i
         targets = ids[n:]
-        for run in sweep(a.sweep):
+        for run in json.loads(a.configs) if a.configs else sweep(a.sweep):
             t0 = time.perf_counter()
             tier = {k: v for k, v in run.items() if not k.startswith("sp_") and k != "group"}
             sp = SparseOptions(**{k[3:]: v for k, v in run.items() if k.startswith("sp_")})
@@ -123,7 +159,7 @@ def main() -> None:
                    "outlier_chunks": st["outlier_chunks"], "seconds": round(time.perf_counter() - t0, 1)}
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
-    out = {"bench": "sparse_accuracy", "model": "SmolLM2-135M-Instruct fp32", "text": "pydoc_data.topics",
+    out = {"bench": "sparse_accuracy", "model": "SmolLM2-135M-Instruct fp32", "text": label, "skip": a.skip,
            "context": n, "steps": a.steps, "command": "python " + " ".join(sys.argv),
            "device": f"cpu ({platform.processor() or platform.machine()}, {a.threads} thread)",
            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "results": results}
