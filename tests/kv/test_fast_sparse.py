@@ -28,7 +28,7 @@ def fast_cache(model, tier, capacity):
 
 
 def test_fast_sparse_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
-    model, ids, n = smol.model, text_ids[:1500], 80
+    model, ids, n = smol.model, text_ids[:1500], 48
     c = model.cfg
     ref = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32, config=TIER,
                         rope=model.rope, sparse=OPTS)

@@ -34,10 +34,12 @@ def decode_attention_torch(
     scale = d**-0.5 if scale is None else scale
     qf = q.float().view(hkv, hq // hkv, d)  # (Hkv, G, D)
     s = torch.bmm(qf, k.float().permute(1, 2, 0)) * scale  # (Hkv, G, n)
+    vh = v.transpose(0, 1)  # (Hkv, n, D)
     if kv_len is not None:
         keep = torch.arange(n, device=k.device) < kv_len.unsqueeze(1)  # (Hkv, n)
         s = s.masked_fill(~keep.unsqueeze(1), float("-inf"))
-    return _attend(s, v.transpose(0, 1), q.dtype)
+        vh = vh.masked_fill(~keep.unsqueeze(-1), 0)  # rows never written may hold NaN: 0 * NaN would leak
+    return _attend(s, vh, q.dtype)
 
 
 def paged_decode_attention_torch(
