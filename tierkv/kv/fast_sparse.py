@@ -63,8 +63,7 @@ class FastSparseKVCache(KVCache):
             sh.reserve(self.capacity)
             ix.reserve(self.capacity)
         self.outlier = torch.zeros((num_layers, self.n_chunks), dtype=torch.bool, device=self.device)
-        self.covered = 0  # tokens with shadow coefficients (chunk-aligned), the same in every layer
-        self.covered_chunks = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.covered_chunks = torch.zeros(1, dtype=torch.long, device=self.device)  # device mirror of `covered`
         self._fit_buf: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # k_pre on the host until the fit
         self.fitted = False
         self.sink_chunks = -(-config.sink_tokens // c)
@@ -100,6 +99,15 @@ class FastSparseKVCache(KVCache):
         self.k_host, self.v_host = (v.view(self.dtype).view(shape) for v in views)  # device-readable views
         self.host_bytes = 2 * nbytes
 
+    @property
+    def covered(self) -> int:
+        """Tokens with shadow coefficients (chunk-aligned); every layer folds at the same steps."""
+        return self.shadows[-1].covered
+
+    def _fold_due(self, total: int, covered: int) -> bool:
+        """SparseKVCache's rule: fold once >= fold_tokens sealed tokens lie beyond the shadow."""
+        return (total // self.chunk) * self.chunk - covered >= self.sp.fold_tokens
+
     def _flat(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
         return pool[layer].view(self.capacity, self.hkv, self.d)  # (S_cap, Hkv, D)
 
@@ -116,7 +124,9 @@ class FastSparseKVCache(KVCache):
         if self.seq_len + t > self.capacity:
             raise RuntimeError(f"FastSparseKVCache holds {self.capacity} tokens; {self.seq_len + t} were asked for")
         if t == 1:
-            at, ring_at = self.pos, self.pos.remainder(self.ring)
+            if layer == 0:  # the same slot in every layer: once per step
+                self._ring_at = self.pos.remainder(self.ring)
+            at, ring_at = self.pos, self._ring_at
         else:
             at = torch.arange(self.seq_len, self.seq_len + t, device=self.device)
             ring_at = at.remainder(self.ring)
@@ -135,11 +145,11 @@ class FastSparseKVCache(KVCache):
             self._maybe_fold(layer, self.seq_len + t)
 
     def _maybe_fold(self, layer: int, total: int) -> None:
-        """SparseKVCache's rule: once >= fold_tokens sealed tokens lie beyond the shadow, fold them in."""
-        end = (total // self.chunk) * self.chunk
-        if end - self.shadows[layer].covered < self.sp.fold_tokens:
-            return
+        """Fold the sealed tokens beyond the layer's shadow into it when `_fold_due`. Eager only."""
         start = self.shadows[layer].covered
+        if not self._fold_due(total, start):
+            return
+        end = (total // self.chunk) * self.chunk
         at = torch.arange(start, end, device=self.device)
         self.shadows[layer].fold(self.k_pre[layer].index_select(0, at.remainder(self.ring)),
                                  self._flat(self.k_host, layer)[start:end])
@@ -151,7 +161,6 @@ class FastSparseKVCache(KVCache):
         sh, c = self.shadows[layer], self.chunk
         self.outlier[layer, start // c:end // c] = sh.chunk_err[start // c:end // c] > sh.threshold
         if layer == self.num_layers - 1:
-            self.covered = end
             self.covered_chunks.fill_(end // c)
 
     def _fit(self, layer: int, total: int) -> None:
@@ -258,7 +267,7 @@ class FastSparseKVCache(KVCache):
         total = self.seq_len + 1
         if not self.fitted or self._plan(total).dense or total > self.capacity:
             return True
-        return (total // self.chunk) * self.chunk - self.covered >= self.sp.fold_tokens
+        return self._fold_due(total, self.covered)
 
     def advance(self, n: int) -> None:
         self.seq_len += n
