@@ -24,6 +24,7 @@ from tierkv.config import TierConfig, format_size, parse_size
 from tierkv.graph import GraphStep
 from tierkv.kernels.rope import rope_torch
 from tierkv.kv.fast_sparse import FastSparseKVCache
+from tierkv.kv.sparse import SparseOptions
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
 
@@ -76,11 +77,12 @@ def run_context(model, ctx: int, args, weights_bytes: int) -> dict:
     dev = model.device
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(dev)
-    tier = TierConfig(attention="sparse", token_budget=args.token_budget, rank=args.rank)
+    tier = TierConfig(attention="sparse", token_budget=args.token_budget, rank=args.rank, chunk_size=args.chunk_size)
     steps = args.steps + args.eager_steps + 16
     c = model.cfg
     cache = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=dev, dtype=model.dtype, config=tier,
-                              capacity=ctx + steps, rope=model.rope)
+                              capacity=ctx + steps, rope=model.rope, chunk_cache=args.chunk_cache,
+                              sparse=SparseOptions(score_rank=args.score_rank))
     fill_s = fill(cache, model, ctx, args.seed)
     step = GraphStep(model, cache)
     tok = torch.zeros(1, dtype=torch.long, device=dev)
@@ -100,7 +102,9 @@ def run_context(model, ctx: int, args, weights_bytes: int) -> dict:
     cache.pos.copy_(pos)
     graph_tok = step(prev, cache.seq_len).argmax(-1).view(1).clone()
     same = bool(torch.equal(eager_tok, graph_tok))
+    before = cache.stats().get("total")
     graph = timed(one, args.steps, dev)
+    after = cache.stats().get("total")
     peak = torch.cuda.max_memory_allocated(dev)
     prof_graph = profile(one, 4) if args.profile else None
     prof_eager = profile(lambda: tok.copy_(model.forward(tok, cache.pos, cache).argmax(-1).view(1)), 2) \
@@ -112,13 +116,19 @@ def run_context(model, ctx: int, args, weights_bytes: int) -> dict:
     picks = min(cache.max_picks, (args.token_budget - fixed * tier.chunk_size) // tier.chunk_size + 1)
     link = c.num_layers * c.num_kv_heads * chunk_head * ((fixed + picks) + fixed)
     med = sorted(graph)[len(graph) // 2]
+    measured = {}
+    if before and after:  # the chunk cache counts what the attention kernel read over the link
+        hits = {k: after["hits"][k] - before["hits"][k] for k in after["hits"]}
+        measured = {"link_bytes_per_token_measured": (after["bytes_moved"]["host->device"]
+                                                      - before["bytes_moved"]["host->device"]) / args.steps,
+                    "chunk_cache_hit_rate": hits["gpu_chunk_cache"] / max(1, sum(hits.values()))}
     floor = 1000 * (weights_bytes / args.hbm_gbps / 1e9 + link / args.link_gbps / 1e9)
     cache.close()
     return {"context": ctx, "graph_ms": {"min": min(graph), "median": med, "max": max(graph)},
             "eager_ms_median": sorted(eager)[len(eager) // 2], "graph_equals_eager_next_token": same,
             "peak_gpu_bytes": peak, "peak_gpu": format_size(peak), "within_24GiB": peak <= 24 * 1024**3,
             "fill_s": fill_s, "fit_s": fit_s, "link_bytes_per_token_modelled": link,
-            "floor_ms": floor, "measured_over_floor": med / floor, "cache": st,
+            **measured, "floor_ms": floor, "measured_over_floor": med / floor, "cache": st,
             "profile_graph_ms": prof_graph, "profile_eager_ms": prof_eager}
 
 
@@ -128,6 +138,10 @@ def main() -> None:
     ap.add_argument("--context", default="32K,128K")
     ap.add_argument("--token-budget", type=int, default=2048)
     ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, default=32)
+    ap.add_argument("--score-rank", type=int, default=32)
+    ap.add_argument("--chunk-cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep earlier picks on the GPU (default on)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--eager-steps", type=int, default=4)
     ap.add_argument("--profile", action="store_true")
@@ -150,6 +164,8 @@ def main() -> None:
         print(json.dumps(rows[-1], default=str), flush=True)
     out = {"bench": "fast_decode", "device": torch.cuda.get_device_name(dev), "date": time.strftime("%Y-%m-%d"),
            "command": " ".join(["python"] + sys.argv), "shape": args.shape, "token_budget": args.token_budget,
+           "chunk_size": args.chunk_size, "rank": args.rank, "score_rank": args.score_rank,
+           "chunk_cache": args.chunk_cache,
            "weights_bytes": weights, "torch": torch.__version__, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:

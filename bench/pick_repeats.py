@@ -1,9 +1,11 @@
-"""How often a sparse decode step picks chunks its layer picked the step before, on the real default model.
+"""How often a sparse decode step picks chunks its layer picked the step before, and the hit rate of the GPU
+chunk cache that keeps earlier picks, on the real default model (SmolLM2, real text: pydoc topics, greedy).
 
-That share is the hit rate a GPU cache of last step's picks (and a prefetch of them) would get, so it sizes the
-next speed step of the graph path. CPU, fp32, SmolLM2, real text (pydoc topics), greedy decode.
+A repeated pick is what a prefetch of last step's picks would have predicted right; the chunk cache holds at
+least those, so its hit rate is at least the repeat rate. On CUDA the decode replays a CUDA graph.
 
     python bench/pick_repeats.py --context 6144 --steps 64 --budget 0.125 --out bench/results/x.json
+    python bench/pick_repeats.py --device cuda --dtype bf16
 Ends with one JSON line (machine, date, command).
 """
 
@@ -20,6 +22,7 @@ import torch
 import tierkv
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
+from tierkv.graph import GraphStep
 from tierkv.kv.fast_sparse import FastSparseKVCache
 
 
@@ -28,29 +31,37 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=6144)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--budget", default="0.125", help="token budget: a fraction < 1 or a token count")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from pydoc_data.topics import topics
 
-    llm = tierkv.load(device="cpu", dtype="fp32")
+    llm = tierkv.load(device=args.device, dtype=args.dtype)
     text = "\n\n".join(topics[k] for k in sorted(topics))
     ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"][:args.context]
     budget = float(args.budget) if "." in args.budget else int(args.budget)
     tier = TierConfig(attention="sparse", token_budget=budget)
     c = llm.cfg
-    cache = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
+    cache = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
                               config=tier, capacity=len(ids) + args.steps + 1, rope=llm.model.rope,
                               track_repeats=True)
     t0 = time.perf_counter()
+    stats = GenStats()
     with torch.no_grad():
-        logits = prefill(llm.model, torch.tensor(ids), cache, tier.prefill_chunk)
-        list(generate_ids(eager_step(llm.model, cache), logits, len(ids), args.steps, set(), GenStats()))
+        logits = prefill(llm.model, torch.tensor(ids, device=llm.device), cache, tier.prefill_chunk)
+        step = GraphStep(llm.model, cache) if llm.device.type == "cuda" else eager_step(llm.model, cache)
+        list(generate_ids(step, logits, len(ids), args.steps, set(), stats))
     st = cache.stats()
     out = {"bench": "pick_repeats", "model": "SmolLM2-135M-Instruct", "context": len(ids), "steps": args.steps,
            "token_budget": budget, "max_picks": st["max_picks"], "picks": st["picks"],
            "picks_repeated": st["picks_repeated"], "repeat_rate": st["repeat_rate"],
+           "chunk_cache": st["chunk_cache"], "host_link_bytes": st["total"]["bytes_moved"]["host->device"],
            "sparse_steps": st["sparse_steps"], "seconds": time.perf_counter() - t0,
-           "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "python": platform.python_version(),
+           "decode_ms_per_token": 1000 * stats.decode_s / max(1, stats.new_tokens - 1), "dtype": args.dtype,
+           "machine": (torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda"
+                       else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"),
+           "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv)}
     if args.out:
         with open(args.out, "w") as f:

@@ -3,7 +3,7 @@
 The prompt is prefilled once (exact attention) and its K/V replayed into a fresh cache per configuration,
 so each point costs only its teacher-forced decode steps. Ends with one JSON line; writes it to --out.
 Usage: python bench/sparse_accuracy.py --context 6144 --steps 256 --sweep all --out bench/results/x.json
---text takes other real text: plain files (joined by blank lines) or pydoc:PATH (another Python's
+--device cuda --dtype bf16 runs it on the GPU. --text takes other real text: plain files (joined by blank lines) or pydoc:PATH (another Python's
 pydoc_data/topics.py, joined as the default text is); --skip drops that many leading tokens first.
 """
 
@@ -48,7 +48,7 @@ def decode_rows(model, cache: KVCache, ids: torch.Tensor, first: torch.Tensor) -
     prefill's last logits), the rest come through the decode path."""
     step = eager_step(model, cache)
     rows = [first] + [step(ids[p:p + 1], p)[-1] for p in range(cache.seq_len, ids.shape[0] - 1)]
-    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1).cpu()
 
 
 def compare(lp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -123,33 +123,36 @@ def main() -> None:
     ap.add_argument("--text", nargs="+", default=None, help="files, or pydoc:PATH to a pydoc_data/topics.py")
     ap.add_argument("--skip", type=int, default=0, help="leading tokens of the text to drop")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="fp32", help="fp32 or bf16 (both the full reference and the sparse runs)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    llm = tierkv.load(device="cpu", dtype="fp32")
+    llm = tierkv.load(device=a.device, dtype=a.dtype)
+    dev, dt = llm.device, llm.dtype
     text, label = load_text(a.text)
     ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"][a.skip:a.skip + a.context + a.steps]
     if len(ids) < a.context + a.steps:
         sys.exit(f"the text has {len(ids)} tokens after --skip, {a.context + a.steps} needed")
-    ids = torch.tensor(ids)
+    ids = torch.tensor(ids, device=dev)
     c, n = llm.cfg, a.context
     shape = (c.num_layers, c.num_kv_heads, c.head_dim)
     results = []
     with torch.no_grad():
         t0 = time.perf_counter()
-        rec = Recorder(*shape, device="cpu", dtype=torch.float32, capacity=n + a.steps + 1)
+        rec = Recorder(*shape, device=dev, dtype=dt, capacity=n + a.steps + 1)
         first = prefill(llm.model, ids[:n], rec, 2048)[-1]
         print(f"prefill {n} tokens: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        full = DenseKVCache(*shape, device="cpu", dtype=torch.float32, capacity=n + a.steps + 1)
+        full = DenseKVCache(*shape, device=dev, dtype=dt, capacity=n + a.steps + 1)
         rec.replay(full, n)
         ref = decode_rows(llm.model, full, ids, first)  # row i: token n + i
-        targets = ids[n:]
+        targets = ids[n:].cpu()
         for run in json.loads(a.configs) if a.configs else sweep(a.sweep):
             t0 = time.perf_counter()
             tier = {k: v for k, v in run.items() if not k.startswith("sp_") and k != "group"}
             sp = SparseOptions(**{k[3:]: v for k, v in run.items() if k.startswith("sp_")})
             cfg = llm.tier.replace(attention="sparse", **tier)
-            cache = SparseKVCache(*shape, device="cpu", dtype=torch.float32, config=cfg, sparse=sp)
+            cache = SparseKVCache(*shape, device=dev, dtype=dt, config=cfg, sparse=sp, rope=llm.model.rope)
             rec.replay(cache, n)
             lp = decode_rows(llm.model, cache, ids, first)
             st = cache.stats()["sparse"]
@@ -159,9 +162,10 @@ def main() -> None:
                    "outlier_chunks": st["outlier_chunks"], "seconds": round(time.perf_counter() - t0, 1)}
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
-    out = {"bench": "sparse_accuracy", "model": "SmolLM2-135M-Instruct fp32", "text": label, "skip": a.skip,
-           "context": n, "steps": a.steps, "command": "python " + " ".join(sys.argv),
-           "device": f"cpu ({platform.processor() or platform.machine()}, {a.threads} thread)",
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else f"cpu ({platform.processor() or platform.machine()}, {a.threads} thread)")
+    out = {"bench": "sparse_accuracy", "model": f"SmolLM2-135M-Instruct {a.dtype}", "text": label, "skip": a.skip,
+           "context": n, "steps": a.steps, "command": "python " + " ".join(sys.argv), "device": where,
            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "results": results}
     if a.out:
         with open(a.out, "w") as f:

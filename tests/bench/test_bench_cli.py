@@ -59,14 +59,15 @@ def test_bench_decode_json_and_one_line_errors(tmp_path):
                "--warmup", "2", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     line = last_json_line(r.stdout)
-    assert set(line["ms_per_token"]) == {f"{s}@{c}" for s in ("tierkv-sparse", "tierkv-exact", "hf-default",
-                                                                "hf-offloaded", "hf-accelerate") for c in ("1K", "2K")}
+    assert set(line["ms_per_token"]) == {f"{s}@{c}" for s in ("tierkv-sparse", "tierkv-sparse-eager", "tierkv-exact",
+                                                                "hf-default", "hf-offloaded", "hf-accelerate")
+                                        for c in ("1K", "2K")}
     doc = json.loads(out.read_text())
     assert list(doc)[-3:] == ["device", "date", "command"]
     assert doc["contexts"] == [1024, 2048] and positive(doc["weights_bytes"]) and positive(doc["kv_bytes_per_token"])
     assert all(positive(doc["rates"][k]) for k in ("hbm", "h2d", "d2h", "disk"))
     rows = {(x["system"], x["context"]): x for x in doc["rows"]}
-    assert len(rows) == 10
+    assert len(rows) == 12
     for row in rows.values():
         assert row["status"] in ("ok", "over_budget", "oom", "cannot_run", "unavailable", "skipped", "error")
         assert row["status"] != "error", row["reason"]
@@ -86,8 +87,10 @@ def test_bench_decode_json_and_one_line_errors(tmp_path):
         exact = rows[("tierkv-exact", c)]
         assert exact["bytes_per_token"]["host->device"] > 0  # a quarter of the KV on the device: the rest streams
         assert math.isclose(sum(exact["hit_rate"].values()), 1.0) and 0 <= exact["copy_hidden_share"] <= 1
-        sparse = rows[("tierkv-sparse", c)]
-        assert sparse["status"] in ("ok", "unavailable", "cannot_run"), sparse["reason"]
+        for name in ("tierkv-sparse", "tierkv-sparse-eager"):
+            sparse = rows[(name, c)]
+            assert sparse["status"] in ("ok", "unavailable", "cannot_run"), sparse["reason"]
+            assert sparse["settings"]["decode"] == "eager"  # no CUDA graphs on the CPU
     bad = tierkv("bench", "decode", "llama-tiny", "--context", "12Q")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: context '12Q'")
     assert len(bad.stderr.strip().splitlines()) == 1

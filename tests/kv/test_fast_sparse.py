@@ -123,10 +123,11 @@ def test_fast_sparse_refuses_a_cpu_budget_too_small_for_its_capacity(smol):
         fast_cache(smol.model, TIER.replace(cpu_budget=1024**2), 100_000)
 
 
-def test_repeat_tracking_counts_picks_made_again_and_changes_no_token(smol, text_ids):
+def test_chunk_cache_and_repeat_tracking_change_no_token_and_the_cache_serves_every_repeat(smol, text_ids):
     model, ids, n = smol.model, text_ids[:1200], 12
     c = model.cfg
-    plain = fast_cache(model, TIER, len(ids) + n + 1)
+    plain = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
+                              config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS, chunk_cache=False)
     tracked = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
                                 config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS,
                                 track_repeats=True)
@@ -137,6 +138,11 @@ def test_repeat_tracking_counts_picks_made_again_and_changes_no_token(smol, text
         assert 0 < st["picks"] <= (n - 1) * per_step
         assert 0 < st["picks_repeated"] < st["picks"]  # the first step has nothing to repeat
         assert 0.0 < st["repeat_rate"] < 1.0
+        cc = st["chunk_cache"]  # the cache holds at least last step's picks, so every repeat is a hit
+        assert cc["picks"] == st["picks"] and st["picks_repeated"] <= cc["hits"] < cc["picks"]
+        v_bytes = st["total"]["bytes_moved"]["host->device"]
+        assert 0 < v_bytes < (n - 1) * c.num_layers * c.num_kv_heads * TIER.token_budget * c.head_dim * 4 * 2
+        assert "chunk_cache" not in plain.stats()
     finally:
         plain.close()
         tracked.close()

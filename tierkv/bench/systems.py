@@ -22,7 +22,9 @@ from tierkv.errors import TierKVError
 from tierkv.kv.layout import ChunkLayout
 from tierkv.models.config import ModelConfig
 
-TIERKV_SYSTEMS = ("tierkv-sparse", "tierkv-exact")
+# tierkv-sparse decodes as users get it (on CUDA the graph-captured fast sparse cache); tierkv-sparse-eager is the
+# reference path (--no-graph: the tiered sparse cache, eager)
+TIERKV_SYSTEMS = ("tierkv-sparse", "tierkv-sparse-eager", "tierkv-exact")
 HF_SYSTEMS = ("hf-default", "hf-offloaded", "hf-accelerate")
 SYSTEMS = TIERKV_SYSTEMS + HF_SYSTEMS
 STATUSES = ("ok", "over_budget", "oom", "cannot_run", "unavailable", "skipped", "error")
@@ -125,35 +127,41 @@ def kv_budget(spec: DecodeSpec, cfg: ModelConfig, weights: int, context: int) ->
 
 
 def tier_config(system: str, spec: DecodeSpec, kv_gpu: int) -> TierConfig:
+    sparse = system.startswith("tierkv-sparse")
     return TierConfig(kv_gpu_budget=kv_gpu, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
                       chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk,
-                      attention="sparse" if system == "tierkv-sparse" else "full",
-                      **({"token_budget": spec.token_budget} if system == "tierkv-sparse" else {}))
+                      attention="sparse" if sparse else "full",
+                      **({"token_budget": spec.token_budget} if sparse else {}))
 
 
 def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -> Row:
     """Prefill `context` random tokens and time decode steps with the system's tier settings. Never raises for
     errors a system can have (budget, OOM, missing sparse module): they become the row's status."""
     row = Row(system, context)
-    if system == "tierkv-sparse" and (why := sparse_unavailable()):
+    sparse = system.startswith("tierkv-sparse")
+    if sparse and (why := sparse_unavailable()):
         row.status, row.reason = "unavailable", why
         return row
     kv, how = kv_budget(spec, llm.cfg, weights, context)
     row.settings = {"kv_gpu_budget": kv, "kv_gpu_budget_from": how, "cpu_budget": spec.cpu_budget,
                     "disk_dir": spec.disk_dir, "chunk_size": spec.chunk_size}
-    if system == "tierkv-sparse":
+    if sparse:
         row.settings["token_budget"] = spec.token_budget
     if kv is None:
         row.status, row.reason = "cannot_run", f"weights leave no GPU room for KV ({how}); weight offload is not built yet"
         return row
+    graph = llm.graph
     try:
         llm.tier = tier_config(system, spec, kv)
+        llm.graph = graph and system != "tierkv-sparse-eager"
+        row.settings["decode"] = "graph" if llm.uses_graph else "eager"
         _measure_tierkv(llm, row, spec)
     except torch.cuda.OutOfMemoryError as e:
         row.status, row.reason = "oom", str(e).splitlines()[0][:200]
     except TierKVError as e:
         row.status, row.reason = "cannot_run", str(e)
     finally:
+        llm.graph = graph
         llm.close()
         free_memory(llm.device)
     return row
@@ -194,3 +202,5 @@ def _tier_numbers(row: Row, a: dict, b: dict, steps: int) -> None:
     row.hit_rate = {k: v / total for k, v in hits.items()} if total else None
     if "io_wait_s" in a and "io_wait_s" in b:
         row.io_wait_ms_per_token = 1000.0 * (b["io_wait_s"] - a["io_wait_s"]) / steps
+    if b.get("reads"):
+        row.settings["reads"] = b["reads"]

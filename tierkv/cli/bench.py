@@ -65,8 +65,8 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
 @click.option("--disk-dir", default=None, help="Disk tier directory for tierkv (an NVMe path).")
 @click.option("--steps", type=int, default=16, show_default=True, help="Measured decode steps (median reported).")
 @click.option("--warmup", type=int, default=4, show_default=True, help="Decode steps before measuring.")
-@click.option("--systems", default=None, help="Comma list (default: all): tierkv-sparse, tierkv-exact, hf-default, "
-                                              "hf-offloaded, hf-accelerate.")
+@click.option("--systems", default=None, help="Comma list (default: all): tierkv-sparse, tierkv-sparse-eager, "
+                                              "tierkv-exact, hf-default, hf-offloaded, hf-accelerate.")
 @click.option("--token-budget", default="2048", show_default=True, help="Sparse: tokens attended per step (or a fraction < 1).")
 @click.option("--chunk-size", type=int, default=32, show_default=True)
 @click.option("--prefill-chunk", type=int, default=2048, show_default=True)

@@ -1,7 +1,9 @@
 """Decode attention over pooled chunks whose keys are rebuilt from the low-rank shadow inside the op.
 
 Entries with chunk_ids >= 0 get keys RoPE(A[t] @ B) at t = chunk_id*chunk + j; entries with chunk_ids < 0
-(sinks, window, outliers) read exact keys from k_pool. Values always come from v_pool. Triton twin fuses it all.
+(sinks, window, outliers) read exact keys from k_pool. Values come from v_pool, or, with a GPU chunk cache
+(kernels/chunk_cache.py), from its slot for a hit; a miss read from the pools is written into its slot as well
+(write-through), so a chunk picked again next step does not cross the host link again. Triton twin fuses it all.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from tierkv.kernels import dispatch
+from tierkv.kernels.chunk_cache import decode_csrc
 from tierkv.kernels.decode_attention import attend_chunks
 from tierkv.kernels.rebuild_keys import rebuild_keys_torch
 
@@ -25,11 +28,15 @@ def shadow_paged_attention_torch(
     lengths: torch.Tensor,
     chunk_ids: torch.Tensor,
     scale: float | None = None,
+    cache: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (Hq, D) over the listed chunks; returns out (Hq, D) in q.dtype, lse (Hq,) fp32.
 
     coeffs/basis: the shadow as in `rebuild_keys_torch`. k_pool/v_pool: (num_slots, chunk, Hkv, D).
     slots, lengths, chunk_ids: (Hkv, m) int, as in `paged_decode_attention_torch` plus where each key comes from.
+    cache: None, or (k_cache, v_cache, csrc, counts): caches (S + 1, chunk, Hkv, D) (slot S scratch), csrc (Hkv, K)
+    from `chunk_cache_assign` for the last K entries, counts (4,) int64 where [0] += tokens whose values and [1] +=
+    tokens whose exact keys were read from the pools. Hits read their slot; misses are also written to theirs.
     Rebuilt keys are rounded to k_pool.dtype before the dot, as a gather-then-attend path would. No host sync.
     """
     _, chunk, hkv, d = k_pool.shape
@@ -39,14 +46,36 @@ def shadow_paged_attention_torch(
     last = coeffs.shape[-2] - 1
     tok = (chunk_ids.clamp_min(0).unsqueeze(-1) * chunk + torch.arange(chunk, device=slots.device)).clamp_max(last)
     rebuilt = rebuild_keys_torch(coeffs, basis, tok.reshape(hkv, m * chunk), cos, sin, out_dtype=k_pool.dtype)
-    exact = k_pool.permute(2, 0, 1, 3)[heads, slots].reshape(hkv, m * chunk, d)  # (Hkv, m*chunk, D)
+    exact = k_pool.permute(2, 0, 1, 3)[heads, slots]  # (Hkv, m, chunk, D)
+    vg = v_pool.permute(2, 0, 1, 3)[heads, slots]
+    if cache is not None:
+        exact, vg = _through_cache(exact, vg, chunk_ids, lengths, cache)
     use_exact = (chunk_ids < 0).repeat_interleave(chunk, dim=1).unsqueeze(-1)  # (Hkv, m*chunk, 1)
-    kg = torch.where(use_exact, exact, rebuilt.transpose(0, 1))  # (Hkv, m*chunk, D)
-    vg = v_pool.permute(2, 0, 1, 3)[heads, slots].reshape(hkv, m * chunk, d)  # (Hkv, m*chunk, D)
-    return attend_chunks(q, kg, vg, lengths, chunk, scale)
+    kg = torch.where(use_exact, exact.reshape(hkv, m * chunk, d), rebuilt.transpose(0, 1))  # (Hkv, m*chunk, D)
+    return attend_chunks(q, kg, vg.reshape(hkv, m * chunk, d), lengths, chunk, scale)
 
 
-def shadow_paged_attention(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale=None, *, impl=None):
+def _through_cache(exact, vg, chunk_ids, lengths, cache):
+    """Hits' keys and values from the cache; misses written into it; host-read tokens counted."""
+    k_cache, v_cache, csrc, counts = cache
+    hkv, m, chunk, _ = vg.shape
+    scratch = k_cache.shape[0] - 1
+    lead = torch.full((hkv, m - csrc.shape[1]), -1, dtype=csrc.dtype, device=csrc.device)  # fixed entries
+    hit, miss, slot = decode_csrc(torch.cat([lead, csrc], dim=1), scratch)  # (Hkv, m)
+    heads = torch.arange(hkv, device=vg.device).unsqueeze(1)
+    from_cache = hit[..., None, None]
+    exact = torch.where(from_cache, k_cache.permute(2, 0, 1, 3)[heads, slot], exact)
+    vg = torch.where(from_cache, v_cache.permute(2, 0, 1, 3)[heads, slot], vg)
+    to = torch.where(miss, slot, scratch)  # misses are unique slots; everything else lands in the scratch slot
+    v_cache.permute(2, 0, 1, 3)[heads, to] = vg
+    k_cache.permute(2, 0, 1, 3)[heads, torch.where(miss & (chunk_ids < 0), slot, scratch)] = exact
+    host_tokens = torch.where(hit, 0, lengths.clamp(0, chunk))
+    counts[:2].add_(torch.stack([host_tokens.sum(), torch.where(chunk_ids < 0, host_tokens, 0).sum()]))
+    return exact, vg
+
+
+def shadow_paged_attention(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale=None,
+                           cache=None, *, impl=None):
     """Dispatching entry point: see `shadow_paged_attention_torch`."""
     fn = dispatch.get("shadow_paged_attention", q.device, impl, module="shadow_attention")
-    return fn(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale)
+    return fn(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale, cache)

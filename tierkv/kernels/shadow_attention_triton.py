@@ -1,5 +1,6 @@
 """Triton twin of `shadow_paged_attention_torch`: keys rebuilt from the shadow (A rows @ B halves, RoPE)
-or read exact from the pool, values read from the pool, split-K online softmax, then the shared merge.
+or read exact from the pool, values read from the pool (or from the GPU chunk cache on a hit, with misses
+written through to it), split-K online softmax, then the shared merge.
 Rotate-half works on the two halves of D, so q and keys are held as (lo, hi) halves throughout.
 """
 
@@ -18,10 +19,12 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _shadow_split_kernel(
     q_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, cid_ptr, po_ptr, pl_ptr,
-    n_items, per_split, scale_log2, group, hq, rank, s_last,
+    kc_ptr, vc_ptr, csrc_ptr, count_ptr,
+    n_items, per_split, scale_log2, group, hq, rank, s_last, n_fixed,
     s_ah, s_at, s_bh, s_br, s_bd, s_ct, s_kslot, s_kt, s_kh, s_vslot, s_vt, s_vh, s_sh, s_se,
+    s_cslot, s_ct2, s_ch, s_csh,
     CHUNK: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    F32_DOT: tl.constexpr,
+    F32_DOT: tl.constexpr, USE_CACHE: tl.constexpr,
 ):
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -45,6 +48,8 @@ def _shadow_split_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, 2 * HALF], tl.float32)
     offs_d = tl.arange(0, 2 * HALF)
+    host_v = tl.zeros([BLOCK_N], tl.int64)  # tokens read from the pools (counted with the cache only)
+    host_k = tl.zeros([BLOCK_N], tl.int64)
     for i in range(0, per_split, BLOCK_N):  # fixed trip count; blocks past `end` are masked
         offs = start + i + tl.arange(0, BLOCK_N)
         entry = offs // CHUNK
@@ -67,19 +72,48 @@ def _shadow_split_kernel(
         c_hi = tl.load(c_row + HALF, mask=rope_m, other=0.0).to(tl.float32)
         s_lo = tl.load(s_row, mask=rope_m, other=0.0).to(tl.float32)
         s_hi = tl.load(s_row + HALF, mask=rope_m, other=0.0).to(tl.float32)
+        if USE_CACHE:  # picks (entries past the fixed ones) may hit the cache or be written through to it
+            pe = entry - n_fixed
+            cs = tl.load(csrc_ptr + h * s_csh + pe, mask=valid & (pe >= 0), other=-1)
+            hit = cs >= 0
+            miss = cs <= -2
+            cslot = tl.where(hit, cs, -cs - 2)
+        else:
+            hit = offs < 0
+            miss = hit
+            cslot = slot
         k_row = k_ptr + (slot * s_kslot + j * s_kt + h * s_kh)[:, None] + offs_h[None, :]
-        ex_m = (valid & exact)[:, None]
+        ex_m = (valid & exact & ~hit)[:, None]
         e_lo = tl.load(k_row, mask=ex_m, other=0.0)
         e_hi = tl.load(k_row + HALF, mask=ex_m, other=0.0)
+        c_off = (cslot * s_cslot + j * s_ct2 + h * s_ch)[:, None]
+        if USE_CACHE:
+            hit_k = (valid & exact & hit)[:, None]
+            e_lo = tl.where(hit_k, tl.load(kc_ptr + c_off + offs_h[None, :], mask=hit_k, other=0.0), e_lo)
+            e_hi = tl.where(hit_k, tl.load(kc_ptr + c_off + HALF + offs_h[None, :], mask=hit_k, other=0.0), e_hi)
+            put_k = (valid & exact & miss)[:, None]
+            tl.store(kc_ptr + c_off + offs_h[None, :], e_lo, mask=put_k)
+            tl.store(kc_ptr + c_off + HALF + offs_h[None, :], e_hi, mask=put_k)
+            host_v += (valid & ~hit).to(tl.int64)
+            host_k += (valid & exact & ~hit).to(tl.int64)
+        ex_m = (valid & exact)[:, None]
         # rebuilt keys are rounded to the pool dtype, as the reference does
         k_lo = tl.where(ex_m, e_lo, (lo * c_lo - hi * s_lo).to(e_lo.dtype)).to(kdt)  # (BLOCK_N, HALF)
         k_hi = tl.where(ex_m, e_hi, (hi * c_hi + lo * s_hi).to(e_hi.dtype)).to(kdt)
         v = tl.load(v_ptr + (slot * s_vslot + j * s_vt + h * s_vh)[:, None] + offs_d[None, :],
-                    mask=valid[:, None], other=0.0).to(kdt)  # (BLOCK_N, D)
+                    mask=(valid & ~hit)[:, None], other=0.0)  # (BLOCK_N, D)
+        if USE_CACHE:
+            hit_v = (valid & hit)[:, None]
+            v = tl.where(hit_v, tl.load(vc_ptr + c_off + offs_d[None, :], mask=hit_v, other=0.0), v)
+            tl.store(vc_ptr + c_off + offs_d[None, :], v, mask=(valid & miss)[:, None])
+        v = v.to(kdt)
         s = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
         s = (s + tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee")) * scale_log2  # (BLOCK_G, BLOCK_N)
         m_i, l_i, acc = online_softmax_step(s, valid, v, m_i, l_i, acc)
     store_partial(po_ptr, pl_ptr, sp, hq, rows, mask_g, offs_d, m_i, l_i, acc, 2 * HALF)
+    if USE_CACHE:
+        tl.atomic_add(count_ptr, tl.sum(host_v))
+        tl.atomic_add(count_ptr + 1, tl.sum(host_k))
 
 
 def shadow_paged_attention_triton(
@@ -94,6 +128,7 @@ def shadow_paged_attention_triton(
     lengths: torch.Tensor,
     chunk_ids: torch.Tensor,
     scale: float | None = None,
+    cache: tuple[torch.Tensor, ...] | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `shadow_paged_attention_torch`; D a power of two >= 32. Two launches, no host sync."""
@@ -110,13 +145,22 @@ def shadow_paged_attention_triton(
     n_items = slots.shape[1] * chunk
     block_n = 64
     num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
+    if cache is not None:
+        k_cache, v_cache, csrc, counts = cache
+        if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or csrc.stride(1) != 1:
+            raise ValueError("shadow_paged_attention_triton needs k_cache/v_cache of one layout, D contiguous")
+        n_fixed, cstr = slots.shape[1] - csrc.shape[1], k_cache.stride()
+    else:  # unused pointers; USE_CACHE=False compiles the cache path out
+        k_cache = v_cache = csrc = counts = slots
+        n_fixed, cstr = 0, (0, 0, 0)
     _shadow_split_kernel[(hkv, num_splits)](
-        q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl,
+        q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl, k_cache, v_cache, csrc, counts,
         n_items, per_split, (d**-0.5 if scale is None else scale) * _LOG2E, hq // hkv, hq, rank, a3.shape[1] - 1,
+        n_fixed,
         a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), cos.stride(0),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        slots.stride(0), slots.stride(1),
-        CHUNK=chunk, HALF=d // 2, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=block_n,
+        slots.stride(0), slots.stride(1), cstr[0], cstr[1], cstr[2], csrc.stride(0),
+        USE_CACHE=cache is not None, CHUNK=chunk, HALF=d // 2, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=block_n,
         BLOCK_R=max(16, triton.next_power_of_2(rank)),
         F32_DOT=q.dtype == torch.float32 or q.device.type != "cuda",  # the CPU interpreter's bf16 dot is wrong
     )

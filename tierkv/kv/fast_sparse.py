@@ -4,6 +4,8 @@ Every token's K and V live in one pinned host pool that the GPU reads in place (
 holds only the low-rank key shadows, the score index and a small ring of recent pre-RoPE keys. A decode step
 scores chunks, picks the top ones per KV head and attends sinks + window + open chunk + picks in one kernel,
 with picked keys rebuilt from the shadow: no host sync and no host decision, so the step can be replayed.
+A GPU chunk cache per layer and KV head keeps the chunks picked in earlier steps (most picks repeat from one
+step to the next); the attention kernel reads hits from it and writes misses into it as it reads them.
 Fitting the shadows and folding new keys into them happen in the few steps that run eagerly (`needs_eager`).
 """
 
@@ -17,6 +19,7 @@ from tierkv.config import TierConfig, format_size
 from tierkv.errors import BudgetError
 from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
+from tierkv.kernels.chunk_cache import chunk_cache_assign
 from tierkv.kv.cache import KVCache, causal_attention
 from tierkv.kv.select import plan_selection
 from tierkv.kv.shadow import KeyShadow
@@ -38,7 +41,7 @@ class FastSparseKVCache(KVCache):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
                  dtype: torch.dtype, config: TierConfig, capacity: int, rope: RopeTables,
                  sparse: SparseOptions | None = None, max_append: int | None = None,
-                 track_repeats: bool = False) -> None:
+                 track_repeats: bool = False, chunk_cache: bool = True) -> None:
         self.sp = sp = sparse or SparseOptions()
         if sp.scorer != "lowrank" or not sp.rebuild:
             raise ValueError("FastSparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
@@ -70,6 +73,17 @@ class FastSparseKVCache(KVCache):
         self.window_chunks = -(-config.window_tokens // c)
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
+        # chunk cache: per layer max_picks slots (+1 scratch) of K and V for every KV head; cached_ids says which
+        # chunk each (head, slot) holds; counts = [value tokens read from host, exact-key tokens read from host,
+        # picks served by the cache, picks]
+        self.chunk_cache = chunk_cache
+        if chunk_cache:
+            slots = (num_layers, self.max_picks + 1, c, num_kv_heads, head_dim)
+            self.k_cache = torch.zeros(slots, device=self.device, dtype=dtype)
+            self.v_cache = torch.zeros(slots, device=self.device, dtype=dtype)
+            self.cached_ids = torch.full((num_layers, num_kv_heads, self.max_picks), -1, dtype=torch.long,
+                                         device=self.device)
+            self.cache_counts = torch.zeros(4, dtype=torch.long, device=self.device)
         # track_repeats: count how many picks the same layer also picked the step before, the hit rate a GPU chunk
         # cache of last step's picks would have (a few small kernels per layer; off by default)
         self.track_repeats = track_repeats
@@ -249,9 +263,13 @@ class FastSparseKVCache(KVCache):
                                               fixed_ids, fixed_len, c, self.n_chunks)
         if self.track_repeats:
             self._count_repeats(layer, top, lengths[:, fixed_ids.shape[0]:] > 0)
+        cache = None
+        if self.chunk_cache:
+            csrc = chunk_cache_assign(top, lengths[:, fixed_ids.shape[0]:], self.cached_ids[layer], self.cache_counts)
+            cache = (self.k_cache[layer], self.v_cache[layer], csrc, self.cache_counts)
         sh = self.shadows[layer]
         out, _ = shadow_paged_attention(q[0], sh.coeffs, sh.basis, self.rope.cos, self.rope.sin,
-                                        self.k_host[layer], self.v_host[layer], slots, lengths, cids)
+                                        self.k_host[layer], self.v_host[layer], slots, lengths, cids, cache=cache)
         return out[None]  # (1, Hq, D)
 
     def _count_repeats(self, layer: int, top: torch.Tensor, picked: torch.Tensor) -> None:
@@ -274,13 +292,24 @@ class FastSparseKVCache(KVCache):
         self.pos.add_(n)
 
     def stats(self) -> dict:
-        """Step counts, shadow and index bytes on the device, host pool bytes."""
+        """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; with the chunk cache,
+        `total` holds bytes read over the host link in sparse steps and the picks the cache served."""
         gpu = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index)
         gpu += self.k_pre.numel() * self.k_pre.element_size() + self.outlier.numel()
         extra = {}
         if self.track_repeats:
             rep, total = self._repeats.tolist()
             extra = {"picks": total, "picks_repeated": rep, "repeat_rate": rep / total if total else None}
+        if self.chunk_cache:
+            gpu += 2 * self.v_cache.numel() * self.v_cache.element_size() + self.cached_ids.numel() * 8
+            v_tok, k_tok, hits, picks = self.cache_counts.tolist()
+            per_token = self.d * self.v_cache.element_size()  # bytes of one token of one KV head
+            extra["chunk_cache"] = {"slots_per_head": self.max_picks, "hits": hits, "picks": picks,
+                                    "hit_rate": hits / picks if picks else None}
+            # reads happen inside the attention kernel (mapped pinned memory): no copy, no host-side wait
+            extra["total"] = {"bytes_moved": {"host->device": (v_tok + k_tok) * per_token},
+                              "hits": {"gpu_chunk_cache": hits, "host": picks - hits},
+                              "reads": "in the attention kernel (mapped pinned host memory)"}
         return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n, **extra,
                 "max_picks": self.max_picks, "covered": self.covered,
                 "outlier_chunks": int(self.outlier.sum()) if self.fitted else 0,
