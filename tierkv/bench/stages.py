@@ -12,7 +12,8 @@ from collections import defaultdict
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("scoring", ("_chunk_scores",)),
     ("top-k", ("topk", "sort", "logsumexp", "reduce_kernel")),
-    ("gather+attention", ("_shadow_split", "_split_kernel", "merge")),
+    ("gather+attention", ("_shadow_split", "_split_kernel", "merge", "_fill_kernel")),
+    ("chunk cache", ("_assign_kernel",)),
     ("weight GEMVs", ("gemv", "gemm", "nvjet", "cutlass", "xmma", "sm90")),
     ("norm/rope/silu", ("rms", "norm", "rope", "silu")),
 )

@@ -2,8 +2,8 @@
 
 Entries with chunk_ids >= 0 get keys RoPE(A[t] @ B) at t = chunk_id*chunk + j; entries with chunk_ids < 0
 (sinks, window, outliers) read exact keys from k_pool. Values come from v_pool, or, with a GPU chunk cache
-(kernels/chunk_cache.py), from its slot for a hit; a miss read from the pools is written into its slot as well
-(write-through), so a chunk picked again next step does not cross the host link again. Triton twin fuses it all.
+(kernels/chunk_cache.py, filled before this runs), picks' keys and values come from their cache slots.
+Triton twin fuses it all.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tierkv.kernels import dispatch
-from tierkv.kernels.chunk_cache import decode_csrc
+from tierkv.kernels.chunk_cache import cache_slots
 from tierkv.kernels.decode_attention import attend_chunks
 from tierkv.kernels.rebuild_keys import rebuild_keys_torch
 
@@ -34,9 +34,8 @@ def shadow_paged_attention_torch(
 
     coeffs/basis: the shadow as in `rebuild_keys_torch`. k_pool/v_pool: (num_slots, chunk, Hkv, D).
     slots, lengths, chunk_ids: (Hkv, m) int, as in `paged_decode_attention_torch` plus where each key comes from.
-    cache: None, or (k_cache, v_cache, csrc, counts): caches (S + 1, chunk, Hkv, D) (slot S scratch), csrc (Hkv, K)
-    from `chunk_cache_assign` for the last K entries, counts (4,) int64 where [0] += tokens whose values and [1] +=
-    tokens whose exact keys were read from the pools. Hits read their slot; misses are also written to theirs.
+    cache: None, or (k_cache, v_cache, csrc): caches (S + 1, chunk, Hkv, D) (slot S scratch) and csrc (Hkv, K)
+    from `chunk_cache_assign` for the last K entries; picks with a slot (csrc != -1) are read from the caches.
     Rebuilt keys are rounded to k_pool.dtype before the dot, as a gather-then-attend path would. No host sync.
     """
     _, chunk, hkv, d = k_pool.shape
@@ -49,29 +48,23 @@ def shadow_paged_attention_torch(
     exact = k_pool.permute(2, 0, 1, 3)[heads, slots]  # (Hkv, m, chunk, D)
     vg = v_pool.permute(2, 0, 1, 3)[heads, slots]
     if cache is not None:
-        exact, vg = _through_cache(exact, vg, chunk_ids, lengths, cache)
+        exact, vg = _through_cache(exact, vg, cache)
     use_exact = (chunk_ids < 0).repeat_interleave(chunk, dim=1).unsqueeze(-1)  # (Hkv, m*chunk, 1)
     kg = torch.where(use_exact, exact.reshape(hkv, m * chunk, d), rebuilt.transpose(0, 1))  # (Hkv, m*chunk, D)
     return attend_chunks(q, kg, vg.reshape(hkv, m * chunk, d), lengths, chunk, scale)
 
 
-def _through_cache(exact, vg, chunk_ids, lengths, cache):
-    """Hits' keys and values from the cache; misses written into it; host-read tokens counted."""
-    k_cache, v_cache, csrc, counts = cache
-    hkv, m, chunk, _ = vg.shape
-    scratch = k_cache.shape[0] - 1
+def _through_cache(exact, vg, cache):
+    """Picks with a cache slot take their keys and values from the caches."""
+    k_cache, v_cache, csrc = cache
+    hkv, m = vg.shape[:2]
     lead = torch.full((hkv, m - csrc.shape[1]), -1, dtype=csrc.dtype, device=csrc.device)  # fixed entries
-    hit, miss, slot = decode_csrc(torch.cat([lead, csrc], dim=1), scratch)  # (Hkv, m)
+    src = torch.cat([lead, csrc], dim=1)  # (Hkv, m)
+    slot, _ = cache_slots(src, k_cache.shape[0] - 1)
     heads = torch.arange(hkv, device=vg.device).unsqueeze(1)
-    from_cache = hit[..., None, None]
-    exact = torch.where(from_cache, k_cache.permute(2, 0, 1, 3)[heads, slot], exact)
-    vg = torch.where(from_cache, v_cache.permute(2, 0, 1, 3)[heads, slot], vg)
-    to = torch.where(miss, slot, scratch)  # misses are unique slots; everything else lands in the scratch slot
-    v_cache.permute(2, 0, 1, 3)[heads, to] = vg
-    k_cache.permute(2, 0, 1, 3)[heads, torch.where(miss & (chunk_ids < 0), slot, scratch)] = exact
-    host_tokens = torch.where(hit, 0, lengths.clamp(0, chunk))
-    counts[:2].add_(torch.stack([host_tokens.sum(), torch.where(chunk_ids < 0, host_tokens, 0).sum()]))
-    return exact, vg
+    cached = (src != -1)[..., None, None]
+    return (torch.where(cached, k_cache.permute(2, 0, 1, 3)[heads, slot], exact),
+            torch.where(cached, v_cache.permute(2, 0, 1, 3)[heads, slot], vg))
 
 
 def shadow_paged_attention(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale=None,

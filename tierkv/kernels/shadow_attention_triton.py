@@ -1,6 +1,6 @@
 """Triton twin of `shadow_paged_attention_torch`: keys rebuilt from the shadow (A rows @ B halves, RoPE)
-or read exact from the pool, values read from the pool (or from the GPU chunk cache on a hit, with misses
-written through to it), split-K online softmax, then the shared merge.
+or read exact from the pool, values read from the pool (picks from the GPU chunk cache when one is given),
+split-K online softmax, then the shared merge.
 Rotate-half works on the two halves of D, so q and keys are held as (lo, hi) halves throughout.
 """
 
@@ -19,7 +19,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _shadow_split_kernel(
     q_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, cid_ptr, po_ptr, pl_ptr,
-    kc_ptr, vc_ptr, csrc_ptr, count_ptr,
+    kc_ptr, vc_ptr, csrc_ptr,
     n_items, per_split, scale_log2, group, hq, rank, s_last, n_fixed,
     s_ah, s_at, s_bh, s_br, s_bd, s_ct, s_kslot, s_kt, s_kh, s_vslot, s_vt, s_vh, s_sh, s_se,
     s_cslot, s_ct2, s_ch, s_csh,
@@ -48,8 +48,6 @@ def _shadow_split_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, 2 * HALF], tl.float32)
     offs_d = tl.arange(0, 2 * HALF)
-    host_v = tl.zeros([BLOCK_N], tl.int64)  # tokens read from the pools (counted with the cache only)
-    host_k = tl.zeros([BLOCK_N], tl.int64)
     for i in range(0, per_split, BLOCK_N):  # fixed trip count; blocks past `end` are masked
         offs = start + i + tl.arange(0, BLOCK_N)
         entry = offs // CHUNK
@@ -72,48 +70,29 @@ def _shadow_split_kernel(
         c_hi = tl.load(c_row + HALF, mask=rope_m, other=0.0).to(tl.float32)
         s_lo = tl.load(s_row, mask=rope_m, other=0.0).to(tl.float32)
         s_hi = tl.load(s_row + HALF, mask=rope_m, other=0.0).to(tl.float32)
-        if USE_CACHE:  # picks (entries past the fixed ones) may hit the cache or be written through to it
+        k_off = (slot * s_kslot + j * s_kt + h * s_kh)[:, None]
+        v_off = (slot * s_vslot + j * s_vt + h * s_vh)[:, None]
+        if USE_CACHE:  # picks (entries past the fixed ones) with a cache slot are read from the chunk cache
             pe = entry - n_fixed
             cs = tl.load(csrc_ptr + h * s_csh + pe, mask=valid & (pe >= 0), other=-1)
-            hit = cs >= 0
-            miss = cs <= -2
-            cslot = tl.where(hit, cs, -cs - 2)
+            cached = (cs != -1)[:, None]
+            c_off = (tl.where(cs >= 0, cs, -cs - 2) * s_cslot + j * s_ct2 + h * s_ch)[:, None]
+            k_row = tl.where(cached, kc_ptr + c_off, k_ptr + k_off) + offs_h[None, :]
+            v_row = tl.where(cached, vc_ptr + c_off, v_ptr + v_off) + offs_d[None, :]
         else:
-            hit = offs < 0
-            miss = hit
-            cslot = slot
-        k_row = k_ptr + (slot * s_kslot + j * s_kt + h * s_kh)[:, None] + offs_h[None, :]
-        ex_m = (valid & exact & ~hit)[:, None]
+            k_row = k_ptr + k_off + offs_h[None, :]
+            v_row = v_ptr + v_off + offs_d[None, :]
+        ex_m = (valid & exact)[:, None]
         e_lo = tl.load(k_row, mask=ex_m, other=0.0)
         e_hi = tl.load(k_row + HALF, mask=ex_m, other=0.0)
-        c_off = (cslot * s_cslot + j * s_ct2 + h * s_ch)[:, None]
-        if USE_CACHE:
-            hit_k = (valid & exact & hit)[:, None]
-            e_lo = tl.where(hit_k, tl.load(kc_ptr + c_off + offs_h[None, :], mask=hit_k, other=0.0), e_lo)
-            e_hi = tl.where(hit_k, tl.load(kc_ptr + c_off + HALF + offs_h[None, :], mask=hit_k, other=0.0), e_hi)
-            put_k = (valid & exact & miss)[:, None]
-            tl.store(kc_ptr + c_off + offs_h[None, :], e_lo, mask=put_k)
-            tl.store(kc_ptr + c_off + HALF + offs_h[None, :], e_hi, mask=put_k)
-            host_v += (valid & ~hit).to(tl.int64)
-            host_k += (valid & exact & ~hit).to(tl.int64)
-        ex_m = (valid & exact)[:, None]
         # rebuilt keys are rounded to the pool dtype, as the reference does
         k_lo = tl.where(ex_m, e_lo, (lo * c_lo - hi * s_lo).to(e_lo.dtype)).to(kdt)  # (BLOCK_N, HALF)
         k_hi = tl.where(ex_m, e_hi, (hi * c_hi + lo * s_hi).to(e_hi.dtype)).to(kdt)
-        v = tl.load(v_ptr + (slot * s_vslot + j * s_vt + h * s_vh)[:, None] + offs_d[None, :],
-                    mask=(valid & ~hit)[:, None], other=0.0)  # (BLOCK_N, D)
-        if USE_CACHE:
-            hit_v = (valid & hit)[:, None]
-            v = tl.where(hit_v, tl.load(vc_ptr + c_off + offs_d[None, :], mask=hit_v, other=0.0), v)
-            tl.store(vc_ptr + c_off + offs_d[None, :], v, mask=(valid & miss)[:, None])
-        v = v.to(kdt)
+        v = tl.load(v_row, mask=valid[:, None], other=0.0).to(kdt)  # (BLOCK_N, D)
         s = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
         s = (s + tl.dot(q_hi, tl.trans(k_hi), input_precision="ieee")) * scale_log2  # (BLOCK_G, BLOCK_N)
         m_i, l_i, acc = online_softmax_step(s, valid, v, m_i, l_i, acc)
     store_partial(po_ptr, pl_ptr, sp, hq, rows, mask_g, offs_d, m_i, l_i, acc, 2 * HALF)
-    if USE_CACHE:
-        tl.atomic_add(count_ptr, tl.sum(host_v))
-        tl.atomic_add(count_ptr + 1, tl.sum(host_k))
 
 
 def shadow_paged_attention_triton(
@@ -146,15 +125,15 @@ def shadow_paged_attention_triton(
     block_n = 64
     num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
     if cache is not None:
-        k_cache, v_cache, csrc, counts = cache
+        k_cache, v_cache, csrc = cache
         if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or csrc.stride(1) != 1:
             raise ValueError("shadow_paged_attention_triton needs k_cache/v_cache of one layout, D contiguous")
         n_fixed, cstr = slots.shape[1] - csrc.shape[1], k_cache.stride()
     else:  # unused pointers; USE_CACHE=False compiles the cache path out
-        k_cache = v_cache = csrc = counts = slots
+        k_cache = v_cache = csrc = slots
         n_fixed, cstr = 0, (0, 0, 0)
     _shadow_split_kernel[(hkv, num_splits)](
-        q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl, k_cache, v_cache, csrc, counts,
+        q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl, k_cache, v_cache, csrc,
         n_items, per_split, (d**-0.5 if scale is None else scale) * _LOG2E, hq // hkv, hq, rank, a3.shape[1] - 1,
         n_fixed,
         a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), cos.stride(0),

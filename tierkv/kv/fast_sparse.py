@@ -5,7 +5,7 @@ holds only the low-rank key shadows, the score index and a small ring of recent 
 scores chunks, picks the top ones per KV head and attends sinks + window + open chunk + picks in one kernel,
 with picked keys rebuilt from the shadow: no host sync and no host decision, so the step can be replayed.
 A GPU chunk cache per layer and KV head keeps the chunks picked in earlier steps (most picks repeat from one
-step to the next); the attention kernel reads hits from it and writes misses into it as it reads them.
+step to the next): only missed picks are copied over the host link, then attention reads every pick from it.
 Fitting the shadows and folding new keys into them happen in the few steps that run eagerly (`needs_eager`).
 """
 
@@ -19,7 +19,7 @@ from tierkv.config import TierConfig, format_size
 from tierkv.errors import BudgetError
 from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
-from tierkv.kernels.chunk_cache import chunk_cache_assign
+from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.cache import KVCache, causal_attention
 from tierkv.kv.select import plan_selection
 from tierkv.kv.shadow import KeyShadow
@@ -74,8 +74,8 @@ class FastSparseKVCache(KVCache):
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
         # chunk cache: per layer max_picks slots (+1 scratch) of K and V for every KV head; cached_ids says which
-        # chunk each (head, slot) holds; counts = [value tokens read from host, exact-key tokens read from host,
-        # picks served by the cache, picks]
+        # chunk each (head, slot) holds; counts = [tokens of fixed entries read from the host (K and V, all heads
+        # and layers), missed picks with exact keys, picks served by the cache, picks]
         self.chunk_cache = chunk_cache
         if chunk_cache:
             slots = (num_layers, self.max_picks + 1, c, num_kv_heads, head_dim)
@@ -265,8 +265,13 @@ class FastSparseKVCache(KVCache):
             self._count_repeats(layer, top, lengths[:, fixed_ids.shape[0]:] > 0)
         cache = None
         if self.chunk_cache:
-            csrc = chunk_cache_assign(top, lengths[:, fixed_ids.shape[0]:], self.cached_ids[layer], self.cache_counts)
-            cache = (self.k_cache[layer], self.v_cache[layer], csrc, self.cache_counts)
+            f = fixed_ids.shape[0]
+            if layer == 0:
+                self.cache_counts[0] += fixed_len.sum() * (self.hkv * self.num_layers)
+            csrc = chunk_cache_assign(top, lengths[:, f:], cids[:, f:], self.cached_ids[layer], self.cache_counts)
+            chunk_cache_fill(top, cids[:, f:], csrc, self.k_host[layer], self.v_host[layer], self.k_cache[layer],
+                             self.v_cache[layer])
+            cache = (self.k_cache[layer], self.v_cache[layer], csrc)
         sh = self.shadows[layer]
         out, _ = shadow_paged_attention(q[0], sh.coeffs, sh.basis, self.rope.cos, self.rope.sin,
                                         self.k_host[layer], self.v_host[layer], slots, lengths, cids, cache=cache)
@@ -302,14 +307,15 @@ class FastSparseKVCache(KVCache):
             extra = {"picks": total, "picks_repeated": rep, "repeat_rate": rep / total if total else None}
         if self.chunk_cache:
             gpu += 2 * self.v_cache.numel() * self.v_cache.element_size() + self.cached_ids.numel() * 8
-            v_tok, k_tok, hits, picks = self.cache_counts.tolist()
+            fixed_tok, exact_misses, hits, picks = self.cache_counts.tolist()
             per_token = self.d * self.v_cache.element_size()  # bytes of one token of one KV head
+            host_tok = 2 * fixed_tok + self.chunk * (picks - hits + exact_misses)  # K and V tokens over the link
             extra["chunk_cache"] = {"slots_per_head": self.max_picks, "hits": hits, "picks": picks,
                                     "hit_rate": hits / picks if picks else None}
-            # reads happen inside the attention kernel (mapped pinned memory): no copy, no host-side wait
-            extra["total"] = {"bytes_moved": {"host->device": (v_tok + k_tok) * per_token},
+            # reads are GPU loads from mapped pinned memory (fill and attention kernels): no host-side wait
+            extra["total"] = {"bytes_moved": {"host->device": host_tok * per_token},
                               "hits": {"gpu_chunk_cache": hits, "host": picks - hits},
-                              "reads": "in the attention kernel (mapped pinned host memory)"}
+                              "reads": "by GPU kernels from mapped pinned host memory"}
         return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n, **extra,
                 "max_picks": self.max_picks, "covered": self.covered,
                 "outlier_chunks": int(self.outlier.sum()) if self.fitted else 0,
