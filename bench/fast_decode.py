@@ -140,8 +140,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--chunk-size", type=int, default=32)
     ap.add_argument("--score-rank", type=int, default=32)
-    ap.add_argument("--chunk-cache", action=argparse.BooleanOptionalAction, default=True,
-                    help="keep earlier picks on the GPU (default on)")
+    ap.add_argument("--chunk-cache", action=argparse.BooleanOptionalAction, default=False,
+                    help="keep earlier picks in a GPU chunk cache (default off: see README)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--eager-steps", type=int, default=4)
     ap.add_argument("--profile", action="store_true")

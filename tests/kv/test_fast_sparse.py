@@ -130,7 +130,7 @@ def test_chunk_cache_and_repeat_tracking_change_no_token_and_the_cache_serves_ev
                               config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS, chunk_cache=False)
     tracked = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
                                 config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS,
-                                track_repeats=True)
+                                track_repeats=True, chunk_cache=True)
     try:
         assert greedy(model, tracked, ids, n) == greedy(model, plain, ids, n)
         st = tracked.stats()

@@ -41,7 +41,7 @@ class FastSparseKVCache(KVCache):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
                  dtype: torch.dtype, config: TierConfig, capacity: int, rope: RopeTables,
                  sparse: SparseOptions | None = None, max_append: int | None = None,
-                 track_repeats: bool = False, chunk_cache: bool = True) -> None:
+                 track_repeats: bool = False, chunk_cache: bool = False) -> None:
         self.sp = sp = sparse or SparseOptions()
         if sp.scorer != "lowrank" or not sp.rebuild:
             raise ValueError("FastSparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
