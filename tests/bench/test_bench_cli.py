@@ -106,3 +106,30 @@ def test_parse_contexts_and_sizes():
     for bad in ("", "K", "-1K", "0"):
         with pytest.raises(TierKVError):
             parse_contexts(bad)
+
+
+def test_decode_reports_each_finished_row_as_it_goes():
+    import torch
+
+    from tierkv.bench.decode import run_decode
+    from tierkv.bench.systems import DecodeSpec
+
+    spec = DecodeSpec(model="llama-tiny", contexts=[1024], device=torch.device("cpu"), dtype=torch.float32,
+                      systems=("tierkv-exact", "hf-offloaded"), steps=2, warmup=1)
+    seen = []
+    doc = run_decode(spec, on_partial=seen.append)
+    assert [len(d["rows"]) for d in seen] == [1, 2] and all(d["partial"] for d in seen)
+    assert seen[0]["rows"][0]["system"] == "tierkv-exact" and seen[0]["rows"][0]["floor_ms"] > 0  # finished rows
+    assert "partial" not in doc and [r["system"] for r in doc["rows"]] == ["tierkv-exact", "hf-offloaded"]
+
+
+def test_decode_append_keeps_earlier_rows(tmp_path):
+    out = tmp_path / "d.json"
+    common = ("bench", "decode", "llama-tiny", "--context", "1K", "--json", str(out), "--steps", "2", "--warmup", "1",
+              "--device", "cpu")
+    assert tierkv(*common, "--systems", "hf-default").returncode == 0
+    r = tierkv(*common, "--systems", "tierkv-exact", "--append")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert [x["system"] for x in doc["rows"]] == ["tierkv-exact", "hf-default"] and len(doc["earlier_runs"]) == 1
+    assert "partial" not in doc and not (tmp_path / "d.json.tmp").exists()

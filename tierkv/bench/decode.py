@@ -41,8 +41,11 @@ def model_config(model: str) -> ModelConfig:
 
 
 def run_decode(spec: DecodeSpec, *, io_json: str | None = None, hbm_gbps: float | None = None,
-               log: Callable[[str], None] = lambda _: None) -> dict:
-    """Measure every (system, context); returns the JSON document (rows in context, then system order)."""
+               log: Callable[[str], None] = lambda _: None,
+               on_partial: Callable[[dict], None] | None = None) -> dict:
+    """Measure every (system, context); returns the JSON document (rows in context, then system order).
+    on_partial(doc) gets the document of the rows finished so far ("partial": true) after each row, so a run
+    cut short (a time limit, an interrupt) still leaves its measured rows behind."""
     cfg = model_config(spec.model)
     total_steps = spec.warmup + spec.steps + (4 if spec.profile else 0) + 2
     log("measuring bandwidths for the floor")
@@ -53,9 +56,12 @@ def run_decode(spec: DecodeSpec, *, io_json: str | None = None, hbm_gbps: float 
                disable=not sys.stderr.isatty(), leave=False)
 
     def record(row: Row) -> None:
+        finish_row(row, rates, cfg, spec)
         rows[(row.system, row.context)] = row
         bar.update(1)
         bar.set_postfix_str(f"{row.system} {format_context(row.context)}: {row.status}")
+        if on_partial is not None:
+            on_partial({**_document(spec, cfg, rates, rows), "partial": True})
 
     too_long = [c for c in spec.contexts if spec.model not in SHAPES and c + total_steps > cfg.max_position_embeddings]
     for s in spec.systems:
@@ -66,10 +72,12 @@ def run_decode(spec: DecodeSpec, *, io_json: str | None = None, hbm_gbps: float 
     _tierkv_family(spec, cfg, todo, total_steps, record, log)
     _hf_family(spec, cfg, todo, total_steps, record, log)
     bar.close()
+    return _document(spec, cfg, rates, rows)
+
+
+def _document(spec: DecodeSpec, cfg: ModelConfig, rates: Rates, rows: dict[tuple[str, int], Row]) -> dict:
     order = {s: i for i, s in enumerate(spec.systems)}
     out = sorted(rows.values(), key=lambda r: (r.context, order[r.system]))
-    for r in out:
-        finish_row(r, rates, cfg, spec)
     return {"kind": "decode", "model": spec.model, "dtype": str(spec.dtype).replace("torch.", ""),
             "contexts": spec.contexts, "systems": list(spec.systems), "settings": _settings(spec),
             "weights_bytes": weight_bytes(cfg, spec.dtype), "kv_bytes_per_token": kv_bytes_per_token(cfg, spec.dtype),
@@ -165,17 +173,24 @@ def finish_row(row: Row, rates: Rates, cfg: ModelConfig, spec: DecodeSpec) -> No
                           f"(measured anyway)")
 
 
-def merge_previous(doc: dict, path: str) -> dict:
-    """Rows of an earlier --json file that this run did not redo, kept (for runs split over several commands)."""
+def load_previous(path: str, model: str) -> dict | None:
+    """The earlier --json document that --append adds to (None when the file does not exist yet)."""
     p = Path(path)
     if not p.exists():
-        return doc
+        return None
     try:
         old = json.loads(p.read_text())
     except ValueError:
         raise ConfigError(f"--append: {path!r} is not JSON; remove it or drop --append") from None
-    if old.get("kind") != "decode" or old.get("model") != doc["model"]:
+    if old.get("kind") != "decode" or old.get("model") != model:
         raise ConfigError(f"--append: {path!r} holds another benchmark or model; use a new --json file")
+    return old
+
+
+def merge_previous(doc: dict, old: dict | None) -> dict:
+    """Rows of an earlier document that this run did not redo, kept (for runs split over several commands)."""
+    if old is None:
+        return doc
     have = {(r["system"], r["context"]) for r in doc["rows"]}
     kept = [r for r in old.get("rows", []) if (r["system"], r["context"]) not in have]
     rank = {s: i for i, s in enumerate(SYSTEMS)}

@@ -27,7 +27,9 @@ def _write_json(path: str | None, text: str) -> None:
     if path:
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
+            tmp = Path(f"{path}.tmp")
+            tmp.write_text(text + "\n")
+            tmp.replace(path)  # whole files only: a run killed mid-write leaves the last complete one
         except OSError as e:
             raise ConfigError(f"--json {path!r} cannot be written ({e.strerror}); give a writable path") from None
 
@@ -104,10 +106,17 @@ def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budg
                       reserve=parse_size(reserve, "--reserve"), steps=steps, warmup=warmup,
                       token_budget=_token_budget(token_budget), chunk_size=chunk_size, prefill_chunk=prefill_chunk,
                       profile=profile)
-    doc = dec.run_decode(spec, io_json=io_json, hbm_gbps=hbm_gbps, log=lambda s: _echo_err(f"bench decode: {s}"))
-    doc = dec.record_fields(doc, dev)
-    if append and json_path:
-        doc = dec.merge_previous(doc, json_path)
+    previous = dec.load_previous(json_path, model) if append and json_path else None
+
+    def finish(d: dict) -> dict:
+        return dec.merge_previous(dec.record_fields(d, dev), previous)
+
+    def save_partial(d: dict) -> None:  # each finished row reaches --json at once: a cut-short run keeps its rows
+        _write_json(json_path, dumps(finish(d)))
+
+    doc = dec.run_decode(spec, io_json=io_json, hbm_gbps=hbm_gbps, log=lambda s: _echo_err(f"bench decode: {s}"),
+                         on_partial=save_partial if json_path else None)
+    doc = finish(doc)
     click.echo(decode_table(doc))
     if profile:
         click.echo(profiles(doc))
