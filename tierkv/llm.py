@@ -107,7 +107,8 @@ class LLM:
             from tierkv.kv.fast_sparse import FastSparseKVCache
 
             cache: KVCache = FastSparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier,
-                                               capacity=capacity, rope=self.model.rope)
+                                               capacity=capacity, rope=self.model.rope,
+                                               chunk_cache=self.tier.gpu_chunk_cache)
         elif self.tier.attention == "sparse":
             from tierkv.kv.sparse import SparseKVCache
 

@@ -25,6 +25,8 @@ def model_options(fn):
         click.option("--rank", type=int, default=None, help="Sparse mode: rank of the low-rank key shadows."),
         click.option("--sink-tokens", type=int, default=None, help="First tokens always attended (kept on the GPU)."),
         click.option("--window-tokens", type=int, default=None, help="Last tokens always attended (kept on the GPU)."),
+        click.option("--gpu-chunk-cache", is_flag=True, default=None,
+                     help="Sparse graph decode: keep earlier picks on the GPU (helps when picks repeat, as on real text)."),
         click.option("--no-graph", is_flag=True, help="Run decode eagerly instead of replaying a CUDA graph."),
         click.option("--prefill-chunk", type=int, default=2048, show_default=True,
                      help="Prompt tokens processed per prefill slice."),
@@ -35,7 +37,7 @@ def model_options(fn):
 
 
 TIER_FLAGS = ("kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk", "attention", "token_budget",
-              "rank", "sink_tokens", "window_tokens")
+              "rank", "sink_tokens", "window_tokens", "gpu_chunk_cache")
 
 
 def parse_token_budget(value: str | None) -> int | float | None:
