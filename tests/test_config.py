@@ -12,8 +12,8 @@ def test_sizes_and_defaults():
     assert cfg.gpu_chunk_cache is False and cfg.replace(gpu_chunk_cache=True).gpu_chunk_cache is True
 
 
-@pytest.mark.parametrize("field,value", [("rank", 0), ("chunk_size", -1), ("attention", "dense"), ("sink_tokens", -1),
-                                         ("token_budget", 1.5), ("gpu_chunk_cache", 1)])
+@pytest.mark.parametrize("field,value", [("rank", 0), ("score_rank", 0), ("chunk_size", -1), ("attention", "dense"),
+                                         ("sink_tokens", -1), ("token_budget", 1.5), ("gpu_chunk_cache", 1)])
 def test_bad_fields_are_named(field, value):
     with pytest.raises(ConfigError, match=field):
         TierConfig(**{field: value})

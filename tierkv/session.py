@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tierkv.config import TierConfig
 from tierkv.errors import IntegrityError, TierKVError
 from tierkv.io.atomic import crc32, fsync_dir
 from tierkv.io.dirswap import swap_in, recover
@@ -79,11 +80,12 @@ def check_compatible(path: Path, saved: dict, llm) -> None:
         raise SessionMismatchError(f"session {path} was saved with attention={saved['attention']!r} but this LLM "
                                    f"uses {llm.tier.attention!r}; load the model with attention={saved['attention']!r}")
     if saved["attention"] == "sparse":  # shadows are laid out per chunk at the saved rank
-        for key in ("chunk_size", "rank"):
-            if saved["tier"][key] != getattr(llm.tier, key):
-                raise SessionMismatchError(f"session {path} was saved with {key}={saved['tier'][key]} but this LLM "
+        for key in ("chunk_size", "rank", "score_rank"):
+            was = saved["tier"].get(key, getattr(TierConfig(), key))  # sessions older than score_rank: its default
+            if was != getattr(llm.tier, key):
+                raise SessionMismatchError(f"session {path} was saved with {key}={was} but this LLM "
                                            f"uses {getattr(llm.tier, key)} (the sparse shadows depend on it); load "
-                                           f"the model with {key}={saved['tier'][key]}")
+                                           f"the model with {key}={was}")
 
 
 # ---- writing --------------------------------------------------------------------------------------

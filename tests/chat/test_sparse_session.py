@@ -92,11 +92,11 @@ def test_sparse_reset_keeps_the_context_and_replies_as_a_fresh_session(sparse_co
             torch.testing.assert_close(a, b, atol=1e-3, rtol=0)  # low-rank keys (values ~10); bases up to sign
 
 
-@pytest.mark.parametrize("change", [{"rank": 32}, {"chunk_size": 32}])
+@pytest.mark.parametrize("change", [{"rank": 32}, {"chunk_size": 32}, {"score_rank": 16}])
 def test_sparse_session_with_other_shadow_settings_is_refused(smol, sparse_convo, change):
     llm = sparse_llm(smol, **change)
     key = next(iter(change))
-    with pytest.raises(SessionMismatchError, match=f"{key}={SPARSE.get(key, 64)}"):
+    with pytest.raises(SessionMismatchError, match=f"{key}={SPARSE.get(key, getattr(TierConfig(), key))}"):
         Chat.load(sparse_convo["save"], llm)
 
 

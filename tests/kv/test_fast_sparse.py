@@ -21,10 +21,10 @@ def greedy(model, cache, ids, n, step=None):
     return list(generate_ids(step, logits, len(ids), n, set(), GenStats()))
 
 
-def fast_cache(model, tier, capacity):
+def fast_cache(model, tier, capacity, chunk_cache=False):
     c = model.cfg
     return FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
-                             config=tier, capacity=capacity, rope=model.rope, sparse=OPTS)
+                             config=tier, capacity=capacity, rope=model.rope, sparse=OPTS, chunk_cache=chunk_cache)
 
 
 def test_fast_sparse_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
@@ -32,7 +32,7 @@ def test_fast_sparse_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
     c = model.cfg
     ref = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32, config=TIER,
                         rope=model.rope, sparse=OPTS)
-    fast = fast_cache(model, TIER, len(ids) + n + 1)
+    fast = fast_cache(model, TIER, len(ids) + n + 1, chunk_cache=True)  # the cache path against the reference
     try:
         want = greedy(model, ref, ids, n)
         got = greedy(model, fast, ids, n)
@@ -70,15 +70,16 @@ def test_fast_sparse_refuses_a_context_beyond_its_capacity(smol, text_ids):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("chunk_cache", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, text_ids, dtype):
+def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, text_ids, dtype, chunk_cache):
     import tierkv
     from tierkv.graph import GraphStep
 
     llm = tierkv.load(str(smol_folder), device="cuda", dtype=dtype)
     model, ids, n = llm.model, text_ids[:1500], 64
-    eager = fast_cache(model, TIER, len(ids) + n + 1)
-    graphed = fast_cache(model, TIER, len(ids) + n + 1)
+    eager = fast_cache(model, TIER, len(ids) + n + 1, chunk_cache)
+    graphed = fast_cache(model, TIER, len(ids) + n + 1, chunk_cache)
     want = greedy(model, eager, ids, n)
     step = GraphStep(model, graphed)
     got = greedy(model, graphed, ids, n, step)
@@ -87,7 +88,8 @@ def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, te
 
 
 @pytest.mark.cuda
-def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape():
+@pytest.mark.parametrize("chunk_cache", [False, True])
+def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape(chunk_cache):
     """Llama-3.1-8B shape, random bf16 weights, 8K synthetic tokens written straight into the cache."""
     import sys
     from pathlib import Path
@@ -103,7 +105,7 @@ def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape():
     tier = TierConfig(attention="sparse", token_budget=1024)
     runs = []
     for graphed in (False, True):
-        cache = fast_cache(model, tier, 8192 + 80)
+        cache = fast_cache(model, tier, 8192 + 80, chunk_cache)
         fill(cache, model, 8192, seed=1)
         tok, out = torch.zeros(1, dtype=torch.long, device="cuda"), []
         step = GraphStep(model, cache) if graphed else (lambda t, p, c=cache: model.forward(t, c.pos, c))

@@ -23,6 +23,8 @@ def model_options(fn):
         click.option("--token-budget", default=None,
                      help="Sparse mode: tokens attended per step (e.g. 2048) or a fraction of the context (0.125)."),
         click.option("--rank", type=int, default=None, help="Sparse mode: rank of the low-rank key shadows."),
+        click.option("--score-rank", type=int, default=None,
+                     help="Sparse mode: rank per KV head of the index that scores chunks."),
         click.option("--sink-tokens", type=int, default=None, help="First tokens always attended (kept on the GPU)."),
         click.option("--window-tokens", type=int, default=None, help="Last tokens always attended (kept on the GPU)."),
         click.option("--gpu-chunk-cache", is_flag=True, default=None,
@@ -37,7 +39,7 @@ def model_options(fn):
 
 
 TIER_FLAGS = ("kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk", "attention", "token_budget",
-              "rank", "sink_tokens", "window_tokens", "gpu_chunk_cache")
+              "rank", "score_rank", "sink_tokens", "window_tokens", "gpu_chunk_cache")
 
 
 def parse_token_budget(value: str | None) -> int | float | None:

@@ -60,7 +60,7 @@ class FastSparseKVCache(KVCache):
         self.k_pre = torch.zeros((num_layers, self.ring, num_kv_heads, head_dim), device=self.device, dtype=dtype)
         self.shadows = [KeyShadow(num_kv_heads, head_dim, config.rank, c, outlier_threshold=sp.outlier_threshold,
                                   device=self.device, dtype=dtype, keep_exact=False) for _ in range(num_layers)]
-        self.index = [LowRankIndex(num_kv_heads, head_dim, sp.score_rank or config.rank, c, shared=False,
+        self.index = [LowRankIndex(num_kv_heads, head_dim, sp.score_rank or config.score_rank, c, shared=False,
                                    reduce=sp.reduce, device=self.device, dtype=dtype) for _ in range(num_layers)]
         for sh, ix in zip(self.shadows, self.index):
             sh.reserve(self.capacity)

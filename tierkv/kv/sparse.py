@@ -41,7 +41,7 @@ class SparseOptions:
     """Sparse-mode knobs that are not user budgets (TierConfig holds rank, token_budget, chunk/sink/window).
 
     scorer: 'lowrank' (post-RoPE keys projected per KV head; measured best), 'lowrank-shared', 'mean', 'minmax'.
-    score_rank: rank of the score index per KV head (None: TierConfig.rank). fold_tokens: decode keys stay exact until this
+    score_rank: rank of the score index per KV head (None: TierConfig.score_rank). fold_tokens: decode keys stay exact until this
     many sealed tokens beyond the shadow accumulate, then they are projected onto the shadow's basis.
     outlier_threshold: relative key error (Frobenius, per chunk) above which a chunk keeps exact keys.
     rebuild: False attends picked chunks with exact keys (isolates selection error; for measurements).
@@ -50,7 +50,7 @@ class SparseOptions:
     """
 
     scorer: str = "lowrank"
-    score_rank: int | None = 32  # per KV head; sweep at 1/8: 8 -> 88%, 16 -> 93%, 32 -> 93-94%
+    score_rank: int | None = None  # None: TierConfig.score_rank (a measurement may override it here)
     # chunk mass summed over the query group: 94.1% at 1/8 on SmolLM2 against 93.4% for the max over the group
     reduce: str = "group-mass"
     fold_tokens: int = 512
@@ -98,7 +98,7 @@ class SparseKVCache(TieredKVCache):
 
     def _new_scorer(self):
         lay, sp = self.layout, self.sp
-        return make_scorer(sp.scorer, lay.num_kv_heads, lay.head_dim, sp.score_rank or self.config.rank,
+        return make_scorer(sp.scorer, lay.num_kv_heads, lay.head_dim, sp.score_rank or self.config.score_rank,
                            lay.chunk_size, device=self.device, dtype=self.dtype, reduce=sp.reduce)
 
     # ---- writing ------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ class SparseKVCache(TieredKVCache):
     # ---- session state -------------------------------------------------------------------------------
     def _meta(self) -> torch.Tensor:
         sp = self.sp
-        return meta(self.layout.chunk_size, self.shadows[0].rank, sp.score_rank or self.config.rank, sp.scorer,
+        return meta(self.layout.chunk_size, self.shadows[0].rank, sp.score_rank or self.config.score_rank, sp.scorer,
                     self.seq_len)
 
     def extra_state(self) -> dict[str, torch.Tensor]:
@@ -392,7 +392,7 @@ class SparseKVCache(TieredKVCache):
         steps = max(1, n["sparse_steps"])
         s["sparse"] = {
             "scorer": self.sp.scorer, "rank": self.shadows[0].rank,
-            "score_rank": self.sp.score_rank or self.config.rank,
+            "score_rank": self.sp.score_rank or self.config.score_rank,
             "rope": "given" if self.rope is not None else "derived",
             "token_budget": self.config.token_budget, "sparse_steps": n["sparse_steps"],
             "dense_steps": n["dense_steps"],
