@@ -4,8 +4,9 @@ Every token's K and V live in one pinned host pool that the GPU reads in place (
 holds only the low-rank key shadows, the score index and a small ring of recent pre-RoPE keys. A decode step
 scores chunks, picks the top ones per KV head and attends sinks + window + open chunk + picks in one kernel,
 with picked keys rebuilt from the shadow: no host sync and no host decision, so the step can be replayed.
-A GPU chunk cache per layer and KV head keeps the chunks picked in earlier steps (most picks repeat from one
-step to the next): only missed picks are copied over the host link, then attention reads every pick from it.
+An optional GPU chunk cache (chunk_cache=True) keeps, per layer and KV head, chunks picked in earlier steps (on
+real text most picks repeat from one step to the next): only missed picks cross the host link, then attention
+reads every pick from the cache.
 Fitting the shadows and folding new keys into them happen in the few steps that run eagerly (`needs_eager`).
 """
 
