@@ -45,7 +45,7 @@ def main() -> None:
     c = llm.cfg
     cache = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
                               config=tier, capacity=len(ids) + args.steps + 1, rope=llm.model.rope,
-                              track_repeats=True)
+                              track_repeats=True, chunk_cache=True)
     t0 = time.perf_counter()
     stats = GenStats()
     with torch.no_grad():

@@ -29,8 +29,8 @@ def chunk_cache_assign_torch(top: torch.Tensor, pick_len: torch.Tensor, pick_cid
 
     top: (Hkv, K) picked chunk ids; pick_len: (Hkv, K) tokens attended per pick (0: not attended, not cached);
     pick_cids: (Hkv, K) shadow chunk id of each pick, < 0 where its keys are read exact. cached: (Hkv, S) int64
-    chunk id held by each slot (-1: empty), S >= K. counts: (4,) int64; [1] += misses with exact keys, [2] += hits,
-    [3] += attended picks. csrc per pick: slot >= 0 (hit), -(slot + 2) (miss, to fill into slot), -1 (not
+    chunk id held by each slot (-1: empty), S >= K. counts: (3,) int64; [0] += misses with exact keys, [1] += hits,
+    [2] += attended picks. csrc per pick: slot >= 0 (hit), -(slot + 2) (miss, to fill into slot), -1 (not
     attended). Misses take, in rank order, the free slots (those holding no chunk picked now) in slot order; a
     free slot not taken keeps its chunk, which may be picked again later. No host sync.
     """
@@ -50,7 +50,7 @@ def chunk_cache_assign_torch(top: torch.Tensor, pick_len: torch.Tensor, pick_cid
     csrc = torch.where(hit, hit_slot, torch.where(miss & has_slot, -miss_slot - 2, NOT_CACHED))
     taken = assign.any(1)
     cached.copy_(torch.where(taken, (assign * top.unsqueeze(2)).sum(1), cached))
-    counts[1:].add_(torch.stack([(miss & has_slot & (pick_cids < 0)).sum(), hit.sum(), picked.sum()]))
+    counts.add_(torch.stack([(miss & has_slot & (pick_cids < 0)).sum(), hit.sum(), picked.sum()]))
     return csrc
 
 

@@ -35,9 +35,9 @@ def _assign_kernel(top_ptr, len_ptr, cid_ptr, cached_ptr, csrc_ptr, count_ptr, k
     taken = tl.sum(assign.to(tl.int32), axis=0) > 0
     new_id = tl.sum(tl.where(assign, top[:, None], 0), axis=0)
     tl.store(cached_ptr + h * s_ch + sl, new_id.to(tl.int64), mask=ms & taken)
-    tl.atomic_add(count_ptr + 1, tl.sum((miss & has_slot & exact).to(tl.int64)))
-    tl.atomic_add(count_ptr + 2, tl.sum(hit.to(tl.int64)))
-    tl.atomic_add(count_ptr + 3, tl.sum(picked.to(tl.int64)))
+    tl.atomic_add(count_ptr, tl.sum((miss & has_slot & exact).to(tl.int64)))
+    tl.atomic_add(count_ptr + 1, tl.sum(hit.to(tl.int64)))
+    tl.atomic_add(count_ptr + 2, tl.sum(picked.to(tl.int64)))
 
 
 def chunk_cache_assign_triton(top, pick_len, pick_cids, cached, counts):

@@ -74,9 +74,11 @@ class FastSparseKVCache(KVCache):
         self.window_chunks = -(-config.window_tokens // c)
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
+        # what sparse steps read from host memory: [fixed-entry tokens (their K and V) over heads and layers,
+        # attended picks, picks with exact keys]; with the chunk cache also [exact-key misses, hits, picks]
+        self.read_counts = torch.zeros(3, dtype=torch.long, device=self.device)
         # chunk cache: per layer max_picks slots (+1 scratch) of K and V for every KV head; cached_ids says which
-        # chunk each (head, slot) holds; counts = [tokens of fixed entries read from the host (K and V, all heads
-        # and layers), missed picks with exact keys, picks served by the cache, picks]
+        # chunk each (head, slot) holds
         self.chunk_cache = chunk_cache
         if chunk_cache:
             slots = (num_layers, self.max_picks + 1, c, num_kv_heads, head_dim)
@@ -84,7 +86,7 @@ class FastSparseKVCache(KVCache):
             self.v_cache = torch.zeros(slots, device=self.device, dtype=dtype)
             self.cached_ids = torch.full((num_layers, num_kv_heads, self.max_picks), -1, dtype=torch.long,
                                          device=self.device)
-            self.cache_counts = torch.zeros(4, dtype=torch.long, device=self.device)
+            self.cache_counts = torch.zeros(3, dtype=torch.long, device=self.device)
         # track_repeats: count how many picks the same layer also picked the step before, the hit rate a GPU chunk
         # cache of last step's picks would have (a few small kernels per layer; off by default)
         self.track_repeats = track_repeats
@@ -261,14 +263,12 @@ class FastSparseKVCache(KVCache):
         top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, c,
                                 1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce)  # (Hkv, K)
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
-                                              fixed_ids, fixed_len, c, self.n_chunks)
+                                              fixed_ids, fixed_len, c, self.n_chunks, self.read_counts)
         if self.track_repeats:
             self._count_repeats(layer, top, lengths[:, fixed_ids.shape[0]:] > 0)
         cache = None
         if self.chunk_cache:
             f = fixed_ids.shape[0]
-            if layer == 0:
-                self.cache_counts[0] += fixed_len.sum() * (self.hkv * self.num_layers)
             csrc = chunk_cache_assign(top, lengths[:, f:], cids[:, f:], self.cached_ids[layer], self.cache_counts)
             chunk_cache_fill(top, cids[:, f:], csrc, self.k_host[layer], self.v_host[layer], self.k_cache[layer],
                              self.v_cache[layer])
@@ -298,25 +298,27 @@ class FastSparseKVCache(KVCache):
         self.pos.add_(n)
 
     def stats(self) -> dict:
-        """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; with the chunk cache,
-        `total` holds bytes read over the host link in sparse steps and the picks the cache served."""
+        """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; `total` holds the bytes
+        sparse steps read over the host link and where picks came from (the chunk cache or the host)."""
         gpu = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index)
         gpu += self.k_pre.numel() * self.k_pre.element_size() + self.outlier.numel()
         extra = {}
         if self.track_repeats:
             rep, total = self._repeats.tolist()
             extra = {"picks": total, "picks_repeated": rep, "repeat_rate": rep / total if total else None}
+        fixed_tok, picks, exact_picks = self.read_counts.tolist()
+        hit = 0
         if self.chunk_cache:
             gpu += 2 * self.v_cache.numel() * self.v_cache.element_size() + self.cached_ids.numel() * 8
-            fixed_tok, exact_misses, hits, picks = self.cache_counts.tolist()
-            per_token = self.d * self.v_cache.element_size()  # bytes of one token of one KV head
-            host_tok = 2 * fixed_tok + self.chunk * (picks - hits + exact_misses)  # K and V tokens over the link
-            extra["chunk_cache"] = {"slots_per_head": self.max_picks, "hits": hits, "picks": picks,
-                                    "hit_rate": hits / picks if picks else None}
-            # reads are GPU loads from mapped pinned memory (fill and attention kernels): no host-side wait
-            extra["total"] = {"bytes_moved": {"host->device": host_tok * per_token},
-                              "hits": {"gpu_chunk_cache": hits, "host": picks - hits},
-                              "reads": "by GPU kernels from mapped pinned host memory"}
+            exact_picks, hit, _ = self.cache_counts.tolist()  # only misses cross the link: their exact keys
+            extra["chunk_cache"] = {"slots_per_head": self.max_picks, "hits": hit, "picks": picks,
+                                    "hit_rate": hit / picks if picks else None}
+        # K and V of the fixed entries, V of every pick read from the host and K of those with exact keys; the
+        # reads are GPU loads from mapped pinned memory (attention, cache fill): no copy, no host-side wait
+        host_tok = 2 * fixed_tok + self.chunk * (picks - hit + exact_picks)
+        extra["total"] = {"bytes_moved": {"host->device": host_tok * self.d * self.dtype.itemsize},
+                          "hits": {"gpu_chunk_cache": hit, "host": picks - hit},
+                          "reads": "by GPU kernels from mapped pinned host memory"}
         return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n, **extra,
                 "max_picks": self.max_picks, "covered": self.covered,
                 "outlier_chunks": int(self.outlier.sum()) if self.fitted else 0,
