@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 
 import torch
 
 import tierkv
+from tierkv.bench.common import run_record
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.graph import GraphStep
@@ -59,10 +59,7 @@ def main() -> None:
            "chunk_cache": st["chunk_cache"], "host_link_bytes": st["total"]["bytes_moved"]["host->device"],
            "sparse_steps": st["sparse_steps"], "seconds": time.perf_counter() - t0,
            "decode_ms_per_token": 1000 * stats.decode_s / max(1, stats.new_tokens - 1), "dtype": args.dtype,
-           "machine": (torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda"
-                       else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"),
-           "python": platform.python_version(),
-           "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv)}
+           "threads": torch.get_num_threads(), "python": platform.python_version(), **run_record(llm.device)}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

@@ -10,9 +10,7 @@ pydoc_data/topics.py, joined as the default text is); --skip drops that many lea
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import runpy
 import sys
 import time
@@ -20,6 +18,7 @@ import time
 import torch
 
 import tierkv
+from tierkv.bench.common import run_record
 from tierkv.engine import eager_step, prefill
 from tierkv.kv.cache import DenseKVCache, KVCache
 from tierkv.kv.sparse import SparseKVCache, SparseOptions
@@ -162,11 +161,9 @@ def main() -> None:
                    "outlier_chunks": st["outlier_chunks"], "seconds": round(time.perf_counter() - t0, 1)}
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
-    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-             else f"cpu ({platform.processor() or platform.machine()}, {a.threads} thread)")
     out = {"bench": "sparse_accuracy", "model": f"SmolLM2-135M-Instruct {a.dtype}", "text": label, "skip": a.skip,
-           "context": n, "steps": a.steps, "command": "python " + " ".join(sys.argv), "device": where,
-           "torch": torch.__version__, "date": datetime.date.today().isoformat(), "results": results}
+           "context": n, "steps": a.steps, "threads": a.threads, "torch": torch.__version__, "results": results,
+           **run_record(dev)}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
