@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from tierkv.kernels.span_attention import span_attention
+
 
 class OnlineSoftmax:
     """Running max, denominator and weighted sum of exact attention, merged batch by batch (fp32)."""
@@ -17,6 +19,7 @@ class OnlineSoftmax:
         self.shape, self.dtype, self.hkv = (t, hq, d), q.dtype, num_kv_heads
         qf = q.float().view(t, num_kv_heads, hq // num_kv_heads, d).permute(1, 2, 0, 3)  # (Hkv, G, T, D)
         self.q = qf * (1.0 / math.sqrt(d))
+        self.q_in = q
         self.m = torch.full(qf.shape[:3], -math.inf, device=q.device)  # (Hkv, G, T)
         self.l = torch.zeros(qf.shape[:3], device=q.device)
         self.acc = torch.zeros(qf.shape, device=q.device)  # (Hkv, G, T, D)
@@ -32,6 +35,21 @@ class OnlineSoftmax:
         p = torch.exp(s - m_safe.unsqueeze(-1))
         self.l = self.l * alpha + p.sum(-1)
         self.acc = self.acc * alpha.unsqueeze(-1) + p @ v.float().permute(1, 0, 2).unsqueeze(1)  # (Hkv,1,S,D)
+        self.m = m_new
+
+    def add_span(self, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> None:
+        """Fold keys/values k, v (S, Hkv, D) in through a fused attention kernel (every key kept, or causal:
+        query t sees key t and before, S == T) and a merge by log-sum-exp. Mutates."""
+        if k.shape[0] == 0:
+            return
+        out, lse = span_attention(self.q_in, k, v, causal)  # (T, Hq, D), (T, Hq) fp32
+        t, hq, d = self.shape
+        out = out.view(t, self.hkv, hq // self.hkv, d).permute(1, 2, 0, 3)  # (Hkv, G, T, D)
+        lse = lse.view(t, self.hkv, hq // self.hkv).permute(1, 2, 0)  # (Hkv, G, T)
+        m_new = torch.maximum(self.m, lse)  # finite: every query row of a span sees at least one key
+        alpha, beta = torch.exp(self.m - m_new), torch.exp(lse - m_new)
+        self.l = self.l * alpha + beta
+        self.acc = self.acc * alpha.unsqueeze(-1) + out * beta.unsqueeze(-1)
         self.m = m_new
 
     def result(self) -> torch.Tensor:

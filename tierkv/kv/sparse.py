@@ -231,9 +231,9 @@ class SparseKVCache(TieredKVCache):
         c, start = self.layout.chunk_size, self.seq_len
         if plan.sealed * c < start:  # old tokens of the open chunk, exact, read in place
             m = start - plan.sealed * c
-            state.add(self._open[layer, 0, :m], self._open[layer, 1, :m])
+            state.add_span(self._open[layer, 0, :m], self._open[layer, 1, :m])
         k_new, v_new = self._pending.pop(layer)
-        state.add(k_new, v_new)
+        state.add_span(k_new, v_new, causal=q.shape[0] > 1)
         self._t["io_wait_s"] += self.prefetcher.io_wait_s - io0
         self._t["attend_s"] += time.perf_counter() - t0
         return state.result()

@@ -222,11 +222,9 @@ class TieredKVCache(KVCache):
                 cur = nxt
         if sealed * c < start and include_open:  # old tokens of the open chunk, read in place
             m = start - sealed * c
-            state.add(self._open[layer, 0, :m], self._open[layer, 1, :m])
+            state.add_span(self._open[layer, 0, :m], self._open[layer, 1, :m])
         k_new, v_new = self._pending.pop(layer)
-        t = q.shape[0]
-        causal = torch.ones((t, t), dtype=torch.bool, device=q.device).tril() if t > 1 else None
-        state.add(k_new, v_new, causal)
+        state.add_span(k_new, v_new, causal=q.shape[0] > 1)
         out = state.result()
         io = self.prefetcher.io_wait_s - io0
         self._t["io_wait_s"] += io
@@ -262,12 +260,12 @@ class TieredKVCache(KVCache):
         x = rows.view(self.dtype).view(len(order), *lay.shape)  # (n, 2, C, Hkv, D)
         k = x[:, 0].reshape(-1, lay.num_kv_heads, lay.head_dim)  # (n*C, Hkv, D)
         v = x[:, 1].reshape(-1, lay.num_kv_heads, lay.head_dim)
-        keep = None
         if any((ch.index + 1) * lay.chunk_size > start for ch in order):  # a sealed chunk holding new tokens
             pos = torch.tensor([ch.index * lay.chunk_size for ch in order], device=rows.device)
             pos = (pos[:, None] + torch.arange(lay.chunk_size, device=rows.device)).reshape(-1)
-            keep = pos < start
-        state.add(k, v, keep)
+            keep = pos < start  # those come from `_pending`; dropping them is one host sync, rare
+            k, v = k[keep], v[keep]
+        state.add_span(k, v)
 
     def _prepare(self, chunks: list[ChunkId]) -> tuple[list[ChunkId], Ticket]:
         """Start fetching chunks into the next batch buffer; rows come back as device, host, disk order."""
