@@ -99,6 +99,11 @@ def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+        # pinned blocks a system got from torch's caching host allocator (transformers' offloaded cache) stay
+        # pinned until emptied; the next system would otherwise run short of host memory
+        empty_host = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
+        if empty_host is not None:
+            empty_host()
 
 
 def sparse_unavailable() -> str | None:

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from tierkv.io.pinned import pinned_empty
+
 
 def pinning_available() -> bool:
     """True when torch can allocate page-locked host memory (a CUDA build with a visible GPU). Decided once per caller."""
@@ -18,8 +20,9 @@ def pinning_available() -> bool:
 
 
 def alloc_host(nbytes: int, *, pin: bool) -> torch.Tensor:
-    """A flat uint8 host tensor of nbytes, pinned if asked (callers ask only when `pinning_available()`)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    """A flat uint8 host tensor of nbytes, pinned if asked (callers ask only when `pinning_available()`): pinned
+    memory is exactly nbytes and goes back to the OS when freed (see pinned.py)."""
+    return pinned_empty(nbytes) if pin else torch.empty(nbytes, dtype=torch.uint8)
 
 
 class CopyEvent(Protocol):
