@@ -137,9 +137,9 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3.1-8b")
     ap.add_argument("--context", default="32K,128K")
     ap.add_argument("--token-budget", type=int, default=2048)
-    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=TierConfig.rank)
     ap.add_argument("--chunk-size", type=int, default=32)
-    ap.add_argument("--score-rank", type=int, default=32)
+    ap.add_argument("--score-rank", type=int, default=TierConfig.score_rank)
     ap.add_argument("--chunk-cache", action=argparse.BooleanOptionalAction, default=False,
                     help="keep earlier picks in a GPU chunk cache (default off: see README)")
     ap.add_argument("--steps", type=int, default=32)

@@ -16,6 +16,12 @@ from tierkv.kernels.rebuild_keys import shadow_views
 _LOG2E = 1.4426950408889634
 
 
+def _r_step(block_r: int) -> int:
+    """Basis rows per rebuild dot: all of them up to 64; above, 32-row slices (the whole basis spilled with fp32
+    dots; with 16-bit dots both forms time the same on the H100 at rank 96, so one form is kept)."""
+    return block_r if block_r <= 64 else 32
+
+
 @triton.jit
 def _shadow_split_kernel(
     q_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, cid_ptr, po_ptr, pl_ptr,
@@ -24,7 +30,7 @@ def _shadow_split_kernel(
     s_ah, s_at, s_bh, s_br, s_bd, s_ct, s_kslot, s_kt, s_kh, s_vslot, s_vt, s_vh, s_sh, s_se,
     s_cslot, s_ct2, s_ch, s_csh,
     CHUNK: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    F32_DOT: tl.constexpr, USE_CACHE: tl.constexpr, R_STEP: tl.constexpr,
+    F32_DOT: tl.constexpr, USE_CACHE: tl.constexpr, R_STEP: tl.constexpr, LOWP_REBUILD: tl.constexpr,
 ):
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -37,12 +43,15 @@ def _shadow_split_kernel(
     q_hi = tl.load(q_row + HALF, mask=mask_g[:, None], other=0.0)
     kdt = tl.float32 if F32_DOT else q_lo.dtype
     q_lo, q_hi = q_lo.to(kdt), q_hi.to(kdt)
+    # the rebuild dot A[t] @ B: 16-bit coefficients and basis go to the tensor cores as stored (their products
+    # are exact in fp32, so only the summation order differs from the fp32 reference); else fp32 IEEE
+    rdt = b_ptr.dtype.element_ty if LOWP_REBUILD else tl.float32
     offs_r = tl.arange(0, R_STEP)
     if R_STEP == BLOCK_R:  # the whole basis stays in registers for the program
         mask_r = offs_r < rank
         b_row = b_ptr + h * s_bh + offs_r[:, None] * s_br + offs_h[None, :] * s_bd
-        b_lo = tl.load(b_row, mask=mask_r[:, None], other=0.0).to(tl.float32)  # (BLOCK_R, HALF)
-        b_hi = tl.load(b_row + HALF * s_bd, mask=mask_r[:, None], other=0.0).to(tl.float32)
+        b_lo = tl.load(b_row, mask=mask_r[:, None], other=0.0).to(rdt)  # (BLOCK_R, HALF)
+        b_hi = tl.load(b_row + HALF * s_bd, mask=mask_r[:, None], other=0.0).to(rdt)
     start = sp * per_split
     end = tl.minimum(start + per_split, n_items)
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
@@ -63,7 +72,7 @@ def _shadow_split_kernel(
         a_row = a_ptr + h * s_ah + tok[:, None] * s_at
         a_m = (valid & ~exact)[:, None]
         if R_STEP == BLOCK_R:
-            a = tl.load(a_row + offs_r[None, :], mask=a_m & mask_r[None, :], other=0.0).to(tl.float32)
+            a = tl.load(a_row + offs_r[None, :], mask=a_m & mask_r[None, :], other=0.0).to(rdt)
             lo = tl.dot(a, b_lo, input_precision="ieee")  # (BLOCK_N, HALF) pre-RoPE
             hi = tl.dot(a, b_hi, input_precision="ieee")
         else:  # ranks above 64: the basis in R_STEP slices from cache, or its registers spill (25x slower)
@@ -71,10 +80,10 @@ def _shadow_split_kernel(
             hi = tl.zeros([BLOCK_N, HALF], tl.float32)
             for r0 in tl.static_range(0, BLOCK_R, R_STEP):
                 rr = r0 + offs_r
-                a = tl.load(a_row + rr[None, :], mask=a_m & (rr < rank)[None, :], other=0.0).to(tl.float32)
+                a = tl.load(a_row + rr[None, :], mask=a_m & (rr < rank)[None, :], other=0.0).to(rdt)
                 b_row = b_ptr + h * s_bh + rr[:, None] * s_br + offs_h[None, :] * s_bd
-                b_lo = tl.load(b_row, mask=(rr < rank)[:, None], other=0.0).to(tl.float32)  # (R_STEP, HALF)
-                b_hi = tl.load(b_row + HALF * s_bd, mask=(rr < rank)[:, None], other=0.0).to(tl.float32)
+                b_lo = tl.load(b_row, mask=(rr < rank)[:, None], other=0.0).to(rdt)  # (R_STEP, HALF)
+                b_hi = tl.load(b_row + HALF * s_bd, mask=(rr < rank)[:, None], other=0.0).to(rdt)
                 lo += tl.dot(a, b_lo, input_precision="ieee")
                 hi += tl.dot(a, b_hi, input_precision="ieee")
         c_row = cos_ptr + tok[:, None] * s_ct + offs_h[None, :]
@@ -136,6 +145,8 @@ def shadow_paged_attention_triton(
     if a3.stride(-1) != 1:
         a3 = a3.contiguous()
     n_items = slots.shape[1] * chunk
+    f32_dot = q.dtype == torch.float32 or q.device.type != "cuda"  # the CPU interpreter's bf16 dot is wrong
+    lowp = not f32_dot and a3.dtype == b3.dtype and a3.dtype in (torch.bfloat16, torch.float16)
     block_n = 64
     block_r = max(16, triton.next_power_of_2(rank))
     num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
@@ -155,7 +166,6 @@ def shadow_paged_attention_triton(
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         slots.stride(0), slots.stride(1), cstr[0], cstr[1], cstr[2], csrc.stride(0),
         USE_CACHE=cache is not None, CHUNK=chunk, HALF=d // 2, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=block_n,
-        BLOCK_R=block_r, R_STEP=block_r if block_r <= 64 else 32,
-        F32_DOT=q.dtype == torch.float32 or q.device.type != "cuda",  # the CPU interpreter's bf16 dot is wrong
+        BLOCK_R=block_r, R_STEP=_r_step(block_r), F32_DOT=f32_dot, LOWP_REBUILD=lowp,
     )
     return merge_splits(po, pl, q.dtype)
