@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One H100 call that records this session's GPU numbers (each step time-boxed so the rest still runs).
-# Run from the repo root on the device machine with the wheels carried in .whl/ (see README "Benchmarks").
+# The fourth session's H100 commands, in the order they ran (each call of the device tool had 10 minutes, so the
+# comparison is split per context and merged with --append). Run from the repo root on the device machine with
+# the wheels carried in .whl/ (see README "Benchmarks"); every step is time-boxed so the rest still runs.
 set -u
 OUT=${OUT:-/tmp/tierkv-out}
 mkdir -p "$OUT"
@@ -9,15 +10,19 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 step() { local t=$1; shift; echo "== $(date +%T) $*"; timeout "$t" "$@" 2>&1 | grep -v -i "warn" | tail -25; echo "== rc=${PIPESTATUS[0]}"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-step 90 python -m pytest -q -m cuda -p no:cacheprovider tests/kernels/test_kernels_fused_step.py \
-    tests/models/test_static_cache.py -k "random_8b or triton_matches"
-step 70 python bench/dense_decode.py --parts 8b --out "$OUT/dense_8b.json"
-step 45 python -m tierkv bench io --sizes 64KiB,1MiB,16MiB,256MiB --repeats 3 --disk-dir /tmp/bench-io --json "$OUT/io.json"
-step 100 python bench/tiered_decode.py --shape llama3.1-8b --context 32K,128K --gpu-budget 4GiB --cpu-budget 40GiB \
-    --steps 4 --host-read mapped --no-dense --out "$OUT/tiered_full.json"
-step 110 python bench/tiered_decode.py --shape llama3.1-8b --context 32K,128K --gpu-budget 4GiB --cpu-budget 40GiB \
-    --steps 6 --host-read mapped --no-dense --attention sparse --token-budget 2048 --out "$OUT/tiered_sparse.json"
-step 60 python bench/chat_session.py --model llama3.1-8b --context 32768 --device cuda --out "$OUT/chat_session.json"
-step 140 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget 24GiB --steps 4 --warmup 2 \
-    --systems tierkv-sparse,tierkv-exact,hf-default,hf-offloaded --io-json "$OUT/io.json" --json "$OUT/decode.json"
+step 100 python -m pytest -q -p no:cacheprovider -m cuda tests/io/test_pinned.py tests/kernels tests/kv/test_tiered.py \
+    tests/kv/test_fast_sparse.py
+step 90 python bench/fast_decode.py --context 32K,128K,256K --steps 24 --profile --out "$OUT/fast_defaults.json"
+S=tierkv-sparse-eager,tierkv-exact,hf-default,hf-offloaded
+for ctx in 32K 128K; do  # one process per context: hf-offloaded at 128K was killed when it ran after the others
+  step 420 python -m tierkv bench decode llama3.1-8b --context $ctx --gpu-budget 24GiB --steps 3 --warmup 1 \
+      --systems $S --json "$OUT/decode.json" --append
+done
+step 420 python -m tierkv bench decode llama3.1-8b --context 32K,128K,256K --gpu-budget 24GiB --systems tierkv-sparse \
+    --profile --json "$OUT/decode.json" --append
+step 540 python -m tierkv bench decode llama3.1-8b --context 256K --gpu-budget 24GiB --steps 3 --warmup 1 \
+    --systems hf-default,hf-offloaded --json "$OUT/decode.json" --append  # hf-offloaded: killed (host RAM)
+step 600 python -m tierkv bench decode llama3.1-8b --context 256K --gpu-budget 24GiB --steps 3 --warmup 1 \
+    --prefill-chunk 8192 --systems tierkv-exact,tierkv-sparse-eager --json "$OUT/decode.json" --append \
+    --plot "$OUT/decode.png"
 ls -la "$OUT"

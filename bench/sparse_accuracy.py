@@ -77,7 +77,7 @@ def sweep(name: str) -> list[dict]:
         for frac in (1 / 8, 1 / 64, 1 / 32, 1 / 16, 1 / 4):
             runs.append({"token_budget": frac, "group": "budget"})
         runs.append({"sink_tokens": 32, "window_tokens": 64, "group": "split"})
-        for r in (16, 32, 128):
+        for r in (16, 32, 64, 128):  # the default (96) is the 1/8 budget run
             runs.append({"rank": r, "group": "shadow-rank"})
     if name == "one":
         runs.append({"group": "one"})

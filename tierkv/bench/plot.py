@@ -17,13 +17,17 @@ def plot_decode(doc: dict, path: str) -> None:
         raise ConfigError("--plot needs matplotlib; pip install 'tierkv[plot]' (or matplotlib) or drop --plot") from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     systems = list(dict.fromkeys(r["system"] for r in doc["rows"]))
+    any_over = False
     for name in systems:
-        pts = sorted((r["context"], r["decode_ms"]["median"]) for r in doc["rows"]
+        pts = sorted((r["context"], r["decode_ms"]["median"], r["status"] == "over_budget") for r in doc["rows"]
                      if r["system"] == name and r.get("decode_ms"))
         if pts:
-            dashed = any(r["status"] == "over_budget" for r in doc["rows"] if r["system"] == name)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--o" if dashed else "-o",
-                    label=name + (" (over budget)" if dashed else ""))
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=name)
+            over = [p for p in pts if p[2]]  # measured anyway: drawn hollow, so one such point marks only itself
+            if over:
+                any_over = True
+                ax.plot([p[0] for p in over], [p[1] for p in over], "o", color=line.get_color(), markersize=9,
+                        markerfacecolor="white")
     contexts = sorted({r["context"] for r in doc["rows"]})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -34,7 +38,7 @@ def plot_decode(doc: dict, path: str) -> None:
     title = f"{doc['model']} decode" + (f", GPU budget {budget / 1024**3:.0f} GiB" if budget else "")
     ax.set_title(f"{title}\n{doc.get('device', '')}, {str(doc.get('date', ''))[:10]}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="hollow: peak GPU memory over the budget" if any_over else None, title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
