@@ -1,7 +1,8 @@
 """`tierkv bench decode`: every requested system at every context, then floors and budget verdicts per row.
 
-tierkv systems share one loaded model; transformers systems share one HF model; each is freed before the next
-family loads, so the GPU holds one set of weights at a time.
+tierkv systems share one loaded model; transformers systems share one HF model, built in a child process (a
+system the kernel kills for host memory becomes a row; see isolate.py); each family is freed before the next
+loads, so the GPU holds one set of weights at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from tierkv.bench.common import format_context, run_record
 from tierkv.bench.floor import Rates, floor_ms, kv_bytes_per_token, measure_rates, streamed_weight_bytes, weight_bytes
+from tierkv.bench.isolate import isolated_rows, send_row
 from tierkv.bench.systems import HF_SYSTEMS, SYSTEMS, TIERKV_SYSTEMS, DecodeSpec, Row, free_memory, run_tierkv
 from tierkv.config import format_size
 from tierkv.errors import ConfigError, TierKVError
@@ -70,7 +72,7 @@ def run_decode(spec: DecodeSpec, *, io_json: str | None = None, hbm_gbps: float 
                                                          f"window of {cfg.max_position_embeddings} tokens"))
     todo = [c for c in spec.contexts if c not in too_long]
     _tierkv_family(spec, cfg, todo, total_steps, record, log)
-    _hf_family(spec, cfg, todo, total_steps, record, log)
+    _hf_family(spec, cfg, todo, total_steps, record)
     bar.close()
     return _document(spec, cfg, rates, rows)
 
@@ -109,29 +111,39 @@ def _tierkv_family(spec, cfg, contexts, total_steps, record, log) -> None:
     free_memory(spec.device)
 
 
-def _hf_family(spec, cfg, contexts, total_steps, record, log) -> None:
-    from tierkv.bench import hf
-
+def _hf_family(spec, cfg, contexts, total_steps, record) -> None:
     systems = [s for s in spec.systems if s in HF_SYSTEMS and s != "hf-accelerate"]
     if systems and contexts:
-        model, hf_cfg = None, None
-        try:
-            log(f"building the transformers model of {spec.model}")
-            model, hf_cfg = hf.build_hf(spec, cfg, max(contexts) + total_steps + 8, spec.device)
-        except ImportError as e:
-            hf_cfg = f"transformers cannot build it ({e})"
-        except Exception as e:  # OOM or an unsupported config: every row says why
-            hf_cfg = f"building the transformers model failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-            print(traceback.format_exc(), file=sys.stderr)
-        for c in contexts:
-            for s in systems:
-                log(f"{s} at {format_context(c)}")
-                record(_guard(s, c, lambda: hf.run_hf(s, model, hf_cfg, cfg, c, spec)))
-        del model
-        free_memory(spec.device)
+        pairs = [(s, c) for c in contexts for s in systems]
+        for row in isolated_rows(pairs, _hf_worker, (spec, cfg, max(contexts) + total_steps + 8)):
+            record(row)
     if "hf-accelerate" in spec.systems:
+        from tierkv.bench import hf
+
         for c in contexts:
             record(_guard("hf-accelerate", c, lambda: hf.run_accelerate(cfg, c, spec, weight_bytes(cfg, spec.dtype))))
+
+
+def _hf_worker(conn, pairs, spec, cfg, max_positions: int) -> None:
+    """Child process: build the transformers model once, then measure each (system, context) and send its row."""
+    from tierkv.bench import hf
+
+    def log(msg: str) -> None:
+        print(f"bench decode: {msg}", file=sys.stderr, flush=True)
+
+    model, hf_cfg = None, None
+    try:
+        log(f"building the transformers model of {spec.model}")
+        model, hf_cfg = hf.build_hf(spec, cfg, max_positions, spec.device)
+    except ImportError as e:
+        hf_cfg = f"transformers cannot build it ({e})"
+    except Exception as e:  # OOM or an unsupported config: every row says why
+        hf_cfg = f"building the transformers model failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        print(traceback.format_exc(), file=sys.stderr)
+    for s, c in pairs:
+        log(f"{s} at {format_context(c)}")
+        send_row(conn, _guard(s, c, lambda: hf.run_hf(s, model, hf_cfg, cfg, c, spec)))
+    conn.close()
 
 
 def _guard(system: str, context: int, fn: Callable[[], Row]) -> Row:
