@@ -25,9 +25,10 @@ def test_pinned_empty_is_exact_locked_and_mapped():
 
 @pytest.mark.cuda
 def test_pinned_empty_returns_memory():
-    """Allocating and freeing 1 GiB ten times must not keep 10 GiB locked (the caching allocator keeps blocks)."""
-    free_before = torch.cuda.mem_get_info()[0]  # device memory is not the point; host RSS is:
+    """Allocating and freeing 1 GiB ten times must not keep 10 GiB locked (the caching allocator keeps blocks),
+    nor take device memory."""
     import psutil
+    free_before = torch.cuda.mem_get_info()[0]
     proc = psutil.Process()
     base = proc.memory_info().rss
     for _ in range(10):

@@ -271,3 +271,20 @@ def test_truncate_then_continue_matches_a_cache_that_stopped_there(cut, fold):
     for x, y in zip(outputs(a, steps), outputs(b, steps)):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
     assert a.stats()["sparse"]["sparse_steps"] >= 12 and all(a._fitted)
+
+
+def test_outlier_chunks_use_the_keys_read_from_their_tier_and_keep_no_device_copy(tmp_path):
+    """Every chunk an outlier (threshold 0): the same outputs as attending picked chunks with exact keys, while
+    the shadows hold no exact keys on the device (they would sit outside the KV budget)."""
+    opts = TieredOptions(batch_tokens=8, io_threads=1)
+    make = lambda sp, d: SparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=small_budget(d),  # noqa: E731
+                                       rope=ROPE, options=opts, sparse=sp)
+    outliers = make(SparseOptions(fold_tokens=8, outlier_threshold=0.0), tmp_path / "a")
+    exact = make(SparseOptions(fold_tokens=8, rebuild=False), tmp_path / "b")
+    steps = [40] + [1] * 30
+    for got, want in zip(outputs(outliers, steps), outputs(exact, steps)):
+        assert torch.equal(got, want)
+    st = outliers.stats()["sparse"]
+    assert st["outlier_chunks"] > 0 and st["sparse_steps"] > 0
+    assert all(sh.exact.shape[0] == 0 for sh in outliers.shadows)
+    assert outliers._n["rebuilt_tokens"] == 0  # every covered pick kept its tier keys

@@ -23,7 +23,10 @@ class _LockedMapping(mmap.mmap):
 
     def __del__(self) -> None:
         if self.registered_ptr:
-            torch.cuda.cudart().cudaHostUnregister(self.registered_ptr)
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self.registered_ptr)
+            except Exception:  # at interpreter exit CUDA may be gone; the process's memory goes with it
+                pass
             self.registered_ptr = 0
 
 

@@ -141,7 +141,17 @@ class KeyShadow:
 
     @property
     def num_outliers(self) -> int:
+        """Outlier chunks whose exact keys are kept here (0 with keep_exact=False)."""
         return self.exact.shape[0]
+
+    @property
+    def outlier_chunks(self) -> int:
+        """Chunks judged outliers (kept exact here or read exact elsewhere). Host sync."""
+        return int((self.chunk_err > self.threshold).sum())
+
+    def is_outlier(self, chunks: torch.Tensor) -> torch.Tensor:
+        """bool (n,): whether each covered chunk of `chunks` (n,) int64 was judged an outlier. No host sync."""
+        return self.chunk_err[chunks] > self.threshold
 
     def keys(self, chunks: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Post-RoPE keys (n*C, Hkv, D) of covered chunks `chunks` (n,) int64: RoPE(A[t] @ B) at t, exact for

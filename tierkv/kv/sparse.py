@@ -93,8 +93,11 @@ class SparseKVCache(TieredKVCache):
 
     def _new_shadow(self) -> KeyShadow:
         lay, cfg = self.layout, self.config
+        # outliers are only marked: a picked chunk is fetched whole from its tier, exact keys included, so a
+        # device copy of their keys would only spend GPU memory outside the KV budget
         return KeyShadow(lay.num_kv_heads, lay.head_dim, cfg.rank, lay.chunk_size,
-                         outlier_threshold=self.sp.outlier_threshold, device=self.device, dtype=self.dtype)
+                         outlier_threshold=self.sp.outlier_threshold, device=self.device, dtype=self.dtype,
+                         keep_exact=False)
 
     def _new_scorer(self):
         lay, sp = self.layout, self.sp
@@ -293,8 +296,11 @@ class SparseKVCache(TieredKVCache):
                 sel = torch.tensor(cov, device=keep.device)
                 cos, sin = self._tables(self.seq_len + 1)
                 rebuilt = sh.keys(pos[sel], cos, sin).view(len(cov), c, hkv, d)  # (m, C, Hkv, D)
-                k = k.view(-1, c, hkv, d).index_copy(0, sel, rebuilt).view(-1, hkv, d)
-                self._n["rebuilt_tokens"] += len(cov) * c
+                outlier = sh.is_outlier(pos[sel])  # (m,) these keep the exact keys just read from their tier
+                kc = k.view(-1, c, hkv, d)
+                rebuilt = torch.where(outlier.view(-1, 1, 1, 1), kc[sel], rebuilt)
+                k = kc.index_copy(0, sel, rebuilt).view(-1, hkv, d)
+                self._n["rebuilt_tokens"] += (len(cov) - int(outlier.sum())) * c
         state.add(k, v, mask.view(hkv, 1, 1, -1))
 
     # ---- session state -------------------------------------------------------------------------------
@@ -402,7 +408,7 @@ class SparseKVCache(TieredKVCache):
             "prefetch_recall": n["predicted_used"] / n["needed"] if n["needed"] else 0.0,
             "prefetch_precision": n["predicted_used"] / n["predicted"] if n["predicted"] else 0.0,
             "chunks_needed": n["needed"], "chunks_fetched_late": n["fetched"],
-            "outlier_chunks": sum(sh.num_outliers for sh in self.shadows),
+            "outlier_chunks": sum(sh.outlier_chunks for sh in self.shadows),
             "shadow_bytes": sum(sh.nbytes for sh in self.shadows),
             "index_bytes": sum(sc.nbytes for sc in self.scorers),
             "select_s": self._t_select,
