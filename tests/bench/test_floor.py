@@ -27,3 +27,30 @@ def test_floor_parts_use_the_rate_of_each_pair():
     assert math.isclose(parts["weights_hbm"], 8.0) and math.isclose(parts["host->device"], 20.0)
     assert math.isclose(parts["disk->device"], 100.0) and "device->host" not in parts
     assert math.isclose(total, 128.0)
+
+
+def _tier_row(bytes_per_token: dict, reads: str | None):
+    from tierkv.bench.systems import Row
+
+    return Row("tierkv-exact", 1024, decode_ms={"median": 50.0}, bytes_per_token=bytes_per_token,
+               bytes_source="tier stats", io_wait_ms_per_token=0.0, memory_kind="cpu-rss",
+               settings={"reads": reads} if reads else {})
+
+
+def test_hidden_share_is_not_claimed_for_reads_the_host_never_waits_on():
+    """GPU reads of mapped host memory never block the host: a 0 ms host wait says nothing, so no share; host
+    copies (or any disk traffic) keep the estimate."""
+    from tierkv.bench.decode import finish_row
+
+    rates = Rates(hbm=2e12, h2d=50e9, d2h=40e9, disk=1e9)
+    cfg = shape_config("llama-tiny")
+    spec = DecodeSpec(model="llama-tiny", contexts=[1024], device=torch.device("cpu"), dtype=torch.float32)
+    mapped = _tier_row({"host->device": 1e9}, "by GPU gathers from mapped pinned host memory on the copy stream")
+    finish_row(mapped, rates, cfg, spec)
+    assert mapped.copy_hidden_share is None and mapped.copy_hidden_note.startswith("not measured")
+    copied = _tier_row({"host->device": 1e9}, None)
+    finish_row(copied, rates, cfg, spec)
+    assert copied.copy_hidden_share == 1.0
+    with_disk = _tier_row({"host->device": 1e9, "disk->device": 1e8}, "by GPU gathers from mapped pinned memory")
+    finish_row(with_disk, rates, cfg, spec)
+    assert with_disk.copy_hidden_share == 1.0

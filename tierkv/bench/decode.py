@@ -167,9 +167,10 @@ def finish_row(row: Row, rates: Rates, cfg: ModelConfig, spec: DecodeSpec) -> No
     row.measured_over_floor = row.decode_ms["median"] / row.floor_ms if row.floor_ms else None
     if row.bytes_source == "tier stats":
         link_ms = sum(ms for pair, ms in row.floor_parts_ms.items() if pair not in LINK_FREE)
-        if row.settings.get("reads"):  # zero-copy: GPU kernels read the host memory in place
-            row.copy_hidden_note = (f"no copies: K/V are read {row.settings['reads']}; that time is inside "
-                                    "the gather+attention stage (see --profile), not a separate wait")
+        disk = sum(v for pair, v in (row.bytes_per_token or {}).items() if pair.startswith("disk"))
+        if row.settings.get("reads") and not disk:  # zero-copy: GPU kernels read the host memory in place
+            row.copy_hidden_note = (f"not measured: K/V cross the host link as reads {row.settings['reads']}, "
+                                    "which the host never waits on; their time is GPU time (see --profile)")
         elif link_ms > 0 and row.io_wait_ms_per_token is not None:
             row.copy_hidden_share = min(1.0, max(0.0, 1.0 - row.io_wait_ms_per_token / link_ms))
             row.copy_hidden_note = HIDDEN_NOTE

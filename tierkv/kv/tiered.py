@@ -367,10 +367,13 @@ class TieredKVCache(KVCache):
         io = self._t["io_wait_s"] + self._t["move_s"]
         hits = dict(self.manager.hits)
         total = sum(hits.values())
-        return {"bytes_moved": moved, "hits": hits,
+        snap = {"bytes_moved": moved, "hits": hits,
                 "hit_rate": {k: (v / total if total else 0.0) for k, v in hits.items()},
                 "io_wait_s": io, "compute_s": max(0.0, self._t["attend_s"] - self._t["io_wait_s"]),
                 "steps": self._steps}
+        if self.host_read == "mapped":  # host-tier reads are GPU gathers the host never waits on
+            snap["reads"] = "by GPU gathers from mapped pinned host memory on the copy stream"
+        return snap
 
     def stats(self) -> dict:
         """Placement, budgets, backends, and I/O counters for the last step and in total. Does not mutate.
