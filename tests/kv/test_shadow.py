@@ -71,3 +71,19 @@ def test_outlier_chunks_keep_exact_keys_and_folded_chunks_are_judged():
     sh.fold(extra, extra_post)
     assert sh.covered == s + 24 and sh.num_outliers == 2
     assert torch.equal(sh.keys(torch.tensor([(s + 8) // C]), cos, sin), extra_post[8:12])
+
+
+def test_folds_grow_the_coefficients_by_an_eighth_not_double():
+    """Decode folds append a few tokens at a time: the buffer stays within an eighth (+256 rows) of what is
+    covered, where doubling would leave up to half of it (GiBs at long context) unused."""
+    sh = KeyShadow(HKV, D, 4, C, outlier_threshold=1.0, device=torch.device("cpu"), dtype=torch.float32)
+    cos, sin = tables(4096)
+    k_pre = low_rank_keys(4096, 4, 0.0)
+    k = rope_torch(k_pre, cos, sin, torch.arange(4096))
+    sh.fit(k_pre[:2048], k[:2048])
+    assert sh.coeffs.shape[0] == 2048
+    for lo in range(2048, 4096, 32):
+        sh.fold(k_pre[lo:lo + 32], k[lo:lo + 32])
+        assert sh.covered <= sh.coeffs.shape[0] <= sh.covered + sh.covered // 8 + 256 + 32
+    rebuilt = sh.keys(torch.arange(1024), cos, sin)
+    torch.testing.assert_close(rebuilt, k, atol=1e-4, rtol=1e-4)

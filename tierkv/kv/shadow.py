@@ -22,6 +22,12 @@ def fit_basis(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return basis_from_gram(xf.T @ xf, rank)
 
 
+def grown_capacity(need: int, cap: int) -> int:
+    """Rows to allocate when a per-token buffer of `cap` rows must hold `need`: an eighth more than now, not
+    double, since at long context these buffers are GiBs of GPU memory outside the KV budget."""
+    return max(need, cap + cap // 8 + 256)
+
+
 def basis_from_gram(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`fit_basis` from the Gram matrix x.T @ x (F, F) fp32, which callers may sum over slices of x."""
     evals, evecs = torch.linalg.eigh(gram.double())  # ascending
@@ -104,7 +110,7 @@ class KeyShadow:
         a = flat @ b.T  # (T, r)
         start, end = self.covered, self.covered + t
         if end > self.coeffs.shape[0]:
-            grown = self.coeffs.new_zeros((max(end, 2 * self.coeffs.shape[0]), self.rank))
+            grown = self.coeffs.new_zeros((grown_capacity(end, self.coeffs.shape[0]), self.rank))
             grown[:start] = self.coeffs[:start]
             self.coeffs = grown
         self.coeffs[start:end] = a.to(self.dtype)

@@ -12,7 +12,7 @@ import torch
 
 from tierkv.kernels import chunk_topk
 from tierkv.kernels.chunk_topk import select_top_chunks
-from tierkv.kv.shadow import basis_from_gram, fit_basis
+from tierkv.kv.shadow import basis_from_gram, fit_basis, grown_capacity
 
 SCORERS = ("lowrank", "lowrank-shared", "mean", "minmax")
 
@@ -68,7 +68,7 @@ class LowRankIndex:
         end, cap = self.count + t, self.coeffs.shape[-2]
         if end > cap:
             shape = list(self.coeffs.shape)
-            shape[-2] = max(end, 2 * cap)
+            shape[-2] = grown_capacity(end, cap)
             grown = self.coeffs.new_zeros(shape)
             grown[..., :self.count, :] = self.coeffs[..., :self.count, :]
             self.coeffs = grown
