@@ -66,3 +66,22 @@ def test_unknown_device():
 @pytest.mark.parametrize("flag", ["--prompt-file"])
 def test_missing_prompt_file(flag, tmp_path):
     _one_line_error(tierkv("run", flag, str(tmp_path / "nope.txt")), "nope.txt")
+
+
+def test_prompt_file_that_is_a_directory(tmp_path):
+    _one_line_error(tierkv("run", "--prompt-file", str(tmp_path)), "is a directory")
+
+
+def test_prompt_file_may_be_a_pipe(tmp_path):
+    """bash's <(...) hands over a FIFO: it is read like a file."""
+    import os
+    import threading
+
+    fifo = tmp_path / "prompt.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("What is the capital of France?"))
+    writer.start()
+    r = tierkv("run", "--prompt-file", str(fifo), "--max-new-tokens", "16")
+    writer.join()
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout

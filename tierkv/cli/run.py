@@ -18,9 +18,14 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         raise ConfigError("give the prompt as an argument or with --prompt-file, not both")
     if prompt_file is not None:
         path = Path(prompt_file)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"prompt file {prompt_file!r} does not exist; give a readable text file")
-        return path.read_text(encoding="utf-8", errors="replace")
+        if path.is_dir():
+            raise ConfigError(f"prompt file {prompt_file!r} is a directory; give a readable text file")
+        try:  # a pipe such as bash's <(...) is fine too
+            return path.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise ConfigError(f"prompt file {prompt_file!r} cannot be read ({e.strerror}); give a readable text file") from None
     if prompt is None:
         if sys.stdin.isatty():
             raise ConfigError("no prompt given; pass PROMPT, --prompt-file F, or pipe text on stdin")
