@@ -176,7 +176,7 @@ class FastSparseKVCache(KVCache):
 
     def _mark_outliers(self, layer: int, start: int, end: int) -> None:
         sh, c = self.shadows[layer], self.chunk
-        self.outlier[layer, start // c:end // c] = sh.chunk_err[start // c:end // c] > sh.threshold
+        self.outlier[layer, start // c:end // c] = sh.is_outlier(slice(start // c, end // c))
         if layer == self.num_layers - 1:
             self.covered_chunks.fill_(end // c)
 

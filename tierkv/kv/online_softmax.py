@@ -17,16 +17,20 @@ class OnlineSoftmax:
     def __init__(self, q: torch.Tensor, num_kv_heads: int) -> None:
         t, hq, d = q.shape
         self.shape, self.dtype, self.hkv = (t, hq, d), q.dtype, num_kv_heads
-        qf = q.float().view(t, num_kv_heads, hq // num_kv_heads, d).permute(1, 2, 0, 3)  # (Hkv, G, T, D)
-        self.q = qf * (1.0 / math.sqrt(d))
         self.q_in = q
-        self.m = torch.full(qf.shape[:3], -math.inf, device=q.device)  # (Hkv, G, T)
-        self.l = torch.zeros(qf.shape[:3], device=q.device)
-        self.acc = torch.zeros(qf.shape, device=q.device)  # (Hkv, G, T, D)
+        self._q32: torch.Tensor | None = None  # the masked path's scaled fp32 query, made on first use
+        grid = (num_kv_heads, hq // num_kv_heads, t)
+        self.m = torch.full(grid, -math.inf, device=q.device)  # (Hkv, G, T)
+        self.l = torch.zeros(grid, device=q.device)
+        self.acc = torch.zeros((*grid, d), device=q.device)  # (Hkv, G, T, D)
 
     def add(self, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Fold keys/values k, v (S, Hkv, D) in; keep: bool (S,) or (T, S), False masks a key. Mutates."""
-        s = self.q @ k.float().permute(1, 2, 0).unsqueeze(1)  # (Hkv, G, T, S)
+        if self._q32 is None:
+            t, hq, d = self.shape
+            qf = self.q_in.float().view(t, self.hkv, hq // self.hkv, d).permute(1, 2, 0, 3)  # (Hkv, G, T, D)
+            self._q32 = qf * (1.0 / math.sqrt(d))
+        s = self._q32 @ k.float().permute(1, 2, 0).unsqueeze(1)  # (Hkv, G, T, S)
         if keep is not None:
             s = s.masked_fill(~keep, -math.inf)
         m_new = torch.maximum(self.m, s.amax(-1))

@@ -155,8 +155,9 @@ class KeyShadow:
         """Chunks judged outliers (kept exact here or read exact elsewhere). Host sync."""
         return int((self.chunk_err > self.threshold).sum())
 
-    def is_outlier(self, chunks: torch.Tensor) -> torch.Tensor:
-        """bool (n,): whether each covered chunk of `chunks` (n,) int64 was judged an outlier. No host sync."""
+    def is_outlier(self, chunks: torch.Tensor | slice) -> torch.Tensor:
+        """bool (n,): whether each covered chunk of `chunks` ((n,) int64 or a slice of chunk indices) was judged an
+        outlier. No host sync."""
         return self.chunk_err[chunks] > self.threshold
 
     def keys(self, chunks: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
