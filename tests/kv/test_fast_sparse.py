@@ -27,6 +27,23 @@ def fast_cache(model, tier, capacity, chunk_cache=False):
                              config=tier, capacity=capacity, rope=model.rope, sparse=OPTS, chunk_cache=chunk_cache)
 
 
+def placed_cache(model, tier, capacity, place):
+    """A fast cache whose values are all on the host ("host"), half ("half") or all ("all") resident on the
+    compute device too, or with the chunk cache ("cache"): kv_gpu_budget sized from the cache's own bytes."""
+    if place == "cache":
+        return fast_cache(model, tier, capacity, chunk_cache=True)
+    probe = fast_cache(model, tier.replace(kv_gpu_budget=1), capacity)
+    base, n, probe_res = probe._device_bytes(), probe.n_chunks, probe.n_resident
+    probe.close()
+    assert probe_res == 0  # a budget below the shadows leaves no room for values
+    c = model.cfg
+    per_chunk = c.num_layers * tier.chunk_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+    want = {"host": 0, "half": n // 2, "all": n}[place]
+    cache = fast_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity)
+    assert cache.n_resident == want
+    return cache
+
+
 def test_fast_sparse_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
     model, ids, n = smol.model, text_ids[:1500], 48
     c = model.cfg
@@ -69,17 +86,40 @@ def test_fast_sparse_refuses_a_context_beyond_its_capacity(smol, text_ids):
         fast.close()
 
 
+def test_resident_values_change_no_token_and_spare_the_host_reads(smol, text_ids):
+    model, ids, n = smol.model, text_ids[:1500], 24
+    runs, stats = {}, {}
+    for place in ("host", "half", "all"):
+        cache = placed_cache(model, TIER, len(ids) + n + 1, place)
+        try:
+            runs[place] = greedy(model, cache, ids, n)
+            stats[place] = cache.stats()
+            end = min(cache.n_resident * cache.chunk, cache.seq_len)  # host rows past seq_len were never written
+            if end:  # every write to a resident chunk reached the device copy
+                flat = (cache.num_layers, -1, cache.hkv, cache.d)
+                assert torch.equal(cache.v_res.view(flat)[:, :end], cache.v_host.view(flat)[:, :end])
+        finally:
+            cache.close()
+    assert runs["half"] == runs["host"] and runs["all"] == runs["host"]
+    link = {p: st["total"]["bytes_moved"]["host->device"] for p, st in stats.items()}
+    hit = {p: st["resident_values"]["hit_rate"] for p, st in stats.items()}
+    assert hit["host"] == 0.0 and 0.0 < hit["half"] < 1.0 and hit["all"] == 1.0
+    assert link["all"] < link["half"] < link["host"]
+    picks = stats["all"]["total"]["hits"]
+    assert picks["host"] == 0 and picks["gpu_resident"] > 0
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("chunk_cache", [False, True])
+@pytest.mark.parametrize("place", ["host", "cache", "half", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, text_ids, dtype, chunk_cache):
+def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, text_ids, dtype, place):
     import tierkv
     from tierkv.graph import GraphStep
 
     llm = tierkv.load(str(smol_folder), device="cuda", dtype=dtype)
     model, ids, n = llm.model, text_ids[:1500], 64
-    eager = fast_cache(model, TIER, len(ids) + n + 1, chunk_cache)
-    graphed = fast_cache(model, TIER, len(ids) + n + 1, chunk_cache)
+    eager = placed_cache(model, TIER, len(ids) + n + 1, place)
+    graphed = placed_cache(model, TIER, len(ids) + n + 1, place)
     want = greedy(model, eager, ids, n)
     step = GraphStep(model, graphed)
     got = greedy(model, graphed, ids, n, step)
@@ -88,8 +128,8 @@ def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, te
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("chunk_cache", [False, True])
-def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape(chunk_cache):
+@pytest.mark.parametrize("place", ["host", "cache", "half"])
+def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape(place):
     """Llama-3.1-8B shape, random bf16 weights, 8K synthetic tokens written straight into the cache."""
     import sys
     from pathlib import Path
@@ -105,7 +145,7 @@ def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape(chunk_cache):
     tier = TierConfig(attention="sparse", token_budget=1024)
     runs = []
     for graphed in (False, True):
-        cache = fast_cache(model, tier, 8192 + 80, chunk_cache)
+        cache = placed_cache(model, tier, 8192 + 80, place)
         fill(cache, model, 8192, seed=1)
         tok, out = torch.zeros(1, dtype=torch.long, device="cuda"), []
         step = GraphStep(model, cache) if graphed else (lambda t, p, c=cache: model.forward(t, c.pos, c))
@@ -149,3 +189,28 @@ def test_chunk_cache_and_repeat_tracking_change_no_token_and_the_cache_serves_ev
     finally:
         plain.close()
         tracked.close()
+
+
+def test_long_prefill_slices_stream_the_context_in_spans_with_the_same_attention(smol, monkeypatch):
+    """Past EXACT_SPAN keys a prefill slice attends span by span (merged by log-sum-exp) instead of copying and
+    widening the whole context at once; the output equals the one-shot attention."""
+    import tierkv.kv.fast_sparse as fs
+    from tierkv.kv.cache import causal_attention
+
+    model, gen = smol.model, torch.Generator().manual_seed(3)
+    c = model.cfg
+    cache = fast_cache(model, TIER, 600)
+    try:
+        total, t = 530, 70
+        for s in range(0, total, 265):
+            kv = [torch.randn(265, c.num_kv_heads, c.head_dim, generator=gen) for _ in range(3)]
+            cache.append(0, kv[0], kv[1], kv[2])
+            cache.seq_len += 265  # layer 0 only: advance by hand
+        q = torch.randn(t, c.num_heads, c.head_dim, generator=gen)
+        k, v = cache._flat(cache.k_host, 0)[:total], cache._flat(cache.v_host, 0)[:total]
+        want = causal_attention(q, k, v)
+        monkeypatch.setattr(fs, "EXACT_SPAN", 128)  # spans of 128 keys: 4 full spans, 1 partial, the causal tail
+        got = cache._attend_exact(0, q, total)
+        assert (got - want).abs().max().item() < 1e-5
+    finally:
+        cache.close()

@@ -1,5 +1,6 @@
 """Triton twin of `shadow_paged_attention_torch`: keys rebuilt from the shadow (A rows @ B halves, RoPE)
-or read exact from the pool, values read from the pool (picks from the GPU chunk cache when one is given),
+or read exact from the pool, values read from the pool (from its GPU-resident copy for the first slots, picks
+from the GPU chunk cache when one is given),
 split-K online softmax, then the shared merge.
 Rotate-half works on the two halves of D, so q and keys are held as (lo, hi) halves throughout.
 """
@@ -25,8 +26,8 @@ def _r_step(block_r: int) -> int:
 @triton.jit
 def _shadow_split_kernel(
     q_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, cid_ptr, po_ptr, pl_ptr,
-    kc_ptr, vc_ptr, csrc_ptr,
-    n_items, per_split, scale_log2, group, hq, rank, s_last, n_fixed,
+    kc_ptr, vc_ptr, csrc_ptr, vr_ptr,
+    n_items, per_split, scale_log2, group, hq, rank, s_last, n_fixed, n_res,
     s_ah, s_at, s_bh, s_br, s_bd, s_ct, s_kslot, s_kt, s_kh, s_vslot, s_vt, s_vh, s_sh, s_se,
     s_cslot, s_ct2, s_ch, s_csh,
     CHUNK: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -95,16 +96,18 @@ def _shadow_split_kernel(
         s_hi = tl.load(s_row + HALF, mask=rope_m, other=0.0).to(tl.float32)
         k_off = (slot * s_kslot + j * s_kt + h * s_kh)[:, None]
         v_off = (slot * s_vslot + j * s_vt + h * s_vh)[:, None]
+        # values of the first n_res slots are resident on the GPU (same layout as the pool): no host-link read
+        v_base = tl.where((slot < n_res)[:, None], vr_ptr + v_off, v_ptr + v_off)
         if USE_CACHE:  # picks (entries past the fixed ones) with a cache slot are read from the chunk cache
             pe = entry - n_fixed
             cs = tl.load(csrc_ptr + h * s_csh + pe, mask=valid & (pe >= 0), other=-1)
             cached = (cs != -1)[:, None]
             c_off = (tl.where(cs >= 0, cs, -cs - 2) * s_cslot + j * s_ct2 + h * s_ch)[:, None]
             k_row = tl.where(cached, kc_ptr + c_off, k_ptr + k_off) + offs_h[None, :]
-            v_row = tl.where(cached, vc_ptr + c_off, v_ptr + v_off) + offs_d[None, :]
+            v_row = tl.where(cached, vc_ptr + c_off, v_base) + offs_d[None, :]
         else:
             k_row = k_ptr + k_off + offs_h[None, :]
-            v_row = v_ptr + v_off + offs_d[None, :]
+            v_row = v_base + offs_d[None, :]
         ex_m = (valid & exact)[:, None]
         e_lo = tl.load(k_row, mask=ex_m, other=0.0)
         e_hi = tl.load(k_row + HALF, mask=ex_m, other=0.0)
@@ -131,6 +134,7 @@ def shadow_paged_attention_triton(
     chunk_ids: torch.Tensor,
     scale: float | None = None,
     cache: tuple[torch.Tensor, ...] | None = None,
+    v_resident: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `shadow_paged_attention_torch`; D a power of two >= 32. Two launches, no host sync."""
@@ -158,10 +162,14 @@ def shadow_paged_attention_triton(
     else:  # unused pointers; USE_CACHE=False compiles the cache path out
         k_cache = v_cache = csrc = slots
         n_fixed, cstr = 0, (0, 0, 0)
+    n_res = 0 if v_resident is None else v_resident.shape[0]
+    if n_res and v_resident.stride() != v_pool.stride():
+        raise ValueError("shadow_paged_attention_triton needs v_resident laid out like v_pool (same strides)")
     _shadow_split_kernel[(hkv, num_splits)](
         q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl, k_cache, v_cache, csrc,
+        v_resident if n_res else v_pool,
         n_items, per_split, (d**-0.5 if scale is None else scale) * _LOG2E, hq // hkv, hq, rank, a3.shape[1] - 1,
-        n_fixed,
+        n_fixed, n_res,
         a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), cos.stride(0),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         slots.stride(0), slots.stride(1), cstr[0], cstr[1], cstr[2], csrc.stride(0),

@@ -22,6 +22,7 @@ def sparse_entries_torch(
     chunk: int,
     n_chunks: int,
     counts: torch.Tensor | None = None,
+    resident: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entries (Hkv, F + K): the F fixed chunks for every head, then each head's K ranked picks.
 
@@ -29,8 +30,9 @@ def sparse_entries_torch(
     picks count this step and how many chunks the shadow covers. outlier: (N,) bool. fixed_ids/fixed_len: (F,).
     A pick is attended when its rank < picks and its score is finite; its keys are rebuilt (chunk id kept in
     cids) when covered and not an outlier, else read exact (-1). Returns slots (ids clamped to the pool),
-    lengths and cids, all int64. counts: None or (3,) int64, += [fixed tokens over all heads, attended picks, picks
-    with exact keys] (what the step reads beyond the shadow). No host sync.
+    lengths and cids, all int64. counts: None or (5,) int64, += [fixed tokens over all heads, attended picks, picks
+    with exact keys, attended picks in slots < resident, fixed tokens in slots < resident] (what the step reads
+    beyond the shadow, and which of those values a GPU-resident copy of chunks [0, resident) serves). No host sync.
     """
     hkv, k = top.shape
     rank = torch.arange(k, device=top.device)
@@ -40,13 +42,17 @@ def sparse_entries_torch(
     lengths = torch.cat([fixed_len.expand(hkv, -1), torch.where(picked, chunk, 0)], dim=1)
     cids = torch.cat([torch.full((hkv, fixed_ids.shape[0]), -1, device=top.device, dtype=top.dtype),
                       torch.where(rebuild, top, -1)], dim=1)
+    slots = ids.clamp(0, n_chunks - 1)
     if counts is not None:
-        counts.add_(torch.stack([fixed_len.sum() * hkv, picked.sum(), (picked & ~rebuild).sum()]))
-    return ids.clamp(0, n_chunks - 1), lengths, cids
+        f = fixed_ids.shape[0]
+        fixed_res = torch.where(slots[:, :f] < resident, lengths[:, :f], 0).sum()
+        counts.add_(torch.stack([fixed_len.sum() * hkv, picked.sum(), (picked & ~rebuild).sum(),
+                                 (picked & (slots[:, f:] < resident)).sum(), fixed_res]))
+    return slots, lengths, cids
 
 
-def sparse_entries(top, score, picks, covered, outlier, fixed_ids, fixed_len, chunk, n_chunks, counts=None, *,
-                   impl=None):
+def sparse_entries(top, score, picks, covered, outlier, fixed_ids, fixed_len, chunk, n_chunks, counts=None,
+                   resident=0, *, impl=None):
     """Dispatching entry point: see `sparse_entries_torch`."""
     fn = dispatch.get("sparse_entries", top.device, impl)
-    return fn(top, score, picks, covered, outlier, fixed_ids, fixed_len, chunk, n_chunks, counts)
+    return fn(top, score, picks, covered, outlier, fixed_ids, fixed_len, chunk, n_chunks, counts, resident)

@@ -1,7 +1,8 @@
 """FastSparseKVCache: sparse decode whose steps are safe to capture in a CUDA graph.
 
 Every token's K and V live in one pinned host pool that the GPU reads in place (mapped, zero-copy); the GPU
-holds only the low-rank key shadows, the score index and a small ring of recent pre-RoPE keys. A decode step
+holds the low-rank key shadows, the score index, a small ring of recent pre-RoPE keys and, in what kv_gpu_budget
+leaves, a copy of the values of the first chunks (those picks read no host memory). A decode step
 scores chunks, picks the top ones per KV head and attends sinks + window + open chunk + picks in one kernel,
 with picked keys rebuilt from the shadow: no host sync and no host decision, so the step can be replayed.
 An optional GPU chunk cache (chunk_cache=True) keeps, per layer and KV head, chunks picked in earlier steps (on
@@ -22,6 +23,7 @@ from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.cache import KVCache, causal_attention
+from tierkv.kv.online_softmax import OnlineSoftmax
 from tierkv.kv.select import plan_selection
 from tierkv.kv.shadow import KeyShadow
 from tierkv.kv.sparse import RopeTables, SparseOptions
@@ -30,6 +32,11 @@ from tierkv.kv.tiers.host import check_host_budget, map_pinned
 
 
 FIT_SLICE = 16384  # tokens per slice when fitting shadows and index (rounded down to whole chunks)
+# keys per fused attention call when a prefill slice attends a longer context: K/V stream from the host pool in
+# spans merged by log-sum-exp (one call over 256K keys copied them whole and widened them 4x for GQA: 5 GiB)
+EXACT_SPAN = 16384
+# with no kv_gpu_budget on CUDA, resident values leave this much of the free GPU memory to prefill activations
+AUTO_RESERVE = 3 * 1024**3
 
 
 class FastSparseKVCache(KVCache):
@@ -74,9 +81,10 @@ class FastSparseKVCache(KVCache):
         self.window_chunks = -(-config.window_tokens // c)
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
-        # what sparse steps read from host memory: [fixed-entry tokens (their K and V) over heads and layers,
-        # attended picks, picks with exact keys]; with the chunk cache also [exact-key misses, hits, picks]
-        self.read_counts = torch.zeros(3, dtype=torch.long, device=self.device)
+        # what sparse steps read beyond the shadow: [fixed-entry tokens (their K and V) over heads and layers,
+        # attended picks, picks with exact keys, picks and fixed tokens whose values are resident on the GPU];
+        # with the chunk cache also [exact-key misses, hits, picks]
+        self.read_counts = torch.zeros(5, dtype=torch.long, device=self.device)
         # chunk cache: per layer max_picks slots (+1 scratch) of K and V for every KV head; cached_ids says which
         # chunk each (head, slot) holds
         self.chunk_cache = chunk_cache
@@ -94,6 +102,7 @@ class FastSparseKVCache(KVCache):
             self._last_top = torch.full((num_layers, num_kv_heads, self.max_picks), -1, dtype=torch.long,
                                         device=self.device)
             self._repeats = torch.zeros(2, dtype=torch.long, device=self.device)  # repeated picks, picks
+        self._alloc_resident()
 
     # ---- storage ------------------------------------------------------------------------------------
     def _alloc_host_pool(self) -> None:
@@ -115,6 +124,36 @@ class FastSparseKVCache(KVCache):
             views = self._host
         self.k_host, self.v_host = (v.view(self.dtype).view(shape) for v in views)  # device-readable views
         self.host_bytes = 2 * nbytes
+
+    def _alloc_resident(self) -> None:
+        """Values of chunks [0, n_resident) copied on the GPU, (L, n_resident + 1, C, Hkv, D): as many as
+        kv_gpu_budget leaves after the shadows, index and ring (no budget: free CUDA memory less AUTO_RESERVE; none on
+        the CPU, where the pool is already the compute device's memory, nor beside the chunk cache). Row
+        n_resident is scratch for writes to later chunks, so that a graph-captured append needs no branch."""
+        per_chunk = self.num_layers * self.chunk * self.hkv * self.d * self.dtype.itemsize
+        budget = self.config.kv_gpu_budget
+        if self.chunk_cache or (budget is None and self.device.type != "cuda"):
+            room = 0
+        elif budget is None:
+            room = torch.cuda.mem_get_info(self.device)[0] - AUTO_RESERVE
+        else:
+            room = budget - self._device_bytes()
+        self.n_resident = max(0, min(self.n_chunks, room // per_chunk - 1))
+        self.v_res = torch.zeros((self.num_layers, self.n_resident + 1, self.chunk, self.hkv, self.d),
+                                 device=self.device, dtype=self.dtype)
+
+    def _resident_rows(self, at: torch.Tensor) -> torch.Tensor:
+        """Rows of v_res[layer] (flat tokens) for positions at: their own below the resident chunks, else scratch."""
+        end = self.n_resident * self.chunk
+        return torch.where(at < end, at, end + at.remainder(self.chunk))
+
+    def _device_bytes(self) -> int:
+        """GPU bytes of the shadows, index, ring, outlier flags and chunk cache (not the resident values)."""
+        b = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index)
+        b += self.k_pre.numel() * self.k_pre.element_size() + self.outlier.numel()
+        if self.chunk_cache:
+            b += 2 * self.v_cache.numel() * self.v_cache.element_size() + self.cached_ids.numel() * 8
+        return b
 
     @property
     def covered(self) -> int:
@@ -141,14 +180,15 @@ class FastSparseKVCache(KVCache):
         if self.seq_len + t > self.capacity:
             raise RuntimeError(f"FastSparseKVCache holds {self.capacity} tokens; {self.seq_len + t} were asked for")
         if t == 1:
-            if layer == 0:  # the same slot in every layer: once per step
-                self._ring_at = self.pos.remainder(self.ring)
-            at, ring_at = self.pos, self._ring_at
+            if layer == 0:  # the same slots in every layer: once per step
+                self._ring_at, self._res_at = self.pos.remainder(self.ring), self._resident_rows(self.pos)
+            at, ring_at, res_at = self.pos, self._ring_at, self._res_at
         else:
             at = torch.arange(self.seq_len, self.seq_len + t, device=self.device)
-            ring_at = at.remainder(self.ring)
+            ring_at, res_at = at.remainder(self.ring), self._resident_rows(at)
         self._flat(self.k_host, layer).index_copy_(0, at, k)  # a GPU write into mapped host memory on CUDA
         self._flat(self.v_host, layer).index_copy_(0, at, v)
+        self.v_res[layer].view(-1, self.hkv, self.d).index_copy_(0, res_at, v)
         self.k_pre[layer].index_copy_(0, ring_at, k_pre)
         if not self.fitted:
             self._fit_buf[layer].append(k_pre.to("cpu"))
@@ -229,9 +269,16 @@ class FastSparseKVCache(KVCache):
         return plan_selection(total, self.chunk, cfg.sink_tokens, cfg.window_tokens, cfg.budget_tokens(total))
 
     def _attend_exact(self, layer: int, q: torch.Tensor, total: int) -> torch.Tensor:
-        k = self._flat(self.k_host, layer)[:total].clone()  # one pass over the link, then attention on the GPU
-        v = self._flat(self.v_host, layer)[:total].clone()
-        return causal_attention(q, k, v)
+        k, v = self._flat(self.k_host, layer), self._flat(self.v_host, layer)
+        t = q.shape[0]
+        if t == 1 or total <= EXACT_SPAN:  # one pass over the link, then attention on the GPU
+            return causal_attention(q, k[:total].clone(), v[:total].clone())
+        acc, start = OnlineSoftmax(q, self.hkv), total - t
+        for s in range(0, start, EXACT_SPAN):
+            e = min(start, s + EXACT_SPAN)
+            acc.add_span(k[s:e].clone(), v[s:e].clone())
+        acc.add_span(k[start:total].clone(), v[start:total].clone(), causal=True)
+        return acc.result()
 
     def _step_plan(self) -> tuple[torch.Tensor, ...]:
         """Device-side plan of this step (plan_selection's arithmetic on tensors) and its fixed entries."""
@@ -263,7 +310,8 @@ class FastSparseKVCache(KVCache):
         top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, c,
                                 1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce)  # (Hkv, K)
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
-                                              fixed_ids, fixed_len, c, self.n_chunks, self.read_counts)
+                                              fixed_ids, fixed_len, c, self.n_chunks, self.read_counts,
+                                              self.n_resident)
         if self.track_repeats:
             self._count_repeats(layer, top, lengths[:, fixed_ids.shape[0]:] > 0)
         cache = None
@@ -275,7 +323,8 @@ class FastSparseKVCache(KVCache):
             cache = (self.k_cache[layer], self.v_cache[layer], csrc)
         sh = self.shadows[layer]
         out, _ = shadow_paged_attention(q[0], sh.coeffs, sh.basis, self.rope.cos, self.rope.sin,
-                                        self.k_host[layer], self.v_host[layer], slots, lengths, cids, cache=cache)
+                                        self.k_host[layer], self.v_host[layer], slots, lengths, cids, cache=cache,
+                                        v_resident=self.v_res[layer, :self.n_resident])
         return out[None]  # (1, Hq, D)
 
     def _count_repeats(self, layer: int, top: torch.Tensor, picked: torch.Tensor) -> None:
@@ -300,25 +349,27 @@ class FastSparseKVCache(KVCache):
     def stats(self) -> dict:
         """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; `total` holds the bytes
         sparse steps read over the host link and where picks came from (the chunk cache or the host)."""
-        gpu = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index)
-        gpu += self.k_pre.numel() * self.k_pre.element_size() + self.outlier.numel()
+        gpu = self._device_bytes() + self.v_res.numel() * self.v_res.element_size()
         extra = {}
         if self.track_repeats:
             rep, total = self._repeats.tolist()
             extra = {"picks": total, "picks_repeated": rep, "repeat_rate": rep / total if total else None}
-        fixed_tok, picks, exact_picks = self.read_counts.tolist()
+        fixed_tok, picks, exact_picks, res_picks, res_fixed = self.read_counts.tolist()
         hit = 0
         if self.chunk_cache:
-            gpu += 2 * self.v_cache.numel() * self.v_cache.element_size() + self.cached_ids.numel() * 8
             exact_picks, hit, _ = self.cache_counts.tolist()  # only misses cross the link: their exact keys
             extra["chunk_cache"] = {"slots_per_head": self.max_picks, "hits": hit, "picks": picks,
                                     "hit_rate": hit / picks if picks else None}
-        # K and V of the fixed entries, V of every pick read from the host and K of those with exact keys; the
-        # reads are GPU loads from mapped pinned memory (attention, cache fill): no copy, no host-side wait
-        host_tok = 2 * fixed_tok + self.chunk * (picks - hit + exact_picks)
+        # K and V of the fixed entries, V of every pick not on the GPU (chunk cache, resident values) and K of
+        # picks with exact keys; the reads are GPU loads from mapped pinned memory (attention, cache fill): no
+        # copy, no host-side wait. (The chunk cache and resident values never coexist.)
+        host_tok = 2 * fixed_tok - res_fixed + self.chunk * (picks - hit - res_picks + exact_picks)
         extra["total"] = {"bytes_moved": {"host->device": host_tok * self.d * self.dtype.itemsize},
-                          "hits": {"gpu_chunk_cache": hit, "host": picks - hit},
+                          "hits": {"gpu_chunk_cache": hit, "gpu_resident": res_picks,
+                                   "host": picks - hit - res_picks},
                           "reads": "by GPU kernels from mapped pinned host memory"}
+        extra["resident_values"] = {"chunks": self.n_resident, "of": self.n_chunks,
+                                    "hit_rate": res_picks / picks if picks else None}
         return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n, **extra,
                 "max_picks": self.max_picks, "covered": self.covered,
                 "outlier_chunks": int(self.outlier.sum()) if self.fitted else 0,
