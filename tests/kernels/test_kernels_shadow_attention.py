@@ -81,12 +81,12 @@ def test_rows_past_a_chunks_length_never_reach_the_output(gen):
     assert torch.equal(clean, dirty)
 
 
-def resident_case(gen, v_pool, r):
-    """A GPU-resident copy of the pool's first r slots, and a pool whose copy of them is garbage: the op must
-    read those slots' values from the resident copy only."""
-    v_res = v_pool[:r].clone()
+def resident_case(gen, v_pool, lo, r):
+    """A GPU-resident copy of the pool's slots [lo, lo + r), and a pool whose copy of them is garbage: the op
+    must read those slots' values from the resident copy only."""
+    v_res = v_pool[lo:lo + r].clone()
     stale = v_pool.clone()
-    stale[:r] = torch.randn(stale[:r].shape, generator=gen).to(stale.dtype) * 100
+    stale[lo:lo + r] = torch.randn(v_res.shape, generator=gen).to(stale.dtype) * 100
     return v_res, stale
 
 
@@ -96,11 +96,12 @@ def test_resident_values_replace_the_pools_first_slots(gen, dtype):
     q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids = make_case(
         gen, 8, 2, d, r, chunk, m, "per_head", dtype)
     want, _ = shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids)
-    n_res = 12
-    assert bool(((slots < n_res) & (lengths > 0)).any()) and bool(((slots >= n_res) & (lengths > 0)).any())
-    v_res, stale = resident_case(gen, v_pool, n_res)
+    lo, n_res = 5, 12
+    inside = (slots >= lo) & (slots < lo + n_res) & (lengths > 0)
+    assert bool(inside.any()) and bool((~inside & (lengths > 0)).any())
+    v_res, stale = resident_case(gen, v_pool, lo, n_res)
     got, _ = shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, stale, slots, lengths, chunk_ids,
-                                          v_resident=v_res)
+                                          v_resident=v_res, resident_from=lo)
     assert torch.equal(got, want)
     wrong, _ = shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, stale, slots, lengths, chunk_ids)
     assert max_diff("stale pool without the resident copy", wrong, want) > 1.0
@@ -108,13 +109,13 @@ def test_resident_values_replace_the_pools_first_slots(gen, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n_res", [1, 12, 23])
-def test_shadow_triton_reads_resident_values_as_torch_does(gen, triton_device, dtype, n_res):
+@pytest.mark.parametrize("lo,n_res", [(0, 1), (22, 1), (0, 12), (11, 12), (0, 23)])
+def test_shadow_triton_reads_resident_values_as_torch_does(gen, triton_device, dtype, lo, n_res):
     from tierkv.kernels.shadow_attention_triton import shadow_paged_attention_triton
 
     args = list(make_case(gen, 32, 8, 128, 32, 32, 20, "per_head", dtype, triton_device))
-    v_res, stale = resident_case(gen, args[6], n_res)
+    v_res, stale = resident_case(gen, args[6], lo, n_res)
     args[6] = stale
-    got = shadow_paged_attention_triton(*args, v_resident=v_res)
-    want = shadow_paged_attention_torch(*args, v_resident=v_res)
+    got = shadow_paged_attention_triton(*args, v_resident=v_res, resident_from=lo)
+    want = shadow_paged_attention_torch(*args, v_resident=v_res, resident_from=lo)
     assert max_diff(f"shadow triton out, {n_res} resident slots, {dtype}", got[0], want[0]) < TOL[dtype]

@@ -22,7 +22,7 @@ def case(gen, hkv=8, k=13, n=200):
 def test_sparse_entries_torch_matches_a_loop(gen):
     top, score, picks, covered, outlier, fixed_ids, fixed_len = case(gen)
     counts = torch.zeros(5, dtype=torch.long)
-    resident = 90  # chunks [0, 90) have their values on the GPU
+    resident = (30, 90)  # chunks [30, 90) have their values on the GPU
     slots, lengths, cids = sparse_entries_torch(top, score, picks, covered, outlier, fixed_ids, fixed_len, CHUNK, 200,
                                                 counts, resident)
     f = fixed_ids.shape[0]
@@ -30,14 +30,14 @@ def test_sparse_entries_torch_matches_a_loop(gen):
     for h in range(top.shape[0]):
         for e in range(f):
             assert (slots[h, e], lengths[h, e], cids[h, e]) == (min(int(fixed_ids[e]), 199), int(fixed_len[e]), -1)
-            res_fixed += int(fixed_len[e]) if int(fixed_ids[e]) < resident else 0
+            res_fixed += int(fixed_len[e]) if resident[0] <= int(fixed_ids[e]) < resident[1] else 0
         for j in range(top.shape[1]):
             c = int(top[h, j])
             picked = j < 9 and score[h, j] > float("-inf")
             rebuilt = picked and c < 150 and not bool(outlier[c])
             assert (slots[h, f + j], lengths[h, f + j], cids[h, f + j]) == (c, CHUNK if picked else 0, c if rebuilt else -1)
             n_picked, n_exact = n_picked + picked, n_exact + (picked and not rebuilt)
-            res_picks += picked and c < resident
+            res_picks += picked and resident[0] <= c < resident[1]
     assert counts.tolist() == [int(fixed_len.sum()) * top.shape[0], n_picked, n_exact, res_picks, res_fixed]
     assert n_exact > 0 and 0 < res_picks < n_picked and 0 < res_fixed < counts[0]
 
@@ -49,8 +49,8 @@ def test_sparse_entries_triton_matches_torch(gen, triton_device, k):
 
     args = [t.to(triton_device) for t in case(gen, k=k)]
     want_counts, got_counts = (torch.zeros(5, dtype=torch.long, device=triton_device) for _ in range(2))
-    want = sparse_entries_torch(*args, CHUNK, 200, want_counts, 90)
-    got = sparse_entries_triton(*args, CHUNK, 200, got_counts, 90)
+    want = sparse_entries_torch(*args, CHUNK, 200, want_counts, (30, 90))
+    got = sparse_entries_triton(*args, CHUNK, 200, got_counts, (30, 90))
     for g, w in zip(got, want):
         assert torch.equal(g.cpu(), w.cpu())
     assert torch.equal(got_counts.cpu(), want_counts.cpu())

@@ -94,16 +94,17 @@ def test_resident_values_change_no_token_and_spare_the_host_reads(smol, text_ids
         try:
             runs[place] = greedy(model, cache, ids, n)
             stats[place] = cache.stats()
-            end = min(cache.n_resident * cache.chunk, cache.seq_len)  # host rows past seq_len were never written
-            if end:  # every write to a resident chunk reached the device copy
+            start, end = cache.resident_from * cache.chunk, cache.seq_len  # host rows past seq_len: never written
+            if start < end:  # every write to a resident chunk reached the device copy
                 flat = (cache.num_layers, -1, cache.hkv, cache.d)
-                assert torch.equal(cache.v_res.view(flat)[:, :end], cache.v_host.view(flat)[:, :end])
+                assert torch.equal(cache.v_res.view(flat)[:, :end - start], cache.v_host.view(flat)[:, start:end])
         finally:
             cache.close()
     assert runs["half"] == runs["host"] and runs["all"] == runs["host"]
     link = {p: st["total"]["bytes_moved"]["host->device"] for p, st in stats.items()}
     hit = {p: st["resident_values"]["hit_rate"] for p, st in stats.items()}
-    assert hit["host"] == 0.0 and 0.0 < hit["half"] < 1.0 and hit["all"] == 1.0
+    # the resident half is the recent half, where most picks on real text fall
+    assert hit["host"] == 0.0 and 0.5 < hit["half"] < 1.0 and hit["all"] == 1.0
     assert link["all"] < link["half"] < link["host"]
     picks = stats["all"]["total"]["hits"]
     assert picks["host"] == 0 and picks["gpu_resident"] > 0

@@ -3,7 +3,7 @@
 Entries with chunk_ids >= 0 get keys RoPE(A[t] @ B) at t = chunk_id*chunk + j; entries with chunk_ids < 0
 (sinks, window, outliers) read exact keys from k_pool. Values come from v_pool, or, with a GPU chunk cache
 (kernels/chunk_cache.py, filled before this runs), picks' keys and values come from their cache slots; with
-values resident on the GPU for the pool's first chunks (v_resident), entries in those slots read them there.
+values resident on the GPU for a run of the pool's slots (v_resident), entries in those slots read them there.
 Triton twin fuses it all.
 """
 
@@ -31,6 +31,7 @@ def shadow_paged_attention_torch(
     scale: float | None = None,
     cache: tuple[torch.Tensor, ...] | None = None,
     v_resident: torch.Tensor | None = None,
+    resident_from: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (Hq, D) over the listed chunks; returns out (Hq, D) in q.dtype, lse (Hq,) fp32.
 
@@ -38,8 +39,9 @@ def shadow_paged_attention_torch(
     slots, lengths, chunk_ids: (Hkv, m) int, as in `paged_decode_attention_torch` plus where each key comes from.
     cache: None, or (k_cache, v_cache, csrc): caches (S + 1, chunk, Hkv, D) (slot S scratch) and csrc (Hkv, K)
     from `chunk_cache_assign` for the last K entries; picks with a slot (csrc != -1) are read from the caches.
-    v_resident: None, or (R, chunk, Hkv, D) on the GPU, a copy of v_pool's slots [0, R): entries in those slots
-    read their values there (same bytes, no host-link traffic when v_pool is mapped host memory).
+    v_resident: None, or (R, chunk, Hkv, D) on the GPU, a copy of v_pool's slots [resident_from, resident_from + R):
+    entries in those slots read their values there (same bytes, no host-link traffic when v_pool is mapped host
+    memory).
     Rebuilt keys are rounded to k_pool.dtype before the dot, as a gather-then-attend path would. No host sync.
     """
     _, chunk, hkv, d = k_pool.shape
@@ -52,9 +54,10 @@ def shadow_paged_attention_torch(
     exact = k_pool.permute(2, 0, 1, 3)[heads, slots]  # (Hkv, m, chunk, D)
     vg = v_pool.permute(2, 0, 1, 3)[heads, slots]
     if v_resident is not None and v_resident.shape[0]:
-        r = v_resident.shape[0]
-        on_gpu = (slots < r)[..., None, None]
-        vg = torch.where(on_gpu, v_resident.permute(2, 0, 1, 3)[heads, slots.clamp_max(r - 1)], vg)
+        rel = slots - resident_from
+        on_gpu = ((rel >= 0) & (rel < v_resident.shape[0]))[..., None, None]
+        rel = rel.clamp(0, v_resident.shape[0] - 1)
+        vg = torch.where(on_gpu, v_resident.permute(2, 0, 1, 3)[heads, rel], vg)
     if cache is not None:
         exact, vg = _through_cache(exact, vg, cache)
     use_exact = (chunk_ids < 0).repeat_interleave(chunk, dim=1).unsqueeze(-1)  # (Hkv, m*chunk, 1)
@@ -76,7 +79,8 @@ def _through_cache(exact, vg, cache):
 
 
 def shadow_paged_attention(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale=None,
-                           cache=None, v_resident=None, *, impl=None):
+                           cache=None, v_resident=None, resident_from=0, *, impl=None):
     """Dispatching entry point: see `shadow_paged_attention_torch`."""
     fn = dispatch.get("shadow_paged_attention", q.device, impl, module="shadow_attention")
-    return fn(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale, cache, v_resident)
+    return fn(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale, cache, v_resident,
+              resident_from)

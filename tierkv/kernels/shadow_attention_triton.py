@@ -1,5 +1,5 @@
 """Triton twin of `shadow_paged_attention_torch`: keys rebuilt from the shadow (A rows @ B halves, RoPE)
-or read exact from the pool, values read from the pool (from its GPU-resident copy for the first slots, picks
+or read exact from the pool, values read from the pool (from its GPU-resident copy for a run of slots, picks
 from the GPU chunk cache when one is given),
 split-K online softmax, then the shared merge.
 Rotate-half works on the two halves of D, so q and keys are held as (lo, hi) halves throughout.
@@ -27,7 +27,7 @@ def _r_step(block_r: int) -> int:
 def _shadow_split_kernel(
     q_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, cid_ptr, po_ptr, pl_ptr,
     kc_ptr, vc_ptr, csrc_ptr, vr_ptr,
-    n_items, per_split, scale_log2, group, hq, rank, s_last, n_fixed, n_res,
+    n_items, per_split, scale_log2, group, hq, rank, s_last, n_fixed, res_lo, n_res,
     s_ah, s_at, s_bh, s_br, s_bd, s_ct, s_kslot, s_kt, s_kh, s_vslot, s_vt, s_vh, s_sh, s_se,
     s_cslot, s_ct2, s_ch, s_csh,
     CHUNK: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -96,8 +96,10 @@ def _shadow_split_kernel(
         s_hi = tl.load(s_row + HALF, mask=rope_m, other=0.0).to(tl.float32)
         k_off = (slot * s_kslot + j * s_kt + h * s_kh)[:, None]
         v_off = (slot * s_vslot + j * s_vt + h * s_vh)[:, None]
-        # values of the first n_res slots are resident on the GPU (same layout as the pool): no host-link read
-        v_base = tl.where((slot < n_res)[:, None], vr_ptr + v_off, v_ptr + v_off)
+        # values of slots [res_lo, res_lo + n_res) are resident on the GPU (the pool's layout): no host-link read
+        rel = slot - res_lo
+        v_res_off = (rel * s_vslot + j * s_vt + h * s_vh)[:, None]
+        v_base = tl.where(((rel >= 0) & (rel < n_res))[:, None], vr_ptr + v_res_off, v_ptr + v_off)
         if USE_CACHE:  # picks (entries past the fixed ones) with a cache slot are read from the chunk cache
             pe = entry - n_fixed
             cs = tl.load(csrc_ptr + h * s_csh + pe, mask=valid & (pe >= 0), other=-1)
@@ -135,6 +137,7 @@ def shadow_paged_attention_triton(
     scale: float | None = None,
     cache: tuple[torch.Tensor, ...] | None = None,
     v_resident: torch.Tensor | None = None,
+    resident_from: int = 0,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `shadow_paged_attention_torch`; D a power of two >= 32. Two launches, no host sync."""
@@ -169,7 +172,7 @@ def shadow_paged_attention_triton(
         q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl, k_cache, v_cache, csrc,
         v_resident if n_res else v_pool,
         n_items, per_split, (d**-0.5 if scale is None else scale) * _LOG2E, hq // hkv, hq, rank, a3.shape[1] - 1,
-        n_fixed, n_res,
+        n_fixed, resident_from, n_res,
         a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), cos.stride(0),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         slots.stride(0), slots.stride(1), cstr[0], cstr[1], cstr[2], csrc.stride(0),

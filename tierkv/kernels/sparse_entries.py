@@ -22,7 +22,7 @@ def sparse_entries_torch(
     chunk: int,
     n_chunks: int,
     counts: torch.Tensor | None = None,
-    resident: int = 0,
+    resident: tuple[int, int] = (0, 0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entries (Hkv, F + K): the F fixed chunks for every head, then each head's K ranked picks.
 
@@ -31,8 +31,9 @@ def sparse_entries_torch(
     A pick is attended when its rank < picks and its score is finite; its keys are rebuilt (chunk id kept in
     cids) when covered and not an outlier, else read exact (-1). Returns slots (ids clamped to the pool),
     lengths and cids, all int64. counts: None or (5,) int64, += [fixed tokens over all heads, attended picks, picks
-    with exact keys, attended picks in slots < resident, fixed tokens in slots < resident] (what the step reads
-    beyond the shadow, and which of those values a GPU-resident copy of chunks [0, resident) serves). No host sync.
+    with exact keys, attended picks in resident slots, fixed tokens in resident slots] (what the step reads beyond
+    the shadow, and which of those values a GPU-resident copy of the chunks in [resident[0], resident[1]) serves).
+    No host sync.
     """
     hkv, k = top.shape
     rank = torch.arange(k, device=top.device)
@@ -45,14 +46,15 @@ def sparse_entries_torch(
     slots = ids.clamp(0, n_chunks - 1)
     if counts is not None:
         f = fixed_ids.shape[0]
-        fixed_res = torch.where(slots[:, :f] < resident, lengths[:, :f], 0).sum()
+        on_gpu = (slots >= resident[0]) & (slots < resident[1])
+        fixed_res = torch.where(on_gpu[:, :f], lengths[:, :f], 0).sum()
         counts.add_(torch.stack([fixed_len.sum() * hkv, picked.sum(), (picked & ~rebuild).sum(),
-                                 (picked & (slots[:, f:] < resident)).sum(), fixed_res]))
+                                 (picked & on_gpu[:, f:]).sum(), fixed_res]))
     return slots, lengths, cids
 
 
 def sparse_entries(top, score, picks, covered, outlier, fixed_ids, fixed_len, chunk, n_chunks, counts=None,
-                   resident=0, *, impl=None):
+                   resident=(0, 0), *, impl=None):
     """Dispatching entry point: see `sparse_entries_torch`."""
     fn = dispatch.get("sparse_entries", top.device, impl)
     return fn(top, score, picks, covered, outlier, fixed_ids, fixed_len, chunk, n_chunks, counts, resident)

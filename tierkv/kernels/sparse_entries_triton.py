@@ -9,7 +9,7 @@ import triton.language as tl
 
 @triton.jit
 def _entries_kernel(top_ptr, score_ptr, picks_ptr, covered_ptr, outlier_ptr, fid_ptr, flen_ptr,
-                    slot_ptr, len_ptr, cid_ptr, count_ptr, n_fixed, k, n_chunks, chunk, resident, s_th, s_oh,
+                    slot_ptr, len_ptr, cid_ptr, count_ptr, n_fixed, k, n_chunks, chunk, res_lo, res_hi, s_th, s_oh,
                     BLOCK: tl.constexpr, COUNT: tl.constexpr):
     h = tl.program_id(0)
     e = tl.arange(0, BLOCK)
@@ -36,12 +36,13 @@ def _entries_kernel(top_ptr, score_ptr, picks_ptr, covered_ptr, outlier_ptr, fid
         tl.atomic_add(count_ptr, tl.sum(tl.where(is_fixed, flen, 0).to(tl.int64)))
         tl.atomic_add(count_ptr + 1, tl.sum(picked.to(tl.int64)))
         tl.atomic_add(count_ptr + 2, tl.sum((picked & ~rebuild).to(tl.int64)))
-        tl.atomic_add(count_ptr + 3, tl.sum((picked & (slots < resident)).to(tl.int64)))
-        tl.atomic_add(count_ptr + 4, tl.sum(tl.where(is_fixed & (slots < resident), flen, 0).to(tl.int64)))
+        on_gpu = (slots >= res_lo) & (slots < res_hi)
+        tl.atomic_add(count_ptr + 3, tl.sum((picked & on_gpu).to(tl.int64)))
+        tl.atomic_add(count_ptr + 4, tl.sum(tl.where(is_fixed & on_gpu, flen, 0).to(tl.int64)))
 
 
 def sparse_entries_triton(top, score, picks, covered, outlier, fixed_ids, fixed_len, chunk: int, n_chunks: int,
-                          counts=None, resident: int = 0):
+                          counts=None, resident: tuple[int, int] = (0, 0)):
     """Same contract as `sparse_entries_torch`. One launch."""
     hkv, k = top.shape
     f = fixed_ids.shape[0]
@@ -49,7 +50,7 @@ def sparse_entries_triton(top, score, picks, covered, outlier, fixed_ids, fixed_
     out = torch.empty((3, hkv, f + k), dtype=torch.int64, device=top.device)  # slots, lengths, cids
     _entries_kernel[(hkv,)](
         top, score, picks, covered, outlier.view(torch.uint8), fixed_ids.contiguous(), fixed_len.contiguous(),
-        out[0], out[1], out[2], out if counts is None else counts, f, k, n_chunks, chunk, resident, top.stride(0),
+        out[0], out[1], out[2], out if counts is None else counts, f, k, n_chunks, chunk, *resident, top.stride(0),
         out.stride(1), BLOCK=triton.next_power_of_2(f + k), COUNT=counts is not None,
     )
     return out[0], out[1], out[2]
