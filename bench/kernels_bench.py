@@ -23,10 +23,12 @@ from tierkv.kernels.dispatch import implementation
 
 HQ, HKV, D, S, R, CHUNK, PICKED = 32, 8, 128, 128 * 1024, 32, 32, 2048
 SINK_CHUNKS, WINDOW_CHUNKS = 2, 4
+SELECT_CHUNKS = (1024, 4096, 8192)  # select_top_chunks cases: 32K, 128K, 256K tokens of 32
 
 
 def cases(dev: str):
-    """Yields (name, bytes read, fn(impl)) for each op at the benchmark shapes."""
+    """Yields (name, bytes read, fn(impl)) for each op at the benchmark shapes, then (..., (before, after)) for
+    ops timed against an older implementation rather than torch."""
     g = torch.Generator(device=dev).manual_seed(0)
     bf = torch.bfloat16
 
@@ -69,17 +71,40 @@ def cases(dev: str):
     a_heads = rn(HKV, S, R)  # (Hkv, S, r)
     yield "chunk_topk_shared", S * R * 2, lambda i: chunk_topk(q_low, a_shared, n_tok, end, m, CHUNK, R**-0.5, SINK_CHUNKS, impl=i)
     yield "chunk_topk_per_head", HKV * S * R * 2, lambda i: chunk_topk(q_low, a_heads, n_tok, end, m, CHUNK, R**-0.5, SINK_CHUNKS, impl=i)
+    yield from select_cases(dev, g, m)
+
+
+def select_cases(dev: str, g: torch.Generator, m: int):
+    """chunk_topk's tail at 32K, 128K and 256K tokens: the group-reduce kernel + torch.topk ('unfused', before)
+    against the two-launch fused select ('fused'). Yields (name, bytes read, fn(impl), impls)."""
+    from tierkv.kernels.chunk_topk_triton import _group_best_triton, select_top_chunks_triton
+
+    for c in SELECT_CHUNKS:
+        red = torch.randn(HKV, HQ // HKV, c, generator=g, device=dev) * 3  # (Hkv, G, C) chunk log-masses
+        parts = torch.logsumexp(red.view(HKV, HQ // HKV, -1, 256 // CHUNK), dim=-1)  # the scoring kernel's (Hkv, G, P)
+        end = torch.tensor(c - WINDOW_CHUNKS, device=dev)
+
+        def fn(impl, red=red, parts=parts, end=end):
+            if impl == "fused":
+                return select_top_chunks_triton(red, end, m, SINK_CHUNKS, "mass", parts)
+            return torch.topk(_group_best_triton(red, end, SINK_CHUNKS, "mass", parts), m, dim=-1)
+
+        yield f"select_top_chunks_C{c}", (red.numel() + parts.numel()) * 4, fn, ("unfused", "fused")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--only", default="", help="time only the ops whose name starts with this (e.g. select_top)")
     args = p.parse_args()
     dev = "cuda"
     results = {}
-    for name, nbytes, fn in cases(dev):
+    for name, nbytes, fn, *impls in cases(dev):
+        if not name.startswith(args.only):
+            continue
+        base, new = impls[0] if impls else ("torch", "triton")
         row = {"bytes_read": nbytes}
-        for impl in ("torch", "triton"):
+        for impl in (base, new):
             call = lambda: fn(impl)  # noqa: E731
             call()
             torch.cuda.synchronize()
@@ -88,9 +113,11 @@ def main() -> None:
                 row[f"{impl}_graph_us"] = do_bench_cudagraph(call, rep=200, return_mode="median") * 1e3
             except Exception as exc:  # recorded, not hidden: some reference ops may not capture
                 row[f"{impl}_graph_error"] = repr(exc)[:200]
-        row["speedup"] = row["torch_us"] / row["triton_us"]
-        if "triton_graph_us" in row:
-            row["triton_graph_GBps"] = nbytes / (row["triton_graph_us"] * 1e-6) / 1e9
+        row["speedup"] = row[f"{base}_us"] / row[f"{new}_us"]
+        if f"{base}_graph_us" in row and f"{new}_graph_us" in row:
+            row["graph_speedup"] = row[f"{base}_graph_us"] / row[f"{new}_graph_us"]
+        if f"{new}_graph_us" in row:
+            row[f"{new}_graph_GBps"] = nbytes / (row[f"{new}_graph_us"] * 1e-6) / 1e9
         results[name] = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
         print(name, results[name], flush=True)
     record = {
@@ -98,7 +125,8 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv), "torch": torch.__version__, "triton": triton.__version__,
         "impl": implementation(dev), "units": "microseconds, median (do_bench; *_graph_us: do_bench_cudagraph)",
         "shapes": {"Hq": HQ, "Hkv": HKV, "D": D, "S": S, "rank": R, "chunk": CHUNK, "picked_tokens": PICKED,
-                   "sink_chunks": SINK_CHUNKS, "window_chunks": WINDOW_CHUNKS, "dtype": "bf16"},
+                   "sink_chunks": SINK_CHUNKS, "window_chunks": WINDOW_CHUNKS, "dtype": "bf16",
+                   "select_chunks": SELECT_CHUNKS},
         "results": results,
     }
     os.makedirs(args.out, exist_ok=True)

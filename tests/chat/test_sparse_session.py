@@ -28,6 +28,12 @@ def sparse_llm(smol, **changes) -> LLM:
                stop_ids=smol.stop_ids)
 
 
+def dequantized(state: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """A saved shadow's or score index's coefficients as numbers (the index keeps int8 rows and fp32 row scales)."""
+    c = state[prefix + "coeffs"]
+    return c.float() * state[prefix + "row_scale"].unsqueeze(-1) if prefix + "row_scale" in state else c
+
+
 def sparse_steps(chat: Chat) -> int:
     return chat.cache.stats()["sparse"]["sparse_steps"]
 
@@ -88,8 +94,11 @@ def test_sparse_reset_keeps_the_context_and_replies_as_a_fresh_session(sparse_co
         assert torch.equal(state[name], fresh[name]), name
     for layer in range(len(state["sparse.fitted"])):
         for part in ("shadow", "index"):
-            a, b = (st[f"sparse.{layer}.{part}.coeffs"] @ st[f"sparse.{layer}.{part}.basis"] for st in (state, fresh))
-            torch.testing.assert_close(a, b, atol=1e-3, rtol=0)  # low-rank keys (values ~10); bases up to sign
+            p = f"sparse.{layer}.{part}."
+            a, b = (dequantized(st, p) @ st[p + "basis"] for st in (state, fresh))
+            # low-rank keys (values ~10); bases up to sign; an index coefficient may round to the next int8 step
+            step = fresh[p + "row_scale"].unsqueeze(-1) if part == "index" else 0  # (Hkv, S, 1); unit basis rows
+            assert bool(((a - b).abs() <= 1e-3 + 1.01 * step).all()), (p, float((a - b).abs().max()))
 
 
 @pytest.mark.parametrize("change", [{"rank": 32}, {"chunk_size": 32}, {"score_rank": 16}])

@@ -105,17 +105,26 @@ def test_resident_values_replace_the_pools_first_slots(gen, dtype):
     assert torch.equal(got, want)
     wrong, _ = shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, stale, slots, lengths, chunk_ids)
     assert max_diff("stale pool without the resident copy", wrong, want) > 1.0
+    k_res, k_stale = resident_case(gen, k_pool, lo, n_res)  # exact keys (chunk id -1) of resident slots too
+    assert bool((inside & (chunk_ids < 0)).any())
+    got, _ = shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_stale, stale, slots, lengths, chunk_ids,
+                                          v_resident=v_res, resident_from=lo, k_resident=k_res)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lo,n_res", [(0, 1), (22, 1), (0, 12), (11, 12), (0, 23)])
-def test_shadow_triton_reads_resident_values_as_torch_does(gen, triton_device, dtype, lo, n_res):
+@pytest.mark.parametrize("keys", [False, True])
+def test_shadow_triton_reads_resident_values_as_torch_does(gen, triton_device, dtype, lo, n_res, keys):
     from tierkv.kernels.shadow_attention_triton import shadow_paged_attention_triton
 
     args = list(make_case(gen, 32, 8, 128, 32, 32, 20, "per_head", dtype, triton_device))
     v_res, stale = resident_case(gen, args[6], lo, n_res)
     args[6] = stale
-    got = shadow_paged_attention_triton(*args, v_resident=v_res, resident_from=lo)
-    want = shadow_paged_attention_torch(*args, v_resident=v_res, resident_from=lo)
+    k_res = None
+    if keys:
+        k_res, args[5] = resident_case(gen, args[5], lo, n_res)
+    got = shadow_paged_attention_triton(*args, v_resident=v_res, resident_from=lo, k_resident=k_res)
+    want = shadow_paged_attention_torch(*args, v_resident=v_res, resident_from=lo, k_resident=k_res)
     assert max_diff(f"shadow triton out, {n_res} resident slots, {dtype}", got[0], want[0]) < TOL[dtype]

@@ -21,26 +21,28 @@ def greedy(model, cache, ids, n, step=None):
     return list(generate_ids(step, logits, len(ids), n, set(), GenStats()))
 
 
-def fast_cache(model, tier, capacity, chunk_cache=False):
+def fast_cache(model, tier, capacity, chunk_cache=False, sparse=OPTS):
     c = model.cfg
     return FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
-                             config=tier, capacity=capacity, rope=model.rope, sparse=OPTS, chunk_cache=chunk_cache)
+                             config=tier, capacity=capacity, rope=model.rope, sparse=sparse, chunk_cache=chunk_cache)
 
 
-def placed_cache(model, tier, capacity, place):
+def placed_cache(model, tier, capacity, place, sparse=OPTS):
     """A fast cache whose values are all on the host ("host"), half ("half") or all ("all") resident on the
-    compute device too, or with the chunk cache ("cache"): kv_gpu_budget sized from the cache's own bytes."""
+    compute device too, room for keys and values of every chunk ("all_kv"), or with the chunk cache ("cache"):
+    kv_gpu_budget sized from the cache's own bytes."""
     if place == "cache":
-        return fast_cache(model, tier, capacity, chunk_cache=True)
-    probe = fast_cache(model, tier.replace(kv_gpu_budget=1), capacity)
+        return fast_cache(model, tier, capacity, chunk_cache=True, sparse=sparse)
+    probe = fast_cache(model, tier.replace(kv_gpu_budget=1), capacity, sparse=sparse)
     base, n, probe_res = probe._device_bytes(), probe.n_chunks, probe.n_resident
     probe.close()
     assert probe_res == 0  # a budget below the shadows leaves no room for values
     c = model.cfg
     per_chunk = c.num_layers * tier.chunk_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
-    want = {"host": 0, "half": n // 2, "all": n}[place]
-    cache = fast_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity)
-    assert cache.n_resident == want
+    # all_kv: 8 chunks to spare for the shadow and index bases, which the fit adds
+    want = {"host": 0, "half": n // 2, "all": n, "all_kv": 2 * n + 9}[place]
+    cache = fast_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity, sparse=sparse)
+    assert cache.n_resident == min(want, n)
     return cache
 
 
@@ -215,3 +217,27 @@ def test_long_prefill_slices_stream_the_context_in_spans_with_the_same_attention
         assert (got - want).abs().max().item() < 1e-5
     finally:
         cache.close()
+
+
+def test_outlier_keys_stay_on_the_device_when_keys_and_values_of_every_chunk_fit(smol, text_ids):
+    """With every chunk an outlier (threshold 0: no key is rebuilt from the shadow), picks read exact keys; once the
+    fit finds that and the budget holds keys and values of every chunk, keys join the resident values: same tokens,
+    nothing read over the link. With room for values only, the keys still come from the host."""
+    model, ids, n = smol.model, text_ids[:900], 12
+    opts = SparseOptions(fold_tokens=32, outlier_threshold=0.0)
+    runs, stats = {}, {}
+    for place in ("host", "all", "all_kv"):
+        cache = placed_cache(model, TIER, len(ids) + n + 1, place, sparse=opts)
+        try:
+            runs[place] = greedy(model, cache, ids, n)
+            stats[place] = cache.stats()
+            if cache.k_res is not None:
+                flat, end = (cache.num_layers, -1, cache.hkv, cache.d), cache.seq_len
+                assert torch.equal(cache.k_res.view(flat)[:, :end], cache.k_host.view(flat)[:, :end])
+        finally:
+            cache.close()
+    assert stats["host"]["outlier_chunks"] > 0 and stats["host"]["total"]["hits"]["gpu_resident"] == 0
+    assert runs["all"] == runs["host"] and runs["all_kv"] == runs["host"]
+    assert not stats["all"]["resident_values"]["keys_too"] and stats["all_kv"]["resident_values"]["keys_too"]
+    link = {p: st["total"]["bytes_moved"]["host->device"] for p, st in stats.items()}
+    assert link["all_kv"] == 0 < link["all"] < link["host"]

@@ -79,3 +79,98 @@ def test_landmarks(kind):
     else:
         best = torch.maximum(qg[:, :, None] * lm.lo[:, None], qg[:, :, None] * lm.hi[:, None]).sum(-1).amax(1)
     assert torch.equal(lm.top_chunks(q, 0, 7, 3), best.topk(3, -1).indices)
+
+
+def exact_coeffs(idx: LowRankIndex, keys: torch.Tensor) -> torch.Tensor:
+    """The unquantised projections of keys (S, Hkv, D): (Hkv, S, r), or (S, r) when shared, in fp64."""
+    if idx.shared:
+        return keys.reshape(keys.shape[0], -1).double() @ idx.basis.double().T
+    return torch.einsum("thd,hrd->htr", keys.double(), idx.basis.double())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_low_rank_index_stores_int8_rows_within_half_a_step(shared):
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(50, HKV, D, generator=g) * torch.linspace(0.2, 30, D)  # (S, Hkv, D)
+    keys[7] = 0  # a zero row: scale 1, no NaN
+    idx = LowRankIndex(HKV, D, 6, C, shared=shared, reduce="mass", device=torch.device("cpu"), dtype=torch.float32)
+    idx.fit(keys[:20])
+    idx.extend(keys[20:])
+    lead = () if shared else (HKV,)
+    n = idx.count
+    assert n == 50 and idx.coeffs.dtype == torch.int8 and idx.row_scale.dtype == torch.float32
+    assert idx.coeffs.shape[:-2] == idx.row_scale.shape[:-1] == lead and idx.coeffs.shape[-1] == 6
+    q8, rs = idx.coeffs[..., :n, :], idx.row_scale[..., :n]
+    exact = exact_coeffs(idx, keys)
+    err = (q8.double() * rs.double().unsqueeze(-1) - exact).abs()
+    assert bool((err <= rs.double().unsqueeze(-1) * (0.5 + 1e-4)).all()), float((err / rs.unsqueeze(-1)).max())
+    zero = q8[7] if shared else q8[:, 7]
+    assert not zero.any() and bool((rs[..., 7] == 1).all())
+    nonzero = torch.ones(50, dtype=torch.bool)
+    nonzero[7] = False
+    assert bool((q8.abs().amax(-1)[..., nonzero] == 127).all())  # each row uses the full int8 range
+    assert idx.nbytes == idx.basis.numel() * 4 + idx.coeffs.numel() + idx.row_scale.numel() * 4
+
+
+def test_write_at_equals_extend_and_reserve_and_growth_keep_rows():
+    g = torch.Generator().manual_seed(4)
+    keys = torch.randn(40, HKV, D, generator=g) * torch.linspace(0.5, 8, D)
+    a = LowRankIndex(HKV, D, 5, C, shared=False, reduce="mass", device=torch.device("cpu"), dtype=torch.float32)
+    a.fit(keys[:24])
+    kept = a.coeffs[:, :24].clone(), a.row_scale[:, :24].clone()
+    a.reserve(300)  # room for later in-place writes; what is indexed stays
+    assert a.coeffs.shape[1] == a.row_scale.shape[1] == 300
+    assert torch.equal(a.coeffs[:, :24], kept[0]) and torch.equal(a.row_scale[:, :24], kept[1])
+    b = LowRankIndex(HKV, D, 5, C, shared=False, reduce="mass", device=torch.device("cpu"), dtype=torch.float32)
+    b.basis = a.basis
+    b.reserve(300)
+    b.coeffs[:, :24], b.row_scale[:, :24] = kept
+    b.count = 24
+    coeffs, row_scale = b.coeffs, b.row_scale
+    for t in range(24, 40):  # the graph-safe decode write, one token at a device position
+        b.write_at(torch.tensor([t]), keys[t:t + 1])
+        b.count = t + 1
+    assert b.coeffs is coeffs and b.row_scale is row_scale  # in place: no reallocation
+    a.extend(keys[24:])
+    same_rows(b, a, range(40))  # the batched and the one-token projections round alike but for the last bits
+    before = a.coeffs[:, :40].clone(), a.row_scale[:, :40].clone()
+    a.extend(keys.repeat(8, 1, 1))  # past the reserved room: grows, keeping every row
+    assert a.count == 360 and a.coeffs.shape[1] == a.row_scale.shape[1] >= 360
+    assert torch.equal(a.coeffs[:, :40], before[0]) and torch.equal(a.row_scale[:, :40], before[1])
+    same_rows(a, b, range(40), at=80)
+
+
+def same_rows(x: LowRankIndex, y: LowRankIndex, rows, at: int = 0) -> None:
+    """x's indexed rows at+rows equal y's rows up to one int8 step (a projection rounded otherwise by an ulp)."""
+    rows = torch.tensor(list(rows))
+    sx, sy = x.row_scale[:, rows + at], y.row_scale[:, rows]  # (Hkv, n)
+    torch.testing.assert_close(sx, sy, rtol=1e-5, atol=0)
+    assert int((x.coeffs[:, rows + at].int() - y.coeffs[:, rows].int()).abs().max()) <= 1
+
+
+def test_low_rank_index_state_round_trips_and_checks_int8():
+    from tierkv.errors import ConfigError
+    from tierkv.kv.sparse_state import check_meta, meta, pack_scorer, unpack_scorer
+
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(30, HKV, D, generator=g)
+    q = torch.randn(HKV * G, D, generator=g)
+
+    def fresh():
+        return LowRankIndex(HKV, D, 4, C, shared=False, reduce="mass", device=torch.device("cpu"), dtype=torch.float32)
+    src = fresh()
+    src.fit(keys)
+    state = pack_scorer(src, "x.")
+    assert state["x.coeffs"].dtype == torch.int8 and state["x.row_scale"].shape == (HKV, 30)
+    dst = fresh()
+    unpack_scorer(dst, state, "x.")
+    assert dst.count == 30 and torch.equal(dst.coeffs, src.coeffs[:, :30]) and torch.equal(dst.row_scale, src.row_scale[:, :30])
+    assert torch.equal(dst.top_chunks(q, 1, 6, 2), src.top_chunks(q, 1, 6, 2))
+    for name, bad in [("coeffs", state["x.coeffs"].float()), ("row_scale", state["x.row_scale"][:, :29])]:
+        with pytest.raises(ConfigError, match=name):
+            unpack_scorer(fresh(), state | {f"x.{name}": bad}, "x.")
+    mine = meta(C, 8, 4, "lowrank", 30)
+    older = mine.clone()
+    older[0] = 1  # saved before the index was int8: refused with a message that names the format
+    with pytest.raises(ConfigError, match="format 1 but this tierkv reads format 2"):
+        check_meta(older, mine)

@@ -185,3 +185,17 @@ def test_mapped_host_view_reads_in_place():
     view = pool.mapped_view(torch.device("cuda"))
     got = view.index_select(0, torch.tensor([3, 1], device="cuda")).cpu()
     assert torch.equal(got[:, 0], torch.tensor([4, 2], dtype=torch.uint8))
+
+
+def test_step_stats_difference_keeps_notes_and_subtracts_counters():
+    """On CUDA the host tier is read in place and the snapshot carries a "reads" note: advance() diffs snapshots
+    every step, and a note must pass through instead of being subtracted."""
+    from tierkv.kv.tiered import _diff
+
+    a = {"bytes_moved": {"host->device": 10}, "hits": {"device": 3, "host": 1}, "hit_rate": {}, "io_wait_s": 0.5,
+         "steps": 4, "reads": "by GPU gathers"}
+    b = {"bytes_moved": {"host->device": 4}, "hits": {"device": 1, "host": 1}, "hit_rate": {}, "io_wait_s": 0.25,
+         "steps": 3, "reads": "by GPU gathers"}
+    d = _diff(a, b)
+    assert d["bytes_moved"] == {"host->device": 6} and d["steps"] == 1 and d["io_wait_s"] == 0.25
+    assert d["reads"] == "by GPU gathers" and d["hit_rate"] == {"device": 1.0, "host": 0.0}

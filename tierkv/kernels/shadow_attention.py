@@ -3,7 +3,8 @@
 Entries with chunk_ids >= 0 get keys RoPE(A[t] @ B) at t = chunk_id*chunk + j; entries with chunk_ids < 0
 (sinks, window, outliers) read exact keys from k_pool. Values come from v_pool, or, with a GPU chunk cache
 (kernels/chunk_cache.py, filled before this runs), picks' keys and values come from their cache slots; with
-values resident on the GPU for a run of the pool's slots (v_resident), entries in those slots read them there.
+values (and optionally exact keys) resident on the GPU for a run of the pool's slots (v_resident, k_resident),
+entries in those slots read them there.
 Triton twin fuses it all.
 """
 
@@ -32,6 +33,7 @@ def shadow_paged_attention_torch(
     cache: tuple[torch.Tensor, ...] | None = None,
     v_resident: torch.Tensor | None = None,
     resident_from: int = 0,
+    k_resident: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (Hq, D) over the listed chunks; returns out (Hq, D) in q.dtype, lse (Hq,) fp32.
 
@@ -41,7 +43,7 @@ def shadow_paged_attention_torch(
     from `chunk_cache_assign` for the last K entries; picks with a slot (csrc != -1) are read from the caches.
     v_resident: None, or (R, chunk, Hkv, D) on the GPU, a copy of v_pool's slots [resident_from, resident_from + R):
     entries in those slots read their values there (same bytes, no host-link traffic when v_pool is mapped host
-    memory).
+    memory); k_resident: None or v_resident's twin for k_pool, read for those slots' exact keys.
     Rebuilt keys are rounded to k_pool.dtype before the dot, as a gather-then-attend path would. No host sync.
     """
     _, chunk, hkv, d = k_pool.shape
@@ -58,6 +60,8 @@ def shadow_paged_attention_torch(
         on_gpu = ((rel >= 0) & (rel < v_resident.shape[0]))[..., None, None]
         rel = rel.clamp(0, v_resident.shape[0] - 1)
         vg = torch.where(on_gpu, v_resident.permute(2, 0, 1, 3)[heads, rel], vg)
+        if k_resident is not None:
+            exact = torch.where(on_gpu, k_resident.permute(2, 0, 1, 3)[heads, rel], exact)
     if cache is not None:
         exact, vg = _through_cache(exact, vg, cache)
     use_exact = (chunk_ids < 0).repeat_interleave(chunk, dim=1).unsqueeze(-1)  # (Hkv, m*chunk, 1)
@@ -79,8 +83,8 @@ def _through_cache(exact, vg, cache):
 
 
 def shadow_paged_attention(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale=None,
-                           cache=None, v_resident=None, resident_from=0, *, impl=None):
+                           cache=None, v_resident=None, resident_from=0, k_resident=None, *, impl=None):
     """Dispatching entry point: see `shadow_paged_attention_torch`."""
     fn = dispatch.get("shadow_paged_attention", q.device, impl, module="shadow_attention")
     return fn(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale, cache, v_resident,
-              resident_from)
+              resident_from, k_resident)

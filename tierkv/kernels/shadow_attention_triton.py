@@ -26,12 +26,13 @@ def _r_step(block_r: int) -> int:
 @triton.jit
 def _shadow_split_kernel(
     q_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, cid_ptr, po_ptr, pl_ptr,
-    kc_ptr, vc_ptr, csrc_ptr, vr_ptr,
+    kc_ptr, vc_ptr, csrc_ptr, vr_ptr, kr_ptr,
     n_items, per_split, scale_log2, group, hq, rank, s_last, n_fixed, res_lo, n_res,
     s_ah, s_at, s_bh, s_br, s_bd, s_ct, s_kslot, s_kt, s_kh, s_vslot, s_vt, s_vh, s_sh, s_se,
     s_cslot, s_ct2, s_ch, s_csh,
     CHUNK: tl.constexpr, HALF: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     F32_DOT: tl.constexpr, USE_CACHE: tl.constexpr, R_STEP: tl.constexpr, LOWP_REBUILD: tl.constexpr,
+    RES_KEYS: tl.constexpr,
 ):
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -99,16 +100,21 @@ def _shadow_split_kernel(
         # values of slots [res_lo, res_lo + n_res) are resident on the GPU (the pool's layout): no host-link read
         rel = slot - res_lo
         v_res_off = (rel * s_vslot + j * s_vt + h * s_vh)[:, None]
-        v_base = tl.where(((rel >= 0) & (rel < n_res))[:, None], vr_ptr + v_res_off, v_ptr + v_off)
+        on_gpu = ((rel >= 0) & (rel < n_res))[:, None]
+        v_base = tl.where(on_gpu, vr_ptr + v_res_off, v_ptr + v_off)
+        if RES_KEYS:  # exact keys of resident slots too (k_resident shares v_resident's layout)
+            k_base = tl.where(on_gpu, kr_ptr + v_res_off, k_ptr + k_off)
+        else:
+            k_base = k_ptr + k_off
         if USE_CACHE:  # picks (entries past the fixed ones) with a cache slot are read from the chunk cache
             pe = entry - n_fixed
             cs = tl.load(csrc_ptr + h * s_csh + pe, mask=valid & (pe >= 0), other=-1)
             cached = (cs != -1)[:, None]
             c_off = (tl.where(cs >= 0, cs, -cs - 2) * s_cslot + j * s_ct2 + h * s_ch)[:, None]
-            k_row = tl.where(cached, kc_ptr + c_off, k_ptr + k_off) + offs_h[None, :]
+            k_row = tl.where(cached, kc_ptr + c_off, k_base) + offs_h[None, :]
             v_row = tl.where(cached, vc_ptr + c_off, v_base) + offs_d[None, :]
         else:
-            k_row = k_ptr + k_off + offs_h[None, :]
+            k_row = k_base + offs_h[None, :]
             v_row = v_base + offs_d[None, :]
         ex_m = (valid & exact)[:, None]
         e_lo = tl.load(k_row, mask=ex_m, other=0.0)
@@ -138,6 +144,7 @@ def shadow_paged_attention_triton(
     cache: tuple[torch.Tensor, ...] | None = None,
     v_resident: torch.Tensor | None = None,
     resident_from: int = 0,
+    k_resident: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `shadow_paged_attention_torch`; D a power of two >= 32. Two launches, no host sync."""
@@ -166,17 +173,19 @@ def shadow_paged_attention_triton(
         k_cache = v_cache = csrc = slots
         n_fixed, cstr = 0, (0, 0, 0)
     n_res = 0 if v_resident is None else v_resident.shape[0]
-    if n_res and v_resident.stride() != v_pool.stride():
-        raise ValueError("shadow_paged_attention_triton needs v_resident laid out like v_pool (same strides)")
+    if n_res and (v_resident.stride() != v_pool.stride() or k_pool.stride() != v_pool.stride()
+                  or (k_resident is not None and k_resident.stride() != v_resident.stride())):
+        raise ValueError("shadow_paged_attention_triton needs k/v pools and their resident copies laid out alike")
+    res_keys = bool(n_res) and k_resident is not None
     _shadow_split_kernel[(hkv, num_splits)](
         q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl, k_cache, v_cache, csrc,
-        v_resident if n_res else v_pool,
+        v_resident if n_res else v_pool, k_resident if res_keys else k_pool,
         n_items, per_split, (d**-0.5 if scale is None else scale) * _LOG2E, hq // hkv, hq, rank, a3.shape[1] - 1,
         n_fixed, resident_from, n_res,
         a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), cos.stride(0),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         slots.stride(0), slots.stride(1), cstr[0], cstr[1], cstr[2], csrc.stride(0),
         USE_CACHE=cache is not None, CHUNK=chunk, HALF=d // 2, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=block_n,
-        BLOCK_R=block_r, R_STEP=_r_step(block_r), F32_DOT=f32_dot, LOWP_REBUILD=lowp,
+        BLOCK_R=block_r, R_STEP=_r_step(block_r), F32_DOT=f32_dot, LOWP_REBUILD=lowp, RES_KEYS=res_keys,
     )
     return merge_splits(po, pl, q.dtype)

@@ -30,9 +30,10 @@ def sparse_entries_torch(
     picks count this step and how many chunks the shadow covers. outlier: (N,) bool. fixed_ids/fixed_len: (F,).
     A pick is attended when its rank < picks and its score is finite; its keys are rebuilt (chunk id kept in
     cids) when covered and not an outlier, else read exact (-1). Returns slots (ids clamped to the pool),
-    lengths and cids, all int64. counts: None or (5,) int64, += [fixed tokens over all heads, attended picks, picks
-    with exact keys, attended picks in resident slots, fixed tokens in resident slots] (what the step reads beyond
-    the shadow, and which of those values a GPU-resident copy of the chunks in [resident[0], resident[1]) serves).
+    lengths and cids, all int64. counts: None or (6,) int64, += [fixed tokens over all heads, attended picks, picks
+    with exact keys, attended picks in resident slots, fixed tokens in resident slots, picks with exact keys in
+    resident slots] (what the step reads beyond the shadow, and which of it a GPU-resident copy of the chunks in
+    [resident[0], resident[1]) serves).
     No host sync.
     """
     hkv, k = top.shape
@@ -49,7 +50,7 @@ def sparse_entries_torch(
         on_gpu = (slots >= resident[0]) & (slots < resident[1])
         fixed_res = torch.where(on_gpu[:, :f], lengths[:, :f], 0).sum()
         counts.add_(torch.stack([fixed_len.sum() * hkv, picked.sum(), (picked & ~rebuild).sum(),
-                                 (picked & on_gpu[:, f:]).sum(), fixed_res]))
+                                 (picked & on_gpu[:, f:]).sum(), fixed_res, (picked & ~rebuild & on_gpu[:, f:]).sum()]))
     return slots, lengths, cids
 
 

@@ -39,6 +39,7 @@ def _entries_kernel(top_ptr, score_ptr, picks_ptr, covered_ptr, outlier_ptr, fid
         on_gpu = (slots >= res_lo) & (slots < res_hi)
         tl.atomic_add(count_ptr + 3, tl.sum((picked & on_gpu).to(tl.int64)))
         tl.atomic_add(count_ptr + 4, tl.sum(tl.where(is_fixed & on_gpu, flen, 0).to(tl.int64)))
+        tl.atomic_add(count_ptr + 5, tl.sum((picked & ~rebuild & on_gpu).to(tl.int64)))
 
 
 def sparse_entries_triton(top, score, picks, covered, outlier, fixed_ids, fixed_len, chunk: int, n_chunks: int,

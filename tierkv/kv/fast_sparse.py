@@ -1,8 +1,9 @@
 """FastSparseKVCache: sparse decode whose steps are safe to capture in a CUDA graph.
 
 Every token's K and V live in one pinned host pool that the GPU reads in place (mapped, zero-copy); the GPU
-holds the low-rank key shadows, the score index, a small ring of recent pre-RoPE keys and, in what kv_gpu_budget
-leaves, a copy of the values of the last chunks (on real text most picks are recent; those read no host memory).
+holds the low-rank key shadows, the score index (int8), a small ring of recent pre-RoPE keys and, in what
+kv_gpu_budget leaves, a copy of the values of the last chunks (on real text most picks are recent; those read no
+host memory), with their keys too when most chunks are outliers and every chunk fits.
 A decode step
 scores chunks, picks the top ones per KV head and attends sinks + window + open chunk + picks in one kernel,
 with picked keys rebuilt from the shadow: no host sync and no host decision, so the step can be replayed.
@@ -22,6 +23,7 @@ from tierkv.config import TierConfig, format_size
 from tierkv.errors import BudgetError
 from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
+from tierkv.kernels.append_token import append_token
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.cache import KVCache, causal_attention
 from tierkv.kv.online_softmax import OnlineSoftmax
@@ -83,9 +85,9 @@ class FastSparseKVCache(KVCache):
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
         # what sparse steps read beyond the shadow: [fixed-entry tokens (their K and V) over heads and layers,
-        # attended picks, picks with exact keys, picks and fixed tokens whose values are resident on the GPU];
-        # with the chunk cache also [exact-key misses, hits, picks]
-        self.read_counts = torch.zeros(5, dtype=torch.long, device=self.device)
+        # attended picks, picks with exact keys, picks and fixed tokens in resident slots, exact-key picks in
+        # resident slots]; with the chunk cache also [exact-key misses, hits, picks]
+        self.read_counts = torch.zeros(6, dtype=torch.long, device=self.device)
         # chunk cache: per layer max_picks slots (+1 scratch) of K and V for every KV head; cached_ids says which
         # chunk each (head, slot) holds
         self.chunk_cache = chunk_cache
@@ -126,30 +128,67 @@ class FastSparseKVCache(KVCache):
         self.k_host, self.v_host = (v.view(self.dtype).view(shape) for v in views)  # device-readable views
         self.host_bytes = 2 * nbytes
 
-    def _alloc_resident(self) -> None:
-        """Values of the last n_resident chunks, [resident_from, n_chunks), copied on the GPU, (L, n_resident + 1,
-        C, Hkv, D): as many as kv_gpu_budget leaves after the shadows, index and ring (no budget: free CUDA memory
-        less AUTO_RESERVE; none on the CPU, where the pool is already the compute device's memory, nor beside the
-        chunk cache). The last chunks because on real text picks are recent (SmolLM2, 6K tokens of pydoc text: 76% of
-        picks in the last quarter of the chunks, 0.7% in the first). Row n_resident is scratch for writes to
-        earlier chunks, so that a graph-captured append needs no branch."""
-        per_chunk = self.num_layers * self.chunk * self.hkv * self.d * self.dtype.itemsize
-        budget = self.config.kv_gpu_budget
-        if self.chunk_cache or (budget is None and self.device.type != "cuda"):
-            room = 0
-        elif budget is None:
-            room = torch.cuda.mem_get_info(self.device)[0] - AUTO_RESERVE
-        else:
-            room = budget - self._device_bytes()
-        self.n_resident = max(0, min(self.n_chunks, room // per_chunk - 1))
+    def _alloc_resident(self, keys: bool = False) -> None:
+        """Values (with keys=True also keys) of the last n_resident chunks, [resident_from, n_chunks), on the GPU,
+        (L, n_resident + 1, C, Hkv, D) each: as many as kv_gpu_budget leaves after the shadows, index and ring (no
+        budget: free CUDA memory less AUTO_RESERVE; none on the CPU, where the pool is already the compute device's
+        memory, nor beside the chunk cache). The last chunks because on real text picks are recent (SmolLM2, 6K
+        tokens of pydoc text: 76% of picks in the last quarter of the chunks, 0.7% in the first). Row n_resident is
+        scratch for writes to earlier chunks, so that a graph-captured append needs no branch. Zeroed: the caller
+        copies what the pool already holds."""
+        per_chunk = self._chunk_bytes() * (2 if keys else 1)
+        self.n_resident = max(0, min(self.n_chunks, self._resident_room() // per_chunk - 1))
         self.resident_from = self.n_chunks - self.n_resident
-        self.v_res = torch.zeros((self.num_layers, self.n_resident + 1, self.chunk, self.hkv, self.d),
-                                 device=self.device, dtype=self.dtype)
+        shape = (self.num_layers, self.n_resident + 1, self.chunk, self.hkv, self.d)
+        self.v_res = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.k_res = torch.zeros(shape, device=self.device, dtype=self.dtype) if keys else None
+
+    def _chunk_bytes(self) -> int:
+        """Bytes of one chunk's values (or keys) over all layers."""
+        return self.num_layers * self.chunk * self.hkv * self.d * self.dtype.itemsize
+
+    def _resident_room(self) -> int:
+        """GPU bytes the resident copies may take (see `_alloc_resident`); counts what they hold now as free."""
+        budget, held = self.config.kv_gpu_budget, 0
+        for res in (getattr(self, "v_res", None), getattr(self, "k_res", None)):
+            held += 0 if res is None else res.numel() * res.element_size()
+        if self.chunk_cache or (budget is None and self.device.type != "cuda"):
+            return 0
+        if budget is None:
+            return torch.cuda.mem_get_info(self.device)[0] + held - AUTO_RESERVE
+        return budget - self._device_bytes()
+
+    def _keep_outlier_keys(self, total: int) -> None:
+        """After the fit: when most chunks are outliers (keys the shadow cannot rebuild, read exactly on every pick)
+        and the budget holds keys and values of every chunk, keep the keys on the GPU too. (Short of every chunk,
+        keys halve the resident chunks and, for evenly spread picks, read more over the link than they save.)
+        Eager: one host sync."""
+        if self._resident_room() < 2 * (self.n_chunks + 1) * self._chunk_bytes():
+            return
+        if float(self.outlier[:, :total // self.chunk].float().mean()) <= 0.5:
+            return
+        self.v_res = None  # the pair needs this memory back: free it before asking
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._alloc_resident(keys=True)
+        self._copy_resident(total)
+
+    def _copy_resident(self, total: int) -> None:
+        """Copy the pool's tokens [resident_from * C, total) into the resident buffers (all layers). Mutates."""
+        start, flat = self.resident_from * self.chunk, (self.num_layers, -1, self.hkv, self.d)
+        if start >= total:
+            return
+        for pool, res in ((self.v_host, self.v_res), (self.k_host, self.k_res)):
+            if res is not None:
+                res.view(flat)[:, :total - start].copy_(pool.view(flat)[:, start:total])
 
     def _resident_rows(self, at: torch.Tensor) -> torch.Tensor:
         """Rows of v_res[layer] (flat tokens) for positions at: their own in the resident chunks, else scratch."""
         start = self.resident_from * self.chunk
         return torch.where(at >= start, at - start, self.n_resident * self.chunk + at.remainder(self.chunk))
+
+    def _resident_bytes(self) -> int:
+        return sum(0 if r is None else r.numel() * r.element_size() for r in (self.v_res, self.k_res))
 
     def _device_bytes(self) -> int:
         """GPU bytes of the shadows, index, ring, outlier flags and chunk cache (not the resident values)."""
@@ -190,16 +229,23 @@ class FastSparseKVCache(KVCache):
         else:
             at = torch.arange(self.seq_len, self.seq_len + t, device=self.device)
             ring_at, res_at = at.remainder(self.ring), self._resident_rows(at)
-        self._flat(self.k_host, layer).index_copy_(0, at, k)  # a GPU write into mapped host memory on CUDA
-        self._flat(self.v_host, layer).index_copy_(0, at, v)
-        self.v_res[layer].view(-1, self.hkv, self.d).index_copy_(0, res_at, v)
-        self.k_pre[layer].index_copy_(0, ring_at, k_pre)
-        if not self.fitted:
-            self._fit_buf[layer].append(k_pre.to("cpu"))
-            return
-        if t == 1:
-            self.index[layer].write_at(self.pos, k)
+        k_pool, v_pool = self._flat(self.k_host, layer), self._flat(self.v_host, layer)  # GPU-written, host memory
+        v_res = self.v_res[layer].view(-1, self.hkv, self.d)
+        k_res = None if self.k_res is None else self.k_res[layer].view(-1, self.hkv, self.d)
+        if t == 1 and self.fitted:  # a decode token: every write and its index row in one kernel
+            ix = self.index[layer]
+            append_token(k, v, k_pre, at, k_pool, v_pool, k_res, v_res, res_at, self.k_pre[layer], ring_at, ix.basis,
+                         ix.coeffs, ix.row_scale)
         else:
+            k_pool.index_copy_(0, at, k)
+            v_pool.index_copy_(0, at, v)
+            v_res.index_copy_(0, res_at, v)
+            if k_res is not None:
+                k_res.index_copy_(0, res_at, k)
+            self.k_pre[layer].index_copy_(0, ring_at, k_pre)
+            if not self.fitted:
+                self._fit_buf[layer].append(k_pre.to("cpu"))
+                return
             self.index[layer].count = self.seq_len
             self.index[layer].extend(k)
         if not _capturing():
@@ -253,6 +299,7 @@ class FastSparseKVCache(KVCache):
         self._mark_outliers(layer, 0, n)
         if layer == self.num_layers - 1:
             self.fitted = True
+            self._keep_outlier_keys(total)
 
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -312,7 +359,8 @@ class FastSparseKVCache(KVCache):
         total, sealed, window_start, picks, fixed_ids, fixed_len = self._step
         ix = self.index[layer]
         top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, c,
-                                1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce)  # (Hkv, K)
+                                1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce,
+                                row_scale=ix.row_scale)  # (Hkv, K)
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
                                               fixed_ids, fixed_len, c, self.n_chunks, self.read_counts,
                                               (self.resident_from, self.n_chunks))
@@ -329,7 +377,8 @@ class FastSparseKVCache(KVCache):
         out, _ = shadow_paged_attention(q[0], sh.coeffs, sh.basis, self.rope.cos, self.rope.sin,
                                         self.k_host[layer], self.v_host[layer], slots, lengths, cids, cache=cache,
                                         v_resident=self.v_res[layer, :self.n_resident],
-                                        resident_from=self.resident_from)
+                                        resident_from=self.resident_from,
+                                        k_resident=None if self.k_res is None else self.k_res[layer, :self.n_resident])
         return out[None]  # (1, Hq, D)
 
     def _count_repeats(self, layer: int, top: torch.Tensor, picked: torch.Tensor) -> None:
@@ -354,26 +403,30 @@ class FastSparseKVCache(KVCache):
     def stats(self) -> dict:
         """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; `total` holds the bytes
         sparse steps read over the host link and where picks came from (the chunk cache or the host)."""
-        gpu = self._device_bytes() + self.v_res.numel() * self.v_res.element_size()
+        gpu = self._device_bytes() + self._resident_bytes()
         extra = {}
         if self.track_repeats:
             rep, total = self._repeats.tolist()
             extra = {"picks": total, "picks_repeated": rep, "repeat_rate": rep / total if total else None}
-        fixed_tok, picks, exact_picks, res_picks, res_fixed = self.read_counts.tolist()
+        fixed_tok, picks, exact_picks, res_picks, res_fixed, res_exact = self.read_counts.tolist()
+        if self.k_res is None:  # resident values only: exact keys still cross the link
+            res_exact = 0
         hit = 0
         if self.chunk_cache:
             exact_picks, hit, _ = self.cache_counts.tolist()  # only misses cross the link: their exact keys
             extra["chunk_cache"] = {"slots_per_head": self.max_picks, "hits": hit, "picks": picks,
                                     "hit_rate": hit / picks if picks else None}
-        # K and V of the fixed entries, V of every pick not on the GPU (chunk cache, resident values) and K of
-        # picks with exact keys; the reads are GPU loads from mapped pinned memory (attention, cache fill): no
-        # copy, no host-side wait. (The chunk cache and resident values never coexist.)
-        host_tok = 2 * fixed_tok - res_fixed + self.chunk * (picks - hit - res_picks + exact_picks)
+        # K and V of the fixed entries, V of every pick not on the GPU (chunk cache, resident copies) and K of
+        # picks with exact keys not resident; the reads are GPU loads from mapped pinned memory (attention, cache
+        # fill): no copy, no host-side wait. (The chunk cache and resident copies never coexist.)
+        fixed_res_k = res_fixed if self.k_res is not None else 0
+        host_tok = 2 * fixed_tok - res_fixed - fixed_res_k + self.chunk * (picks - hit - res_picks + exact_picks
+                                                                          - res_exact)
         extra["total"] = {"bytes_moved": {"host->device": host_tok * self.d * self.dtype.itemsize},
                           "hits": {"gpu_chunk_cache": hit, "gpu_resident": res_picks,
                                    "host": picks - hit - res_picks},
                           "reads": "by GPU kernels from mapped pinned host memory"}
-        extra["resident_values"] = {"chunks": self.n_resident, "of": self.n_chunks,
+        extra["resident_values"] = {"chunks": self.n_resident, "of": self.n_chunks, "keys_too": self.k_res is not None,
                                     "hit_rate": res_picks / picks if picks else None}
         return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n, **extra,
                 "max_picks": self.max_picks, "covered": self.covered,

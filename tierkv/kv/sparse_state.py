@@ -15,7 +15,7 @@ from tierkv.kernels.rope import rotate_half
 from tierkv.kv.shadow import KeyShadow
 from tierkv.kv.summary import SCORERS, ChunkLandmarks, LowRankIndex
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the score index holds int8 coefficients and fp32 row scales
 
 
 def unrope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,9 +66,11 @@ def unpack_shadow(sh: KeyShadow, t: dict[str, torch.Tensor], prefix: str) -> Non
 
 
 def pack_scorer(sc, prefix: str) -> dict[str, torch.Tensor]:
-    """A fitted scorer's state (LowRankIndex: basis and the coefficients of indexed tokens; landmarks)."""
+    """A fitted scorer's state (LowRankIndex: basis, the int8 coefficients and row scales of indexed tokens;
+    landmarks)."""
     if isinstance(sc, LowRankIndex):
-        return {f"{prefix}basis": sc.basis, f"{prefix}coeffs": sc.coeffs[..., :sc.count, :]}
+        return {f"{prefix}basis": sc.basis, f"{prefix}coeffs": sc.coeffs[..., :sc.count, :],
+                f"{prefix}row_scale": sc.row_scale[..., :sc.count]}
     if isinstance(sc, ChunkLandmarks):
         return {f"{prefix}lo": sc.lo, f"{prefix}hi": sc.hi, f"{prefix}tail": sc.tail}
     raise TypeError(f"no session state for scorer {type(sc).__name__}")
@@ -81,8 +83,9 @@ def unpack_scorer(sc, t: dict[str, torch.Tensor], prefix: str) -> None:
         lead = () if sc.shared else (sc.hkv,)
         shape = (sc.rank, sc.hkv * sc.d) if sc.shared else (sc.hkv, sc.rank, sc.d)
         sc.basis = checked(t, f"{prefix}basis", shape, sc.dtype).to(dev)
-        sc.coeffs = checked(t, f"{prefix}coeffs", (*lead, None, sc.rank), sc.dtype).to(dev)
+        sc.coeffs = checked(t, f"{prefix}coeffs", (*lead, None, sc.rank), torch.int8).to(dev)
         sc.count = sc.coeffs.shape[-2]
+        sc.row_scale = checked(t, f"{prefix}row_scale", (*lead, sc.count), torch.float32).to(dev)
     else:
         sc.lo, sc.hi, sc.tail = (t[f"{prefix}{n}"].to(dev) for n in ("lo", "hi", "tail"))
 
@@ -108,6 +111,9 @@ def check_meta(saved: torch.Tensor, mine: torch.Tensor) -> None:
     names = ["state format", "chunk_size", "rank", "score rank", "scorer", "tokens"]
     for name, a, b in zip(names, saved.tolist(), mine.tolist()):
         if a != b:
+            if name == "state format":  # no setting brings an older format back (v1 kept the index unquantised)
+                raise ConfigError(f"the saved sparse state has format {a} but this tierkv reads format {b}; start "
+                                  f"the session again from its text")
             if name == "scorer":
                 a, b = SCORERS[a] if 0 <= a < len(SCORERS) else a, SCORERS[b]
             raise ConfigError(f"the saved sparse state has {name}={a} but this cache has {b}; load it with the "

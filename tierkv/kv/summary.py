@@ -1,7 +1,8 @@
 """Per-layer chunk scoring data kept on the device, and top-k chunk picks for a decode query.
 
-`LowRankIndex` (the default): every token's post-RoPE key projected to rank r per KV head (or shared), scores
-summed per chunk as softmax mass (kernels.chunk_topk). `ChunkLandmarks`: a chunk-mean or min/max landmark.
+`LowRankIndex` (the default): every token's post-RoPE key projected to rank r per KV head (or shared), stored as
+int8 rows with one fp32 scale each, scores summed per chunk as softmax mass (kernels.chunk_topk).
+`ChunkLandmarks`: a chunk-mean or min/max landmark.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import torch
 
 from tierkv.kernels import chunk_topk
+from tierkv.kernels.append_token import quantize_rows
 from tierkv.kernels.chunk_topk import select_top_chunks
 from tierkv.kv.shadow import basis_from_gram, fit_basis, grown_capacity
 
@@ -18,8 +20,10 @@ SCORERS = ("lowrank", "lowrank-shared", "mean", "minmax")
 
 
 class LowRankIndex:
-    """Low-rank projections of one layer's post-RoPE keys: basis P (Hkv, r, D) (or shared (r, Hkv*D)),
-    coefficients (Hkv, S_cap, r) (or (S_cap, r)). Costs S*r reads per KV head (per layer, if shared) per step."""
+    """Low-rank projections of one layer's post-RoPE keys: basis P (Hkv, r, D) (or shared (r, Hkv*D)) in the model
+    dtype, coefficients int8 (Hkv, S_cap, r) (or (S_cap, r)) with one fp32 scale per row, row_scale (Hkv, S_cap)
+    (or (S_cap,)): A[t] ~= row_scale[t] * coeffs[t]. Costs S*(r+4) bytes read per KV head (per layer, if shared)
+    per step, about half of bf16 coefficients at r=48."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, rank: int, chunk_size: int, *, shared: bool,
                  reduce: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -27,7 +31,8 @@ class LowRankIndex:
             num_kv_heads, head_dim, chunk_size, shared, reduce, dtype
         self.rank = min(rank, head_dim * (num_kv_heads if shared else 1))
         lead = () if shared else (num_kv_heads,)
-        self.coeffs = torch.zeros((*lead, 0, self.rank), device=device, dtype=dtype)  # (Hkv?, S_cap, r)
+        self.coeffs = torch.zeros((*lead, 0, self.rank), device=device, dtype=torch.int8)  # (Hkv?, S_cap, r)
+        self.row_scale = torch.zeros((*lead, 0), device=device)  # (Hkv?, S_cap) fp32
         self.basis: torch.Tensor | None = None  # (Hkv, r, D) or (r, Hkv*D)
         self.count = 0
 
@@ -41,7 +46,7 @@ class LowRankIndex:
     @property
     def nbytes(self) -> int:
         b = self.basis.numel() * self.basis.element_size() if self.basis is not None else 0
-        return b + self.coeffs.numel() * self.coeffs.element_size()
+        return b + self.coeffs.numel() * self.coeffs.element_size() + self.row_scale.numel() * 4
 
     def fit(self, k_post: torch.Tensor) -> None:
         """Fit the basis to k_post (S, Hkv, D), the layer's keys so far, and index them. Mutates."""
@@ -67,32 +72,36 @@ class LowRankIndex:
             a = torch.einsum("thd,hrd->htr", k_post.float(), self.basis.float())  # (Hkv, T, r)
         end, cap = self.count + t, self.coeffs.shape[-2]
         if end > cap:
-            shape = list(self.coeffs.shape)
-            shape[-2] = grown_capacity(end, cap)
-            grown = self.coeffs.new_zeros(shape)
-            grown[..., :self.count, :] = self.coeffs[..., :self.count, :]
-            self.coeffs = grown
-        self.coeffs[..., self.count:end, :] = a.to(self.dtype)
+            self._grow(grown_capacity(end, cap))
+        self.coeffs[..., self.count:end, :], self.row_scale[..., self.count:end] = quantize_rows(a)
         self.count = end
 
     def reserve(self, tokens: int) -> None:
         """Allocate room for `tokens` indexed tokens now, so later writes happen in place (CUDA graphs hold
         buffer addresses). Mutates; keeps what is indexed."""
         if tokens > self.coeffs.shape[-2]:
-            shape = list(self.coeffs.shape)
-            shape[-2] = tokens
-            grown = self.coeffs.new_zeros(shape)
-            grown[..., :self.count, :] = self.coeffs[..., :self.count, :]
-            self.coeffs = grown
+            self._grow(tokens)
+
+    def _grow(self, cap: int) -> None:
+        """Reallocate coeffs and row_scale with room for cap tokens, keeping the first `count`. Mutates."""
+        n = self.count
+        coeffs = self.coeffs.new_zeros((*self.coeffs.shape[:-2], cap, self.rank))  # (Hkv?, cap, r)
+        coeffs[..., :n, :] = self.coeffs[..., :n, :]
+        row_scale = self.row_scale.new_zeros((*self.row_scale.shape[:-1], cap))  # (Hkv?, cap)
+        row_scale[..., :n] = self.row_scale[..., :n]
+        self.coeffs, self.row_scale = coeffs, row_scale
 
     def write_at(self, pos: torch.Tensor, k_post: torch.Tensor) -> None:
         """Index one token's keys k_post (1, Hkv, D) at the device position pos (1,), in reserved room. Graph-safe:
         no host sync, no reallocation; the caller advances `count`. Per-KV-head indexes only."""
         a = torch.bmm(k_post[0].unsqueeze(1).float(), self.basis32.transpose(1, 2))  # (Hkv, 1, r)
-        self.coeffs.index_copy_(1, pos, a.to(self.dtype))
+        qa, sa = quantize_rows(a)  # (Hkv, 1, r) int8, (Hkv, 1) fp32
+        self.coeffs.index_copy_(1, pos, qa)
+        self.row_scale.index_copy_(1, pos, sa)
 
     def project_query(self, q: torch.Tensor) -> torch.Tensor:
-        """q (Hq, D) in the index's low-rank space, grouped by KV head: (Hkv, G, r) in the index dtype."""
+        """q (Hq, D) in the index's low-rank space, grouped by KV head: (Hkv, G, r) in the model dtype (the
+        scoring kernel dots it with the int8 rows converted to this dtype, exactly)."""
         qg = q.float().view(self.hkv, -1, self.d)  # (Hkv, G, D)
         if self.shared:
             b = self.basis32.view(self.rank, self.hkv, self.d).permute(1, 2, 0)  # (Hkv, D, r)
@@ -101,9 +110,9 @@ class LowRankIndex:
 
     def top_chunks(self, q: torch.Tensor, first: int, select_end: int, k: int) -> torch.Tensor:
         """Ids (Hkv, k) of the k best chunks in [first, select_end) per KV head for query q (Hq, D)."""
-        coeffs = self.coeffs[..., :self.count, :]
+        coeffs, row_scale = self.coeffs[..., :self.count, :], self.row_scale[..., :self.count]
         ids, _ = chunk_topk(self.project_query(q), coeffs, self.count, select_end, k, self.c,
-                            1.0 / math.sqrt(self.d), first, self.reduce)
+                            1.0 / math.sqrt(self.d), first, self.reduce, row_scale=row_scale)
         return ids
 
 
@@ -123,12 +132,6 @@ class ChunkLandmarks:
 
     def fit(self, k_post: torch.Tensor) -> None:
         self.extend(k_post)
-
-    def fit_grams(self, grams: torch.Tensor) -> None:
-        """Per-KV-head bases from the Gram matrices (Hkv, D, D) of the keys (summed over slices by the caller);
-        nothing is indexed yet: the caller extends with the keys. Mutates."""
-        self.basis = torch.stack([basis_from_gram(g, self.rank)[0] for g in grams]).to(self.dtype)
-        self.count = 0
 
     def extend(self, k_post: torch.Tensor) -> None:
         """Add tokens k_post (T, Hkv, D); landmarks of completed chunks are appended. Mutates."""

@@ -416,8 +416,9 @@ class TieredKVCache(KVCache):
 
 
 def _diff(a: dict, b: dict) -> dict:
-    """a - b for the nested counters of `_snapshot` (hit rates recomputed)."""
-    out = {k: ({kk: a[k][kk] - b[k].get(kk, 0) for kk in a[k]} if isinstance(a[k], dict) else a[k] - b[k])
+    """a - b for the nested counters of `_snapshot` (hit rates recomputed; notes such as "reads" kept as in a)."""
+    out = {k: ({kk: a[k][kk] - b[k].get(kk, 0) for kk in a[k]} if isinstance(a[k], dict)
+               else a[k] - b[k] if isinstance(a[k], (int, float)) else a[k])
            for k in a if k != "hit_rate"}
     total = sum(out["hits"].values())
     out["hit_rate"] = {k: (v / total if total else 0.0) for k, v in out["hits"].items()}
