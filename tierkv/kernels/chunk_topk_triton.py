@@ -17,7 +17,7 @@ def _chunk_scores_kernel(
     s_cap, rank, group, n_chunks, scale,
     s_qh, s_qg, s_ah, s_at, s_rh, s_rt, s_oh, s_og, s_ph, s_pg,
     MASS: tl.constexpr, ROW_SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Chunk scores for one KV head and BLOCK_C chunks. A (a_ptr) is fp32/bf16/fp16, or int8 rows with fp32 scales
     (rs_ptr, ROW_SCALE): int8 values are exact in bf16/fp16, so they share q's dot and are scaled after it."""
@@ -40,8 +40,14 @@ def _chunk_scores_kernel(
         rs = tl.load(rs_ptr + h * s_rh + offs_t.to(tl.int64) * s_rt, mask=valid, other=0.0)  # (BLOCK_C*CHUNK,)
         s = s * rs.to(tl.float32)[None, :]
     s = s * scale
+    if ROWS < BLOCK_G:
+        # the dot needs 16 rows; only the first ROWS hold query heads. Keep those before the per-token exp and
+        # log of the mass reduce, which would otherwise run on every padding row (4x the work for G = 4)
+        s = tl.sum(tl.where((tl.arange(0, BLOCK_G // ROWS) == 0)[:, None, None],
+                            tl.reshape(s, (BLOCK_G // ROWS, ROWS, BLOCK_C * CHUNK)), 0.0), axis=0)  # (ROWS, N)
+    offs_g = tl.arange(0, ROWS)
     s = tl.where(valid[None, :], s, float("-inf"))
-    s3 = tl.reshape(s, (BLOCK_G, BLOCK_C, CHUNK))
+    s3 = tl.reshape(s, (ROWS, BLOCK_C, CHUNK))
     mx = tl.max(s3, axis=2)  # (BLOCK_G, BLOCK_C)
     if MASS:
         safe = tl.where(mx == float("-inf"), 0.0, mx)
@@ -88,6 +94,7 @@ def chunk_scores_triton(
         out.stride(0), out.stride(1), parts.stride(0), parts.stride(1),
         MASS=reduce != "max", ROW_SCALE=row_scale is not None, CHUNK=chunk_size, BLOCK_C=block_c,
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        ROWS=triton.next_power_of_2(g),
     )
     return (out, parts) if with_parts else out
 
