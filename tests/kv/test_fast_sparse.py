@@ -34,7 +34,7 @@ def placed_cache(model, tier, capacity, place, sparse=OPTS):
     if place == "cache":
         return fast_cache(model, tier, capacity, chunk_cache=True, sparse=sparse)
     probe = fast_cache(model, tier.replace(kv_gpu_budget=1), capacity, sparse=sparse)
-    base, n, probe_res = probe._device_bytes(), probe.n_chunks, probe.n_resident
+    base, n, probe_res = probe._device_bytes(), probe.n_chunks, probe.res.n
     probe.close()
     assert probe_res == 0  # a budget below the shadows leaves no room for values
     c = model.cfg
@@ -42,7 +42,7 @@ def placed_cache(model, tier, capacity, place, sparse=OPTS):
     # all_kv: 8 chunks to spare for the shadow and index bases, which the fit adds
     want = {"host": 0, "half": n // 2, "all": n, "all_kv": 2 * n + 9}[place]
     cache = fast_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity, sparse=sparse)
-    assert cache.n_resident == min(want, n)
+    assert cache.res.n == min(want, n)
     return cache
 
 
@@ -96,10 +96,10 @@ def test_resident_values_change_no_token_and_spare_the_host_reads(smol, text_ids
         try:
             runs[place] = greedy(model, cache, ids, n)
             stats[place] = cache.stats()
-            start, end = cache.resident_from * cache.chunk, cache.seq_len  # host rows past seq_len: never written
+            start, end = cache.res.start * cache.chunk, cache.seq_len  # host rows past seq_len: never written
             if start < end:  # every write to a resident chunk reached the device copy
                 flat = (cache.num_layers, -1, cache.hkv, cache.d)
-                assert torch.equal(cache.v_res.view(flat)[:, :end - start], cache.v_host.view(flat)[:, start:end])
+                assert torch.equal(cache.res.v.view(flat)[:, :end - start], cache.v_host.view(flat)[:, start:end])
         finally:
             cache.close()
     assert runs["half"] == runs["host"] and runs["all"] == runs["host"]
@@ -231,9 +231,9 @@ def test_outlier_keys_stay_on_the_device_when_keys_and_values_of_every_chunk_fit
         try:
             runs[place] = greedy(model, cache, ids, n)
             stats[place] = cache.stats()
-            if cache.k_res is not None:
+            if cache.res.k is not None:
                 flat, end = (cache.num_layers, -1, cache.hkv, cache.d), cache.seq_len
-                assert torch.equal(cache.k_res.view(flat)[:, :end], cache.k_host.view(flat)[:, :end])
+                assert torch.equal(cache.res.k.view(flat)[:, :end], cache.k_host.view(flat)[:, :end])
         finally:
             cache.close()
     assert stats["host"]["outlier_chunks"] > 0 and stats["host"]["total"]["hits"]["gpu_resident"] == 0

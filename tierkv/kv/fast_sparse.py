@@ -27,6 +27,7 @@ from tierkv.kernels.append_token import append_token
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.cache import KVCache, causal_attention
 from tierkv.kv.online_softmax import OnlineSoftmax
+from tierkv.kv.resident import ResidentChunks
 from tierkv.kv.select import plan_selection
 from tierkv.kv.shadow import KeyShadow
 from tierkv.kv.sparse import RopeTables, SparseOptions
@@ -129,29 +130,21 @@ class FastSparseKVCache(KVCache):
         self.host_bytes = 2 * nbytes
 
     def _alloc_resident(self, keys: bool = False) -> None:
-        """Values (with keys=True also keys) of the last n_resident chunks, [resident_from, n_chunks), on the GPU,
-        (L, n_resident + 1, C, Hkv, D) each: as many as kv_gpu_budget leaves after the shadows, index and ring (no
-        budget: free CUDA memory less AUTO_RESERVE; none on the CPU, where the pool is already the compute device's
-        memory, nor beside the chunk cache). The last chunks because on real text picks are recent (SmolLM2, 6K
-        tokens of pydoc text: 76% of picks in the last quarter of the chunks, 0.7% in the first). Row n_resident is
-        scratch for writes to earlier chunks, so that a graph-captured append needs no branch. Zeroed: the caller
-        copies what the pool already holds."""
+        """GPU copies (tierkv/kv/resident.py) of the values (keys=True: and keys) of as many of the last chunks as
+        kv_gpu_budget leaves after the shadows, index and ring (no budget: free CUDA memory less AUTO_RESERVE; none
+        on the CPU, where the pool already is the compute device's memory, nor beside the chunk cache)."""
         per_chunk = self._chunk_bytes() * (2 if keys else 1)
-        self.n_resident = max(0, min(self.n_chunks, self._resident_room() // per_chunk - 1))
-        self.resident_from = self.n_chunks - self.n_resident
-        shape = (self.num_layers, self.n_resident + 1, self.chunk, self.hkv, self.d)
-        self.v_res = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.k_res = torch.zeros(shape, device=self.device, dtype=self.dtype) if keys else None
+        n = max(0, min(self.n_chunks, self._resident_room() // per_chunk - 1))  # - 1: the scratch row
+        self.res = ResidentChunks(self.k_host.shape, n, keys=keys, device=self.device, dtype=self.dtype)
 
     def _chunk_bytes(self) -> int:
         """Bytes of one chunk's values (or keys) over all layers."""
         return self.num_layers * self.chunk * self.hkv * self.d * self.dtype.itemsize
 
     def _resident_room(self) -> int:
-        """GPU bytes the resident copies may take (see `_alloc_resident`); counts what they hold now as free."""
-        budget, held = self.config.kv_gpu_budget, 0
-        for res in (getattr(self, "v_res", None), getattr(self, "k_res", None)):
-            held += 0 if res is None else res.numel() * res.element_size()
+        """GPU bytes the resident copies may take; counts what they hold now as free."""
+        budget = self.config.kv_gpu_budget
+        held = self.res.nbytes if getattr(self, "res", None) is not None else 0
         if self.chunk_cache or (budget is None and self.device.type != "cuda"):
             return 0
         if budget is None:
@@ -167,28 +160,11 @@ class FastSparseKVCache(KVCache):
             return
         if float(self.outlier[:, :total // self.chunk].float().mean()) <= 0.5:
             return
-        self.v_res = None  # the pair needs this memory back: free it before asking
+        self.res = None  # the pair needs this memory back: free it before asking
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self._alloc_resident(keys=True)
-        self._copy_resident(total)
-
-    def _copy_resident(self, total: int) -> None:
-        """Copy the pool's tokens [resident_from * C, total) into the resident buffers (all layers). Mutates."""
-        start, flat = self.resident_from * self.chunk, (self.num_layers, -1, self.hkv, self.d)
-        if start >= total:
-            return
-        for pool, res in ((self.v_host, self.v_res), (self.k_host, self.k_res)):
-            if res is not None:
-                res.view(flat)[:, :total - start].copy_(pool.view(flat)[:, start:total])
-
-    def _resident_rows(self, at: torch.Tensor) -> torch.Tensor:
-        """Rows of v_res[layer] (flat tokens) for positions at: their own in the resident chunks, else scratch."""
-        start = self.resident_from * self.chunk
-        return torch.where(at >= start, at - start, self.n_resident * self.chunk + at.remainder(self.chunk))
-
-    def _resident_bytes(self) -> int:
-        return sum(0 if r is None else r.numel() * r.element_size() for r in (self.v_res, self.k_res))
+        self.res.copy_from(self.k_host, self.v_host, total)
 
     def _device_bytes(self) -> int:
         """GPU bytes of the shadows, index, ring, outlier flags and chunk cache (not the resident values)."""
@@ -224,14 +200,13 @@ class FastSparseKVCache(KVCache):
             raise RuntimeError(f"FastSparseKVCache holds {self.capacity} tokens; {self.seq_len + t} were asked for")
         if t == 1:
             if layer == 0:  # the same slots in every layer: once per step
-                self._ring_at, self._res_at = self.pos.remainder(self.ring), self._resident_rows(self.pos)
+                self._ring_at, self._res_at = self.pos.remainder(self.ring), self.res.rows(self.pos)
             at, ring_at, res_at = self.pos, self._ring_at, self._res_at
         else:
             at = torch.arange(self.seq_len, self.seq_len + t, device=self.device)
-            ring_at, res_at = at.remainder(self.ring), self._resident_rows(at)
+            ring_at, res_at = at.remainder(self.ring), self.res.rows(at)
         k_pool, v_pool = self._flat(self.k_host, layer), self._flat(self.v_host, layer)  # GPU-written, host memory
-        v_res = self.v_res[layer].view(-1, self.hkv, self.d)
-        k_res = None if self.k_res is None else self.k_res[layer].view(-1, self.hkv, self.d)
+        k_res, v_res = self.res.flat(layer)
         if t == 1 and self.fitted:  # a decode token: every write and its index row in one kernel
             ix = self.index[layer]
             append_token(k, v, k_pre, at, k_pool, v_pool, k_res, v_res, res_at, self.k_pre[layer], ring_at, ix.basis,
@@ -363,7 +338,7 @@ class FastSparseKVCache(KVCache):
                                 row_scale=ix.row_scale)  # (Hkv, K)
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
                                               fixed_ids, fixed_len, c, self.n_chunks, self.read_counts,
-                                              (self.resident_from, self.n_chunks))
+                                              (self.res.start, self.n_chunks))
         if self.track_repeats:
             self._count_repeats(layer, top, lengths[:, fixed_ids.shape[0]:] > 0)
         cache = None
@@ -373,12 +348,10 @@ class FastSparseKVCache(KVCache):
             chunk_cache_fill(top, cids[:, f:], csrc, self.k_host[layer], self.v_host[layer], self.k_cache[layer],
                              self.v_cache[layer])
             cache = (self.k_cache[layer], self.v_cache[layer], csrc)
-        sh = self.shadows[layer]
+        sh, (k_res, v_res) = self.shadows[layer], self.res.chunks(layer)
         out, _ = shadow_paged_attention(q[0], sh.coeffs, sh.basis, self.rope.cos, self.rope.sin,
                                         self.k_host[layer], self.v_host[layer], slots, lengths, cids, cache=cache,
-                                        v_resident=self.v_res[layer, :self.n_resident],
-                                        resident_from=self.resident_from,
-                                        k_resident=None if self.k_res is None else self.k_res[layer, :self.n_resident])
+                                        v_resident=v_res, resident_from=self.res.start, k_resident=k_res)
         return out[None]  # (1, Hq, D)
 
     def _count_repeats(self, layer: int, top: torch.Tensor, picked: torch.Tensor) -> None:
@@ -403,13 +376,13 @@ class FastSparseKVCache(KVCache):
     def stats(self) -> dict:
         """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; `total` holds the bytes
         sparse steps read over the host link and where picks came from (the chunk cache or the host)."""
-        gpu = self._device_bytes() + self._resident_bytes()
+        gpu = self._device_bytes() + self.res.nbytes
         extra = {}
         if self.track_repeats:
             rep, total = self._repeats.tolist()
             extra = {"picks": total, "picks_repeated": rep, "repeat_rate": rep / total if total else None}
         fixed_tok, picks, exact_picks, res_picks, res_fixed, res_exact = self.read_counts.tolist()
-        if self.k_res is None:  # resident values only: exact keys still cross the link
+        if self.res.k is None:  # resident values only: exact keys still cross the link
             res_exact = 0
         hit = 0
         if self.chunk_cache:
@@ -419,14 +392,14 @@ class FastSparseKVCache(KVCache):
         # K and V of the fixed entries, V of every pick not on the GPU (chunk cache, resident copies) and K of
         # picks with exact keys not resident; the reads are GPU loads from mapped pinned memory (attention, cache
         # fill): no copy, no host-side wait. (The chunk cache and resident copies never coexist.)
-        fixed_res_k = res_fixed if self.k_res is not None else 0
+        fixed_res_k = res_fixed if self.res.k is not None else 0
         host_tok = 2 * fixed_tok - res_fixed - fixed_res_k + self.chunk * (picks - hit - res_picks + exact_picks
                                                                           - res_exact)
         extra["total"] = {"bytes_moved": {"host->device": host_tok * self.d * self.dtype.itemsize},
                           "hits": {"gpu_chunk_cache": hit, "gpu_resident": res_picks,
                                    "host": picks - hit - res_picks},
                           "reads": "by GPU kernels from mapped pinned host memory"}
-        extra["resident_values"] = {"chunks": self.n_resident, "of": self.n_chunks, "keys_too": self.k_res is not None,
+        extra["resident_values"] = {"chunks": self.res.n, "of": self.n_chunks, "keys_too": self.res.k is not None,
                                     "hit_rate": res_picks / picks if picks else None}
         return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n, **extra,
                 "max_picks": self.max_picks, "covered": self.covered,
