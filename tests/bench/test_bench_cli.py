@@ -133,3 +133,14 @@ def test_decode_append_keeps_earlier_rows(tmp_path):
     doc = json.loads(out.read_text())
     assert [x["system"] for x in doc["rows"]] == ["tierkv-exact", "hf-default"] and len(doc["earlier_runs"]) == 1
     assert "partial" not in doc and not (tmp_path / "d.json.tmp").exists()
+
+
+def test_decode_table_counts_the_graph_caches_gpu_sources_as_device_hits():
+    from tierkv.bench.report import decode_table
+
+    row = {"system": "tierkv-sparse", "context": 32768, "status": "ok", "decode_ms": {"median": 8.6},
+           "prefill_tok_s": 5000.0, "peak_memory_bytes": 2**34, "memory_kind": "cuda", "bytes_per_token": {},
+           "hit_rate": {"gpu_chunk_cache": 0.1, "gpu_resident": 0.6, "host": 0.3}, "copy_hidden_share": None,
+           "floor_ms": 6.0, "measured_over_floor": 1.4}
+    line = next(ln for ln in decode_table({"rows": [row]}).splitlines() if ln.startswith("32K"))
+    assert " 70/30/0 " in line

@@ -47,6 +47,13 @@ def io_table(doc: dict) -> str:
     return out
 
 
+def _tier_shares(hit_rate: dict) -> tuple[float, float, float]:
+    """(device, host, disk) shares of picks; the graph cache's GPU sources (chunk cache, resident copies) are the
+    device's."""
+    dev = sum(v for k, v in hit_rate.items() if k == "device" or k.startswith("gpu_"))
+    return dev, hit_rate.get("host", 0.0), hit_rate.get("disk", 0.0)
+
+
 def decode_table(doc: dict) -> str:
     """One line per (context, system); rows that did not run show their status and reason."""
     body, notes = [], []
@@ -60,7 +67,7 @@ def decode_table(doc: dict) -> str:
         link = b.get("host->device", 0.0) + b.get("device->host", 0.0)
         disk = sum(v for k, v in b.items() if "disk" in k)
         hr = r.get("hit_rate")
-        hits = "/".join(_fmt(100 * hr.get(t, 0.0), ".0f") for t in ("device", "host", "disk")) if hr else "-"
+        hits = "/".join(_fmt(100 * x, ".0f") for x in _tier_shares(hr)) if hr else "-"
         peak = r["peak_memory_bytes"] / GIB if r.get("peak_memory_bytes") else None
         body.append([ctx, name, r["status"], _fmt(r["decode_ms"]["median"]), _fmt(r.get("prefill_tok_s"), ".0f"),
                      _fmt(peak) + ("" if r["memory_kind"] == "cuda" else " rss"), _fmt(link / 1e6, ".1f"),
