@@ -273,7 +273,8 @@ def _group_best_triton(red: torch.Tensor, select_end: torch.Tensor, first: int, 
 def _topk_plan(c: int, k_pad: int, blocks: int = 8) -> tuple[int, int, int]:
     """(chunks per stage-1 program, its warps, stage 2's warps). About `blocks` programs per KV head, of at most
     2048 chunks: stage 2 (one program per head) costs more per key than stage 1, but a stage-1 program's passes
-    grow with its block. Measured on an H200 at Hkv=8, G=4, k=64 and 256, C=1K..32K (graph replays)."""
+    grow with its block. Chosen from graph-replay timings on an H200 at Hkv=8, G=4, k=64 and 256, C=1K..32K (a
+    helper session's sweep, not committed; the H100 result is bench/results/kernels-select-top-h100-2026-11-26.json)."""
     block_c = max(256, k_pad, min(2048, triton.next_power_of_2(triton.cdiv(c, blocks))))
     n = triton.next_power_of_2(triton.cdiv(c, block_c)) * k_pad
     return block_c, 4 if block_c <= 512 else 8, 2 if n <= 2048 else 4 if n <= 4096 else 8

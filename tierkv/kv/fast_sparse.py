@@ -3,9 +3,8 @@
 Every token's K and V live in one pinned host pool that the GPU reads in place (mapped, zero-copy); the GPU
 holds the low-rank key shadows, the score index (int8), a small ring of recent pre-RoPE keys and, in what
 kv_gpu_budget leaves, a copy of the values of the last chunks (on real text most picks are recent; those read no
-host memory), with their keys too when most chunks are outliers and every chunk fits.
-A decode step
-scores chunks, picks the top ones per KV head and attends sinks + window + open chunk + picks in one kernel,
+host memory), with their keys too when most chunks are outliers and every chunk fits. A decode step scores
+chunks, picks the top ones per KV head and attends sinks + window + open chunk + picks in one kernel,
 with picked keys rebuilt from the shadow: no host sync and no host decision, so the step can be replayed.
 An optional GPU chunk cache (chunk_cache=True) keeps, per layer and KV head, chunks picked in earlier steps (on
 real text most picks repeat from one step to the next): only missed picks cross the host link, then attention
