@@ -9,14 +9,13 @@ Ends with one JSON line (machine, date, command).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
 
 import tierkv
 import tierkv.kv.fast_sparse as fast_sparse
-from tierkv.bench.common import run_record
+from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 
@@ -57,10 +56,7 @@ def main() -> None:
            "share_by_quarter": quarters, "threads": args.threads, "python": platform.python_version(),
            **run_record(torch.device("cpu"))}
     cache.close()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    print(json.dumps(out))
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

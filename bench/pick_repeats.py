@@ -12,14 +12,13 @@ Ends with one JSON line (machine, date, command).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
 import torch
 
 import tierkv
-from tierkv.bench.common import run_record
+from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.graph import GraphStep
@@ -60,10 +59,7 @@ def main() -> None:
            "sparse_steps": st["sparse_steps"], "seconds": time.perf_counter() - t0,
            "decode_ms_per_token": 1000 * stats.decode_s / max(1, stats.new_tokens - 1), "dtype": args.dtype,
            "threads": torch.get_num_threads(), "python": platform.python_version(), **run_record(llm.device)}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-    print(json.dumps(out))
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

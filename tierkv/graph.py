@@ -4,6 +4,8 @@ Static buffers hold the input token and the logits; the cache's device-side posi
 the graph, so a replay needs no host work beyond launching it. A cache may ask for an eager step
 (`needs_eager()`: a sparse cache fitting or folding its key shadows); the graph is captured at the first step
 that does not need one and replayed afterwards, its buffers written in place by the eager steps in between.
+A cache may also ask, after a replay, for the step to be redone eagerly (`redo_step()`: the sparse cache's
+disk tier lacked a picked chunk in host memory, which the eager step reads first).
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ class GraphStep:
             self.token.copy_(token)
             self._capture()
         self.token.copy_(token)
+        if hasattr(self.cache, "before_replay"):
+            self.cache.before_replay()
         self.graph.replay()
         self.replays += 1
         self.cache.after_replay(1)
+        if getattr(self.cache, "redo_step", None) and self.cache.redo_step():  # it lacked a chunk: redo eagerly
+            self.eager_steps += 1
+            return self.model.forward(token.view(1), self.cache.pos, self.cache)
         return self.logits

@@ -89,10 +89,10 @@ class LLM:
 
     @property
     def uses_fast_sparse(self) -> bool:
-        """Whether one-shot generation in sparse mode uses the graph-capturable sparse cache (CUDA, graphs on,
-        no disk tier): every token's K/V in pinned host memory read in place, shadows and index on the GPU."""
-        return self.graph and self.device.type == "cuda" and self.tier.attention == "sparse" \
-            and self.tier.disk_dir is None
+        """Whether one-shot generation in sparse mode uses the graph-capturable sparse cache (CUDA, graphs on):
+        K/V in pinned host memory read in place (the oldest chunks on disk when cpu_budget needs it), shadows and
+        index on the GPU."""
+        return self.graph and self.device.type == "cuda" and self.tier.attention == "sparse"
 
     def new_cache(self, capacity: int, *, decode_graph: bool = False) -> KVCache:
         """A fresh KV cache for one sequence, built from the tier settings.

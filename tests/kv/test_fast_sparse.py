@@ -130,32 +130,46 @@ def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, te
     assert got == want
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("place", ["host", "cache", "half"])
-def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape(place):
-    """Llama-3.1-8B shape, random bf16 weights, 8K synthetic tokens written straight into the cache."""
+def random_8b():
+    """Llama-3.1-8B shape with random bf16 weights on CUDA."""
+    from tierkv.models.build import random_model
+    from tierkv.models.shapes import shape_config
+
+    return random_model(shape_config("llama3.1-8b"), torch.device("cuda"), torch.bfloat16)
+
+
+def filled_decode(model, cache, graphed, n=64):
+    """Write 8K synthetic tokens (bench/fast_decode.py's fill) into cache, then decode n greedy tokens by graph
+    replays or eagerly. Returns (tokens, the graph step or None)."""
     import sys
     from pathlib import Path
 
     from tierkv.graph import GraphStep
-    from tierkv.models.build import random_model
-    from tierkv.models.shapes import shape_config
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from fast_decode import fill
 
-    model = random_model(shape_config("llama3.1-8b"), torch.device("cuda"), torch.bfloat16)
+    fill(cache, model, 8192, seed=1)
+    tok, out = torch.zeros(1, dtype=torch.long, device="cuda"), []
+    step = GraphStep(model, cache) if graphed else None
+    for _ in range(n):
+        logits = step(tok, cache.seq_len) if graphed else model.forward(tok, cache.pos, cache)
+        tok = logits.argmax(-1).view(1)
+        out.append(int(tok))
+    return out, step
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("place", ["host", "cache", "half"])
+def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape(place):
+    """Llama-3.1-8B shape, random bf16 weights, 8K synthetic tokens written straight into the cache."""
+    model = random_8b()
     tier = TierConfig(attention="sparse", token_budget=1024)
     runs = []
     for graphed in (False, True):
         cache = placed_cache(model, tier, 8192 + 80, place)
-        fill(cache, model, 8192, seed=1)
-        tok, out = torch.zeros(1, dtype=torch.long, device="cuda"), []
-        step = GraphStep(model, cache) if graphed else (lambda t, p, c=cache: model.forward(t, c.pos, c))
-        for _ in range(64):
-            tok = step(tok, cache.seq_len).argmax(-1).view(1)
-            out.append(int(tok))
-        runs.append(out)
+        tokens, step = filled_decode(model, cache, graphed)
+        runs.append(tokens)
         cache.close()
     assert step.replays >= 60
     assert runs[0] == runs[1]

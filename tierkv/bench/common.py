@@ -6,6 +6,7 @@ Sizes and contexts are ints internally; "32K" contexts use K=1024, sizes follow 
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import re
@@ -88,6 +89,14 @@ def run_record(device: torch.device) -> dict:
     argv = ["tierkv", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith(("tierkv", "__main__.py")) else sys.argv
     return {"device": device_name(device), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": shlex.join(argv)}
+
+
+def emit(record: dict, path: str | None) -> None:
+    """Write a bench script's record as JSON to path (when given) and print it as the closing JSON line."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+    print(json.dumps(record))
 
 
 def bench_device(device: str | None) -> torch.device:

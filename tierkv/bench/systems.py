@@ -179,6 +179,8 @@ def _measure_tierkv(llm, row: Row, spec: DecodeSpec) -> None:
         cache = llm._caches[-1] if llm._caches else None  # the cache stream_ids is decoding with
         st = cache.stats() if hasattr(cache, "stats") else None
         snaps[name] = st.get("total") if isinstance(st, dict) else None  # a cache without totals gives no tier numbers
+        if isinstance(st, dict) and "disk_tier" in st:  # the graph cache's disk tier: its whole-run account
+            row.settings["disk_tier"] = st["disk_tier"]
 
     clock = StepClock(llm.device, spec.warmup, spec.steps, 4 if spec.profile else 0,
                       on_start=lambda: snap("start"), on_end=lambda: snap("end"))

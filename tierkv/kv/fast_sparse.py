@@ -16,21 +16,24 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from tierkv.config import TierConfig, format_size
-from tierkv.errors import BudgetError
+from tierkv.errors import BudgetError, ConfigError
 from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kernels.append_token import append_token
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.cache import KVCache, causal_attention
+from tierkv.kv.cold import COLD_THREADS, MISS, ColdChunks, write_cold
 from tierkv.kv.online_softmax import OnlineSoftmax
 from tierkv.kv.resident import ResidentChunks
 from tierkv.kv.select import plan_selection
 from tierkv.kv.shadow import KeyShadow
 from tierkv.kv.sparse import RopeTables, SparseOptions
 from tierkv.kv.summary import LowRankIndex
+from tierkv.kv.tiers.disk import DiskStore
 from tierkv.kv.tiers.host import check_host_budget, map_pinned
 
 
@@ -63,7 +66,6 @@ class FastSparseKVCache(KVCache):
         self.capacity = self.n_chunks * c
         self.seq_len = 0
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._alloc_host_pool()
         # pre-RoPE keys of tokens not yet folded into the shadow; a fold happens before fold_tokens + a chunk
         # accumulate, and one append adds at most max_append (a prefill slice)
         self.max_append = max_append or config.prefill_chunk
@@ -83,6 +85,7 @@ class FastSparseKVCache(KVCache):
         self.sink_chunks = -(-config.sink_tokens // c)
         self.window_chunks = -(-config.window_tokens // c)
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
+        self._alloc_host_pool()
         self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
         # what sparse steps read beyond the shadow: [fixed-entry tokens (their K and V) over heads and layers,
         # attended picks, picks with exact keys, picks and fixed tokens in resident slots, exact-key picks in
@@ -106,16 +109,36 @@ class FastSparseKVCache(KVCache):
                                         device=self.device)
             self._repeats = torch.zeros(2, dtype=torch.long, device=self.device)  # repeated picks, picks
         self._alloc_resident()
+        self.cold: ColdChunks | None = None  # the oldest chunks on disk once cpu_budget binds (`_spill_cold`)
 
     # ---- storage ------------------------------------------------------------------------------------
     def _alloc_host_pool(self) -> None:
-        """K and V of every position, (L, N, C, Hkv, D) each, pinned and mapped for the GPU (plain on the CPU)."""
+        """K and V of every position, (L, N, C, Hkv, D) each, pinned and mapped for the GPU (plain on the CPU).
+        With a disk_dir, cpu_budget binds from the first sparse step: prefill attends every earlier token, so the
+        pool holds them all until the oldest chunks move to disk (`_spill_cold`)."""
         shape = (self.num_layers, self.n_chunks, self.chunk, self.hkv, self.d)
         nbytes = math.prod(shape) * torch.finfo(self.dtype).bits // 8
         budget = self.config.cpu_budget
-        if budget is not None and 2 * nbytes > budget:
+        if budget is not None and 2 * nbytes > budget and self.config.disk_dir is None:
             raise BudgetError(f"cpu_budget={format_size(budget)} cannot hold the {format_size(2 * nbytes)} of K/V that "
                               f"{self.capacity} tokens need in host memory; raise cpu_budget or give disk_dir")
+        if budget is not None and 2 * nbytes > budget and budget < self._min_cold_host():
+            raise BudgetError(f"cpu_budget={format_size(budget)} is below the {format_size(self._min_cold_host())} of "
+                              f"host memory the sparse cache needs at least (sinks, window and slots for chunks read "
+                              f"from disk); raise cpu_budget")
+        self._set_pool(shape)
+
+    def _cold_slots(self) -> int:
+        """Host slots per layer for chunks on disk: two steps of picks, were they all on disk."""
+        return 2 * self.hkv * self.max_picks
+
+    def _min_cold_host(self) -> int:
+        """Host bytes of the sink, window and open chunks plus the disk tier's slots: the least cpu_budget."""
+        return (self.sink_chunks + self.window_chunks + 1 + self._cold_slots()) * 2 * self._chunk_bytes()
+
+    def _set_pool(self, shape: tuple[int, ...]) -> None:
+        """Allocate the host pool (K and V of `shape` each) and its device-readable views k_host, v_host."""
+        nbytes = math.prod(shape) * torch.finfo(self.dtype).bits // 8
         check_host_budget(2 * nbytes, "host memory for the sparse cache's K/V")
         pin = self.device.type == "cuda" and pinning_available()
         self._host = [alloc_host(nbytes, pin=pin) for _ in range(2)]  # uint8 storage; keeps it alive
@@ -165,6 +188,46 @@ class FastSparseKVCache(KVCache):
         self._alloc_resident(keys=True)
         self.res.copy_from(self.k_host, self.v_host, total)
 
+    def _spill_cold(self, total: int) -> None:
+        """When the pool exceeds cpu_budget (with a disk_dir): move chunks [sinks, hi) of every layer to disk, keep
+        `slots` host rows per layer caching them (first the newest of them) and compact the pool to the budget.
+        Eager; blocks on the disk writes."""
+        cfg, c = self.config, self.chunk
+        if cfg.disk_dir is None or cfg.cpu_budget is None or self.host_bytes <= cfg.cpu_budget:
+            return
+        per_chunk = 2 * self._chunk_bytes()  # K and V of one chunk in every layer
+        slots = self._cold_slots()
+        lo = self.sink_chunks
+        hi = lo + self.n_chunks - cfg.cpu_budget // per_chunk + slots
+        last = total // c - self.window_chunks
+        if hi > last:
+            need = (self.n_chunks - (last - lo) + slots) * per_chunk
+            raise BudgetError(f"cpu_budget={format_size(cfg.cpu_budget)} is below the {format_size(need)} of host "
+                              f"memory the sparse cache needs for {self.capacity} tokens with the rest on disk; "
+                              f"raise cpu_budget")
+        if self.res.n and self.res.start < hi:  # resident copies hold a suffix: keep the part after the cold region
+            keys = self.res.k is not None
+            self.res = None
+            self.res = ResidentChunks(self.k_host.shape, self.n_chunks - hi, keys=keys, device=self.device,
+                                      dtype=self.dtype)
+            self.res.copy_from(self.k_host, self.v_host, total)
+        old = [h.view(self.num_layers, self.n_chunks, -1) for h in self._host]  # (L, N, row bytes) per K, V
+        store = DiskStore(2 * old[0].shape[-1], cfg.disk_dir, threads=COLD_THREADS)
+        write_cold(store, old[0].numpy(), old[1].numpy(), lo, hi)
+        store.drop_page_cache()  # later reads come from the disk, not from RAM the budget does not count
+        self._set_pool((self.num_layers, self.n_chunks - (hi - lo) + slots, c, self.hkv, self.d))
+        rows = [h.view(self.num_layers, -1, old[0].shape[-1]) for h in self._host]  # (L, rows, row bytes)
+        for src, dst in zip(old, rows):
+            dst[:, :lo].copy_(src[:, :lo])
+            dst[:, lo:lo + slots].copy_(src[:, hi - slots:hi])  # the slots start with the newest cold chunks
+            dst[:, lo + slots:].copy_(src[:, hi:])
+        del old
+        self.cold = ColdChunks(store, rows[0].numpy(), rows[1].numpy(), lo, hi, slots, self.n_chunks, self.device,
+                               threads=COLD_THREADS)
+        self.cold.preload(np.arange(hi - slots, hi))
+        self._cold_pick = torch.full((self.num_layers, self.hkv, self.max_picks), -1, dtype=torch.long,
+                                     device=self.device)
+
     def _device_bytes(self) -> int:
         """GPU bytes of the shadows, index, ring, outlier flags and chunk cache (not the resident values)."""
         b = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index)
@@ -183,7 +246,12 @@ class FastSparseKVCache(KVCache):
         return (total // self.chunk) * self.chunk - covered >= self.sp.fold_tokens
 
     def _flat(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
-        return pool[layer].view(self.capacity, self.hkv, self.d)  # (S_cap, Hkv, D)
+        return pool[layer].view(-1, self.hkv, self.d)  # (rows * C, Hkv, D); token p at row p - row_shift
+
+    @property
+    def row_shift(self) -> int:
+        """Token offset of positions after the cold region in the (compacted) host pool."""
+        return 0 if self.cold is None else self.cold.shift * self.chunk
 
     # ---- writing ------------------------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
@@ -200,8 +268,12 @@ class FastSparseKVCache(KVCache):
         if t == 1:
             if layer == 0:  # the same slots in every layer: once per step
                 self._ring_at, self._res_at = self.pos.remainder(self.ring), self.res.rows(self.pos)
-            at, ring_at, res_at = self.pos, self._ring_at, self._res_at
+                self._pool_at = self.pos - self.row_shift
+            at, ring_at, res_at = self._pool_at, self._ring_at, self._res_at
         else:
+            if self.cold is not None:
+                raise ConfigError("the sparse graph cache takes no prompt tokens after its oldest chunks moved to disk; "
+                                  "raise cpu_budget (or drop disk_dir) to continue a conversation")
             at = torch.arange(self.seq_len, self.seq_len + t, device=self.device)
             ring_at, res_at = at.remainder(self.ring), self.res.rows(at)
         k_pool, v_pool = self._flat(self.k_host, layer), self._flat(self.v_host, layer)  # GPU-written, host memory
@@ -232,8 +304,9 @@ class FastSparseKVCache(KVCache):
             return
         end = (total // self.chunk) * self.chunk
         at = torch.arange(start, end, device=self.device)
+        off = self.row_shift  # folds are of recent tokens: never in the cold region
         self.shadows[layer].fold(self.k_pre[layer].index_select(0, at.remainder(self.ring)),
-                                 self._flat(self.k_host, layer)[start:end])
+                                 self._flat(self.k_host, layer)[start - off:end - off])
         self._mark_outliers(layer, start, end)
         if layer == self.num_layers - 1:
             self._n["folds"] += 1
@@ -274,6 +347,7 @@ class FastSparseKVCache(KVCache):
         if layer == self.num_layers - 1:
             self.fitted = True
             self._keep_outlier_keys(total)
+            self._spill_cold(total)
 
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -287,6 +361,8 @@ class FastSparseKVCache(KVCache):
             self._fit(layer, total)
         if layer == 0:
             self._n["sparse_steps"] += 1
+            if self.cold is not None and not _capturing():
+                self.cold.begin_step()
         return self._attend_sparse(layer, q)
 
     def _plan(self, total: int):
@@ -294,6 +370,8 @@ class FastSparseKVCache(KVCache):
         return plan_selection(total, self.chunk, cfg.sink_tokens, cfg.window_tokens, cfg.budget_tokens(total))
 
     def _attend_exact(self, layer: int, q: torch.Tensor, total: int) -> torch.Tensor:
+        if self.cold is not None:  # (append refuses prompt tokens then; a dense step cannot come after a spill)
+            raise RuntimeError("exact attention needs every chunk in the host pool, but some are on disk")
         k, v = self._flat(self.k_host, layer), self._flat(self.v_host, layer)
         t = q.shape[0]
         if t == 1 or total <= EXACT_SPAN:  # one pass over the link, then attention on the GPU
@@ -338,6 +416,8 @@ class FastSparseKVCache(KVCache):
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
                                               fixed_ids, fixed_len, c, self.n_chunks, self.read_counts,
                                               (self.res.start, self.n_chunks))
+        if self.cold is not None:
+            slots, lengths = self._cold_rows(layer, slots, lengths, fixed_ids.shape[0])
         if self.track_repeats:
             self._count_repeats(layer, top, lengths[:, fixed_ids.shape[0]:] > 0)
         cache = None
@@ -350,8 +430,24 @@ class FastSparseKVCache(KVCache):
         sh, (k_res, v_res) = self.shadows[layer], self.res.chunks(layer)
         out, _ = shadow_paged_attention(q[0], sh.coeffs, sh.basis, self.rope.cos, self.rope.sin,
                                         self.k_host[layer], self.v_host[layer], slots, lengths, cids, cache=cache,
-                                        v_resident=v_res, resident_from=self.res.start, k_resident=k_res)
+                                        v_resident=v_res, resident_from=self.res.start - self.row_shift // c,
+                                        k_resident=k_res)
         return out[None]  # (1, Hq, D)
+
+    def _cold_rows(self, layer: int, slots: torch.Tensor, lengths: torch.Tensor, f: int):
+        """Chunk ids -> host-pool rows. Cold picks are noted for the step's bookkeeping; eagerly, the ones not
+        in a host slot are read from disk first (one host sync); in a graph they attend nothing (length 0) and
+        the step is redone eagerly (`redo_step`)."""
+        cold = self.cold
+        rows = cold.row_map[layer][slots]  # (Hkv, F + K)
+        is_cold = (lengths > 0) & (slots >= cold.lo) & (slots < cold.hi)
+        self._cold_pick[layer].copy_(torch.where(is_cold[:, f:], slots[:, f:], -1))
+        if not _capturing():
+            if bool((is_cold & (rows == MISS)).any()):
+                cold.serve(layer, slots[is_cold].cpu().numpy())
+                rows = cold.row_map[layer][slots]
+        missing = rows == MISS
+        return torch.where(missing, 0, rows), torch.where(missing, 0, lengths)
 
     def _count_repeats(self, layer: int, top: torch.Tensor, picked: torch.Tensor) -> None:
         """Add this step's picks (Hkv, K) and how many of them the layer picked last step. Graph-safe."""
@@ -371,6 +467,42 @@ class FastSparseKVCache(KVCache):
     def advance(self, n: int) -> None:
         self.seq_len += n
         self.pos.add_(n)
+        if self.cold is not None and not _capturing():
+            self._book_cold(replayed=False)
+
+    def before_replay(self) -> None:
+        """Host work before a graph replay: install finished reads ahead, remember the counters (a replay that
+        missed a cold chunk is undone)."""
+        if self.cold is not None:
+            self.cold.begin_step()
+            self._counts_before = self.read_counts.clone()
+
+    def after_replay(self, n: int) -> None:
+        self.seq_len += n
+        self._redo = self.cold is not None and self._book_cold(replayed=True)
+
+    def redo_step(self) -> bool:
+        """After a replay that attended without a cold chunk missing from the host: undo it (position, counters)
+        and return True, so the caller runs the step eagerly, which reads the misses first."""
+        if not getattr(self, "_redo", False):
+            return False
+        self._redo = False
+        self.seq_len -= 1
+        self.pos.sub_(1)
+        self.read_counts.copy_(self._counts_before)
+        self.cold.n["steps_redone"] += 1
+        return True
+
+    def _book_cold(self, replayed: bool) -> bool:
+        """Read the step's cold picks (one small copy, a host sync). A replay with a miss is not booked and
+        returns True; otherwise LRU times and reads ahead are booked."""
+        picks = self._cold_pick.cpu().numpy()  # (L, Hkv, K)
+        layer_of = np.nonzero(picks >= 0)[0]
+        picked = picks[picks >= 0]
+        if replayed and self.cold.missing(picked, layer_of):
+            return True
+        self.cold.end_step(picked, layer_of)
+        return False
 
     def stats(self) -> dict:
         """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; `total` holds the bytes
@@ -394,10 +526,17 @@ class FastSparseKVCache(KVCache):
         fixed_res_k = res_fixed if self.res.k is not None else 0
         host_tok = 2 * fixed_tok - res_fixed - fixed_res_k + self.chunk * (picks - hit - res_picks + exact_picks
                                                                           - res_exact)
+        disk = self.cold.stats() if self.cold is not None else None
+        missed = disk["missed"] if disk else 0  # picks whose chunk was read from disk first
         extra["total"] = {"bytes_moved": {"host->device": host_tok * self.d * self.dtype.itemsize},
                           "hits": {"gpu_chunk_cache": hit, "gpu_resident": res_picks,
-                                   "host": picks - hit - res_picks},
+                                   "host": picks - hit - res_picks - missed},
                           "reads": "by GPU kernels from mapped pinned host memory"}
+        if disk:
+            extra["total"]["bytes_moved"]["disk->host"] = disk["disk_read_bytes"]
+            extra["total"]["hits"]["disk"] = missed
+            extra["total"]["io_wait_s"] = disk["miss_wait_s"]
+            extra["disk_tier"] = disk
         extra["resident_values"] = {"chunks": self.res.n, "of": self.n_chunks, "keys_too": self.res.k is not None,
                                     "hit_rate": res_picks / picks if picks else None}
         return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n, **extra,
@@ -407,6 +546,9 @@ class FastSparseKVCache(KVCache):
                 "host": format_size(self.host_bytes)}
 
     def close(self) -> None:
+        if self.cold is not None:
+            self.cold.close()
+            self.cold = None
         self._host = []
         self.k_host = self.v_host = torch.empty(0)
         self._fit_buf = [[] for _ in range(self.num_layers)]

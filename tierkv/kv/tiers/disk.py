@@ -165,6 +165,17 @@ class DiskStore(Tier):
         """Byte offset of the chunk in `path` (for tests and tools)."""
         return self._offset(self._slot[chunk])
 
+    def drop_page_cache(self) -> None:
+        """Flush the file and ask the OS to drop it from the page cache, so that reads come from the disk (what a
+        machine without spare RAM sees) rather than from memory that caches it. Blocks."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
     def write_index(self) -> Path:
         """Write the checksum side table (index.json) atomically. Blocks."""
         index = {"format_version": FORMAT_VERSION, "chunk_bytes": self.chunk_bytes, "stride": self.stride,
