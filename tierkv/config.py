@@ -74,6 +74,9 @@ class TierConfig:
     # graph sparse path: keep earlier picks in a GPU chunk cache so repeated picks skip the host link. Off: with
     # random weights (the benchmark) picks repeat 2-7% and it cost 2.5 ms/token; real text repeats ~80%
     gpu_chunk_cache: bool = False
+    # graph sparse path: predict layer i+1's picks from the residual after layer i's attention and copy them into
+    # the chunk cache on a side stream during layer i's MLP (implies gpu_chunk_cache); results are unchanged
+    prefetch_picks: bool = False
 
     def __post_init__(self) -> None:
         for name in ("kv_gpu_budget", "cpu_budget"):
@@ -88,8 +91,9 @@ class TierConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name}={v!r} must be an integer >= 0")
-        if not isinstance(self.gpu_chunk_cache, bool):
-            raise ConfigError(f"gpu_chunk_cache={self.gpu_chunk_cache!r} must be True or False")
+        for name in ("gpu_chunk_cache", "prefetch_picks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         tb = self.token_budget
         if isinstance(tb, bool) or not isinstance(tb, (int, float)) or tb <= 0 or (isinstance(tb, float) and tb > 1):
             raise ConfigError(f"token_budget={tb!r} must be a token count (int > 0) or a fraction of the context in (0, 1]")

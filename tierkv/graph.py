@@ -4,8 +4,9 @@ Static buffers hold the input token and the logits; the cache's device-side posi
 the graph, so a replay needs no host work beyond launching it. A cache may ask for an eager step
 (`needs_eager()`: a sparse cache fitting or folding its key shadows); the graph is captured at the first step
 that does not need one and replayed afterwards, its buffers written in place by the eager steps in between.
-A cache may also ask, after a replay, for the step to be redone eagerly (`redo_step()`: the sparse cache's
-disk tier lacked a picked chunk in host memory, which the eager step reads first).
+A cache may also ask, after a replay, for the step to be redone (`redo_step()`: the sparse cache's disk tier
+lacked a picked chunk in host memory; it reads it and the step is replayed again, or run eagerly after
+REPLAYS_ON_MISS retries).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import torch
 
 from tierkv.kv.cache import KVCache
 from tierkv.models.llama import LlamaModel
+
+# replays of a step that missed chunks on disk (each retry first reads what the last one missed) before it runs
+# eagerly: on real text a miss is rare and a replay costs far less than an eager step
+REPLAYS_ON_MISS = 2
 
 
 class GraphStep:
@@ -57,12 +62,13 @@ class GraphStep:
             self.token.copy_(token)
             self._capture()
         self.token.copy_(token)
-        if hasattr(self.cache, "before_replay"):
-            self.cache.before_replay()
-        self.graph.replay()
-        self.replays += 1
-        self.cache.after_replay(1)
-        if getattr(self.cache, "redo_step", None) and self.cache.redo_step():  # it lacked a chunk: redo eagerly
-            self.eager_steps += 1
-            return self.model.forward(token.view(1), self.cache.pos, self.cache)
-        return self.logits
+        for _ in range(1 + REPLAYS_ON_MISS):
+            if hasattr(self.cache, "before_replay"):
+                self.cache.before_replay()
+            self.graph.replay()
+            self.replays += 1
+            self.cache.after_replay(1)
+            if not (getattr(self.cache, "redo_step", None) and self.cache.redo_step()):
+                return self.logits
+        self.eager_steps += 1  # still missing chunks after the retries: the eager step reads each before use
+        return self.model.forward(token.view(1), self.cache.pos, self.cache)

@@ -108,7 +108,8 @@ class LLM:
 
             cache: KVCache = FastSparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier,
                                                capacity=capacity, rope=self.model.rope,
-                                               chunk_cache=self.tier.gpu_chunk_cache)
+                                               chunk_cache=self.tier.gpu_chunk_cache,
+                                               prefetch=self.tier.prefetch_picks)
         elif self.tier.attention == "sparse":
             from tierkv.kv.sparse import SparseKVCache
 

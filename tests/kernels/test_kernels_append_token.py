@@ -15,16 +15,16 @@ def case(gen, hkv=3, d=64, r=20, s_cap=40, rows=9, ring=11, dtype=torch.float32,
     basis = rnd(hkv, r, d)
     coeffs = torch.randint(-127, 128, (hkv, s_cap, r), generator=gen, dtype=torch.int8).to(device)
     row_scale = torch.rand(hkv, s_cap, generator=gen).to(device)
-    at, res_at, ring_at = (torch.tensor([x], device=device) for x in (17, 4, 10))
-    return [k, v, k_pre, at, bufs[0], bufs[1], bufs[4], bufs[2], res_at, bufs[3], ring_at, basis, coeffs, row_scale]
+    at, pool_at, res_at, ring_at = (torch.tensor([x], device=device) for x in (17, 23, 4, 10))
+    return [k, v, k_pre, at, pool_at, bufs[0], bufs[1], bufs[4], bufs[2], res_at, bufs[3], ring_at, basis, coeffs, row_scale]
 
 
 def test_reference_writes_every_buffer_at_its_position_and_nothing_else(gen):
     args = case(gen)
-    k, v, k_pre, at, k_pool, v_pool, k_res, v_res, res_at, ring, ring_at, basis, coeffs, row_scale = args
+    k, v, k_pre, at, pool_at, k_pool, v_pool, k_res, v_res, res_at, ring, ring_at, basis, coeffs, row_scale = args
     before = [t.clone() for t in (k_pool, v_pool, v_res, ring, coeffs, row_scale, k_res)]
     append_token_torch(*args)
-    for buf, old, pos, want in ((k_pool, before[0], 17, k[0]), (v_pool, before[1], 17, v[0]), (v_res, before[2], 4, v[0]),
+    for buf, old, pos, want in ((k_pool, before[0], 23, k[0]), (v_pool, before[1], 23, v[0]), (v_res, before[2], 4, v[0]),
                                 (ring, before[3], 10, k_pre[0]), (k_res, before[6], 4, k[0])):
         assert torch.equal(buf[pos], want)
         keep = torch.arange(buf.shape[0]) != pos
@@ -52,13 +52,13 @@ def test_append_token_triton_matches_torch(gen, triton_device, dtype, hkv, d, r,
 
     want = case(gen, hkv, d, r, dtype=dtype, device=triton_device)
     if not keep_keys:
-        want[6] = None
+        want[7] = None
     got = [None if t is None else t.clone() for t in want]
     append_token_torch(*want)
     append_token_triton(*got)
-    for i in (4, 5, 6, 7, 9):  # K/V pools, resident K and V, ring: copies, exact
+    for i in (5, 6, 7, 8, 10):  # K/V pools, resident K and V, ring: copies, exact
         assert (got[i] is None and want[i] is None) or torch.equal(got[i], want[i])
-    assert torch.allclose(got[13], want[13], rtol=1e-5, atol=0)  # row scales: the fp32 sum order may differ
-    diff = (got[12].int() - want[12].int()).abs()
+    assert torch.allclose(got[14], want[14], rtol=1e-5, atol=0)  # row scales: the fp32 sum order may differ
+    diff = (got[13].int() - want[13].int()).abs()
     print("int8 index row, max diff", int(diff.max()))
     assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, diff.numel() // 50)

@@ -81,6 +81,8 @@ def test_moving_the_oldest_chunks_to_disk_changes_no_token(smol, text_ids, tmp_p
     try:
         want = greedy(model, ref, ids, n)
         assert greedy(model, cold, ids, n) == want
+        for a, b in zip(ref.index, cold.index):  # the score index is by position, whatever the pool's rows
+            assert torch.equal(a.coeffs[:, :ref.seq_len], b.coeffs[:, :ref.seq_len])
         assert cold.res.start == (cold.cold.hi if place == "all" else cold.n_chunks)
         st = cold.stats()
         disk = st["disk_tier"]
@@ -123,8 +125,8 @@ def test_a_cpu_budget_too_small_for_the_hot_chunks_is_refused_before_anything_mo
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replay_with_chunks_on_disk_gives_the_eager_tokens_on_cuda(smol_folder, text_ids, tmp_path, dtype):
-    """Replays that miss a chunk on disk are redone eagerly; the tokens equal the eager run's and the run without
-    a disk tier."""
+    """Replays that miss a chunk on disk read it and are replayed again (or run eagerly); the tokens equal the
+    eager run's and the run without a disk tier."""
     import tierkv
     from tierkv.graph import GraphStep
 
@@ -144,13 +146,14 @@ def test_graph_replay_with_chunks_on_disk_gives_the_eager_tokens_on_cuda(smol_fo
     assert runs[1] == runs[0] and runs[2] == runs[0]
     disk = stats[2]["disk_tier"]
     assert step.replays > 40 and disk["picks"] > 0 and stats[2]["total"]["hits"]["disk"] == disk["missed"]
-    assert step.eager_steps >= 2 + disk["steps_redone"]
+    # every redone replay was retried (after reading its misses) or run eagerly
+    assert step.replays + step.eager_steps >= (n - 1) + disk["steps_redone"]
 
 
 @pytest.mark.cuda
 def test_graph_replay_with_chunks_on_disk_gives_the_eager_tokens_on_a_random_8b_shape(tmp_path):
     """Llama-3.1-8B shape, random bf16 weights, 8K synthetic tokens; 64 chunks past what cpu_budget holds, and
-    the host slots, on disk. Random weights pick chunks evenly, so most replays miss and are redone eagerly."""
+    the host slots, on disk. Random weights pick chunks evenly, so most replays miss and are redone."""
     from tierkv.config import TierConfig
 
     model = random_8b()

@@ -23,10 +23,11 @@ from tierkv.kv.layout import ChunkLayout
 from tierkv.models.config import ModelConfig
 
 # tierkv-sparse decodes as users get it (on CUDA the graph-captured fast sparse cache); tierkv-sparse-eager is the
-# reference path (--no-graph: the tiered sparse cache, eager)
-TIERKV_SYSTEMS = ("tierkv-sparse", "tierkv-sparse-eager", "tierkv-exact")
+# reference path (--no-graph: the tiered sparse cache, eager); tierkv-sparse-prefetch adds --prefetch-picks
+TIERKV_SYSTEMS = ("tierkv-sparse", "tierkv-sparse-prefetch", "tierkv-sparse-eager", "tierkv-exact")
 HF_SYSTEMS = ("hf-default", "hf-offloaded", "hf-accelerate")
 SYSTEMS = TIERKV_SYSTEMS + HF_SYSTEMS
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "tierkv-sparse-prefetch")  # the prefetch variant is opt-in
 STATUSES = ("ok", "over_budget", "oom", "cannot_run", "unavailable", "skipped", "error")
 
 
@@ -38,7 +39,7 @@ class DecodeSpec:
     contexts: list[int]
     device: torch.device
     dtype: torch.dtype
-    systems: tuple[str, ...] = SYSTEMS
+    systems: tuple[str, ...] = DEFAULT_SYSTEMS
     gpu_budget: int | None = None
     kv_gpu_budget: int | None = None
     cpu_budget: int | None = None
@@ -135,7 +136,7 @@ def tier_config(system: str, spec: DecodeSpec, kv_gpu: int) -> TierConfig:
     sparse = system.startswith("tierkv-sparse")
     return TierConfig(kv_gpu_budget=kv_gpu, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
                       chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk,
-                      attention="sparse" if sparse else "full",
+                      attention="sparse" if sparse else "full", prefetch_picks=system == "tierkv-sparse-prefetch",
                       **({"token_budget": spec.token_budget} if sparse else {}))
 
 
@@ -179,8 +180,9 @@ def _measure_tierkv(llm, row: Row, spec: DecodeSpec) -> None:
         cache = llm._caches[-1] if llm._caches else None  # the cache stream_ids is decoding with
         st = cache.stats() if hasattr(cache, "stats") else None
         snaps[name] = st.get("total") if isinstance(st, dict) else None  # a cache without totals gives no tier numbers
-        if isinstance(st, dict) and "disk_tier" in st:  # the graph cache's disk tier: its whole-run account
-            row.settings["disk_tier"] = st["disk_tier"]
+        for key in ("disk_tier", "prefetch", "chunk_cache"):  # the graph cache's whole-run accounts
+            if isinstance(st, dict) and key in st:
+                row.settings[key] = st[key]
 
     clock = StepClock(llm.device, spec.warmup, spec.steps, 4 if spec.profile else 0,
                       on_start=lambda: snap("start"), on_end=lambda: snap("end"))

@@ -67,8 +67,9 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
 @click.option("--disk-dir", default=None, help="Disk tier directory for tierkv (an NVMe path).")
 @click.option("--steps", type=int, default=16, show_default=True, help="Measured decode steps (median reported).")
 @click.option("--warmup", type=int, default=4, show_default=True, help="Decode steps before measuring.")
-@click.option("--systems", default=None, help="Comma list (default: all): tierkv-sparse, tierkv-sparse-eager, "
-                                              "tierkv-exact, hf-default, hf-offloaded, hf-accelerate.")
+@click.option("--systems", default=None, help="Comma list (default: all but tierkv-sparse-prefetch): tierkv-sparse, "
+                                              "tierkv-sparse-prefetch, tierkv-sparse-eager, tierkv-exact, hf-default, "
+                                              "hf-offloaded, hf-accelerate.")
 @click.option("--token-budget", default="2048", show_default=True, help="Sparse: tokens attended per step (or a fraction < 1).")
 @click.option("--chunk-size", type=int, default=32, show_default=True)
 @click.option("--prefill-chunk", type=int, default=2048, show_default=True)
@@ -87,12 +88,12 @@ def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budg
     from tierkv.bench import decode as dec
     from tierkv.bench.common import bench_device, parse_contexts
     from tierkv.bench.report import decode_table, dumps, profiles, summary_line
-    from tierkv.bench.systems import SYSTEMS, DecodeSpec
+    from tierkv.bench.systems import DEFAULT_SYSTEMS, SYSTEMS, DecodeSpec
     from tierkv.llm import resolve_dtype
 
     if steps < 1 or warmup < 1:
         raise ConfigError(f"--steps {steps} and --warmup {warmup} must be at least 1")
-    names = tuple(s.strip() for s in systems.split(",")) if systems else SYSTEMS
+    names = tuple(s.strip() for s in systems.split(",")) if systems else DEFAULT_SYSTEMS
     unknown = [s for s in names if s not in SYSTEMS]
     if unknown:
         raise ConfigError(f"--systems: {', '.join(unknown)} unknown; choose from {', '.join(SYSTEMS)}")

@@ -29,6 +29,9 @@ def model_options(fn):
         click.option("--window-tokens", type=int, default=None, help="Last tokens always attended (kept on the GPU)."),
         click.option("--gpu-chunk-cache", is_flag=True, default=None,
                      help="Sparse graph decode: keep earlier picks on the GPU (helps when picks repeat, as on real text)."),
+        click.option("--prefetch-picks", is_flag=True, default=None,
+                     help="Sparse graph decode: predict the next layer's picks and copy them to the GPU during this "
+                          "layer's MLP (implies --gpu-chunk-cache)."),
         click.option("--no-graph", is_flag=True, help="Run decode eagerly instead of replaying a CUDA graph."),
         click.option("--prefill-chunk", type=int, default=2048, show_default=True,
                      help="Prompt tokens processed per prefill slice."),
@@ -39,7 +42,8 @@ def model_options(fn):
 
 
 TIER_FLAGS = ("kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk", "attention", "token_budget",
-              "rank", "score_rank", "sink_tokens", "window_tokens", "gpu_chunk_cache")
+              "rank", "score_rank", "sink_tokens", "window_tokens", "gpu_chunk_cache",
+              "prefetch_picks")
 
 
 def parse_token_budget(value: str | None) -> int | float | None:

@@ -26,6 +26,7 @@ def append_token_torch(
     v: torch.Tensor,
     k_pre: torch.Tensor,
     at: torch.Tensor,
+    pool_at: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
     k_res: torch.Tensor | None,
@@ -37,14 +38,14 @@ def append_token_torch(
     coeffs: torch.Tensor,
     row_scale: torch.Tensor,
 ) -> None:
-    """Writes one token (k, v, k_pre: (1, Hkv, D)); at, res_at, ring_at: (1,) int64 device positions.
+    """Writes one token (k, v, k_pre: (1, Hkv, D)); at (its position), pool_at, res_at, ring_at: (1,) int64 rows.
 
-    k_pool, v_pool: (S_cap, Hkv, D) rows at `at`; k_res (or None), v_res: (rows, Hkv, D) row res_at; ring: (ring, Hkv, D) row
+    k_pool, v_pool: (rows, Hkv, D) rows at `pool_at` (the position, or less where the pool is compacted); k_res (or None), v_res: (rows, Hkv, D) row res_at; ring: (ring, Hkv, D) row
     ring_at; the index: basis (Hkv, r, D), coeffs (Hkv, S_cap, r) int8 and row_scale (Hkv, S_cap) fp32 at `at`,
     from the fp32 projection of k on the basis. Mutates the buffers; graph-safe (no host sync).
     """
-    k_pool.index_copy_(0, at, k)
-    v_pool.index_copy_(0, at, v)
+    k_pool.index_copy_(0, pool_at, k)
+    v_pool.index_copy_(0, pool_at, v)
     v_res.index_copy_(0, res_at, v)
     if k_res is not None:
         k_res.index_copy_(0, res_at, k)
@@ -55,8 +56,8 @@ def append_token_torch(
     row_scale.index_copy_(1, at, sa)
 
 
-def append_token(k, v, k_pre, at, k_pool, v_pool, k_res, v_res, res_at, ring, ring_at, basis, coeffs, row_scale,
-                 *, impl=None):
+def append_token(k, v, k_pre, at, pool_at, k_pool, v_pool, k_res, v_res, res_at, ring, ring_at, basis, coeffs,
+                 row_scale, *, impl=None):
     """Dispatching entry point: see `append_token_torch`."""
     fn = dispatch.get("append_token", k.device, impl)
-    return fn(k, v, k_pre, at, k_pool, v_pool, k_res, v_res, res_at, ring, ring_at, basis, coeffs, row_scale)
+    return fn(k, v, k_pre, at, pool_at, k_pool, v_pool, k_res, v_res, res_at, ring, ring_at, basis, coeffs, row_scale)

@@ -17,7 +17,7 @@ def _round_half_even(x):
 
 @triton.jit
 def _append_token_kernel(
-    k_ptr, v_ptr, kp_ptr, at_ptr, kpool_ptr, vpool_ptr, kres_ptr, vres_ptr, res_at_ptr, ring_ptr, ring_at_ptr,
+    k_ptr, v_ptr, kp_ptr, at_ptr, pool_at_ptr, kpool_ptr, vpool_ptr, kres_ptr, vres_ptr, res_at_ptr, ring_ptr, ring_at_ptr,
     b_ptr, c_ptr, rs_ptr, rank,
     s_in, s_pool, s_res, s_ring, s_bh, s_br, s_ch, s_ct, s_rh,
     D: tl.constexpr, BLOCK_R: tl.constexpr, KEEP_K: tl.constexpr,
@@ -25,12 +25,13 @@ def _append_token_kernel(
     h = tl.program_id(0)
     offs_d = tl.arange(0, D)
     at = tl.load(at_ptr)
+    pool_at = tl.load(pool_at_ptr)
     res_at = tl.load(res_at_ptr)
     ring_at = tl.load(ring_at_ptr)
     k = tl.load(k_ptr + h * s_in + offs_d)
     v = tl.load(v_ptr + h * s_in + offs_d)
-    tl.store(kpool_ptr + at * s_pool + h * D + offs_d, k)
-    tl.store(vpool_ptr + at * s_pool + h * D + offs_d, v)
+    tl.store(kpool_ptr + pool_at * s_pool + h * D + offs_d, k)
+    tl.store(vpool_ptr + pool_at * s_pool + h * D + offs_d, v)
     tl.store(vres_ptr + res_at * s_res + h * D + offs_d, v)
     if KEEP_K:
         tl.store(kres_ptr + res_at * s_res + h * D + offs_d, k)
@@ -46,7 +47,7 @@ def _append_token_kernel(
     tl.store(rs_ptr + h * s_rh + at, scale)
 
 
-def append_token_triton(k, v, k_pre, at, k_pool, v_pool, k_res, v_res, res_at, ring, ring_at, basis, coeffs,
+def append_token_triton(k, v, k_pre, at, pool_at, k_pool, v_pool, k_res, v_res, res_at, ring, ring_at, basis, coeffs,
                         row_scale):
     """Same contract as `append_token_torch`; D a power of two, every (Hkv, D) row block contiguous, k, v, k_pre
     alike and k_pool, v_pool alike. One launch."""
@@ -59,7 +60,7 @@ def append_token_triton(k, v, k_pre, at, k_pool, v_pool, k_res, v_res, res_at, r
         raise ValueError("append_token_triton needs D a power of two and contiguous (Hkv, D) rows")
     rank = basis.shape[1]
     _append_token_kernel[(hkv,)](
-        k, v, k_pre, at, k_pool, v_pool, v_res if k_res is None else k_res, v_res, res_at, ring, ring_at, basis,
+        k, v, k_pre, at, pool_at, k_pool, v_pool, v_res if k_res is None else k_res, v_res, res_at, ring, ring_at, basis,
         coeffs, row_scale, rank,
         d, k_pool.stride(0), v_res.stride(0), ring.stride(0), basis.stride(0), basis.stride(1),
         coeffs.stride(0), coeffs.stride(1), row_scale.stride(0),

@@ -14,6 +14,7 @@ Fitting the shadows and folding new keys into them happen in the few steps that 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -28,6 +29,7 @@ from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.cache import KVCache, causal_attention
 from tierkv.kv.cold import COLD_THREADS, MISS, ColdChunks, write_cold
 from tierkv.kv.online_softmax import OnlineSoftmax
+from tierkv.kv.predict import PickPrefetch
 from tierkv.kv.resident import ResidentChunks
 from tierkv.kv.select import plan_selection
 from tierkv.kv.shadow import KeyShadow
@@ -55,7 +57,7 @@ class FastSparseKVCache(KVCache):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
                  dtype: torch.dtype, config: TierConfig, capacity: int, rope: RopeTables,
                  sparse: SparseOptions | None = None, max_append: int | None = None,
-                 track_repeats: bool = False, chunk_cache: bool = False) -> None:
+                 track_repeats: bool = False, chunk_cache: bool = False, prefetch: bool = False) -> None:
         self.sp = sp = sparse or SparseOptions()
         if sp.scorer != "lowrank" or not sp.rebuild:
             raise ValueError("FastSparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
@@ -93,7 +95,9 @@ class FastSparseKVCache(KVCache):
         self.read_counts = torch.zeros(6, dtype=torch.long, device=self.device)
         # chunk cache: per layer max_picks slots (+1 scratch) of K and V for every KV head; cached_ids says which
         # chunk each (head, slot) holds
-        self.chunk_cache = chunk_cache
+        self.chunk_cache = chunk_cache = chunk_cache or prefetch
+        if chunk_cache and config.disk_dir is not None and config.cpu_budget is not None:
+            raise ConfigError("gpu_chunk_cache / prefetch_picks do not work with a disk tier yet; drop them or disk_dir")
         if chunk_cache:
             slots = (num_layers, self.max_picks + 1, c, num_kv_heads, head_dim)
             self.k_cache = torch.zeros(slots, device=self.device, dtype=dtype)
@@ -109,6 +113,7 @@ class FastSparseKVCache(KVCache):
                                         device=self.device)
             self._repeats = torch.zeros(2, dtype=torch.long, device=self.device)  # repeated picks, picks
         self._alloc_resident()
+        self.prefetch = PickPrefetch(self) if prefetch else None
         self.cold: ColdChunks | None = None  # the oldest chunks on disk once cpu_budget binds (`_spill_cold`)
 
     # ---- storage ------------------------------------------------------------------------------------
@@ -167,7 +172,7 @@ class FastSparseKVCache(KVCache):
         """GPU bytes the resident copies may take; counts what they hold now as free."""
         budget = self.config.kv_gpu_budget
         held = self.res.nbytes if getattr(self, "res", None) is not None else 0
-        if self.chunk_cache or (budget is None and self.device.type != "cuda"):
+        if budget is None and self.device.type != "cuda":
             return 0
         if budget is None:
             return torch.cuda.mem_get_info(self.device)[0] + held - AUTO_RESERVE
@@ -280,8 +285,8 @@ class FastSparseKVCache(KVCache):
         k_res, v_res = self.res.flat(layer)
         if t == 1 and self.fitted:  # a decode token: every write and its index row in one kernel
             ix = self.index[layer]
-            append_token(k, v, k_pre, at, k_pool, v_pool, k_res, v_res, res_at, self.k_pre[layer], ring_at, ix.basis,
-                         ix.coeffs, ix.row_scale)
+            append_token(k, v, k_pre, self.pos, at, k_pool, v_pool, k_res, v_res, res_at, self.k_pre[layer], ring_at,
+                         ix.basis, ix.coeffs, ix.row_scale)  # the index by position, the pool at its row
         else:
             k_pool.index_copy_(0, at, k)
             v_pool.index_copy_(0, at, v)
@@ -423,7 +428,11 @@ class FastSparseKVCache(KVCache):
         cache = None
         if self.chunk_cache:
             f = fixed_ids.shape[0]
-            csrc = chunk_cache_assign(top, lengths[:, f:], cids[:, f:], self.cached_ids[layer], self.cache_counts)
+            if self.prefetch is not None:
+                self.prefetch.join()
+                self.prefetch.score(layer, top, lengths[:, f:] > 0)
+            csrc = chunk_cache_assign(top, self.off_gpu(top, lengths[:, f:]), cids[:, f:], self.cached_ids[layer],
+                                      self.cache_counts)
             chunk_cache_fill(top, cids[:, f:], csrc, self.k_host[layer], self.v_host[layer], self.k_cache[layer],
                              self.v_cache[layer])
             cache = (self.k_cache[layer], self.v_cache[layer], csrc)
@@ -433,6 +442,19 @@ class FastSparseKVCache(KVCache):
                                         v_resident=v_res, resident_from=self.res.start - self.row_shift // c,
                                         k_resident=k_res)
         return out[None]  # (1, Hq, D)
+
+    def off_gpu(self, top: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Pick lengths with the picks in resident chunks zeroed: those the chunk cache must hold (or fetch)."""
+        return torch.where(top >= self.res.start, 0, lengths) if self.res.n else lengths
+
+    def predicted_query(self, layer: int, make_q) -> None:
+        """Prefetch `layer`'s likely picks (tierkv/kv/predict.py) for the query make_q() returns, on a captured
+        side stream inside a graph; nothing without prefetch, before the fit or in a dense step."""
+        if self.prefetch is None or not self.fitted or (not _capturing() and self._plan(self.seq_len + 1).dense):
+            return
+        self.prefetch.fork(_capturing())
+        with torch.cuda.stream(self.prefetch.stream()) if self.device.type == "cuda" else contextlib.nullcontext():
+            self.prefetch.issue(layer, make_q())
 
     def _cold_rows(self, layer: int, slots: torch.Tensor, lengths: torch.Tensor, f: int):
         """Chunk ids -> host-pool rows. Cold picks are noted for the step's bookkeeping; eagerly, the ones not
@@ -482,8 +504,9 @@ class FastSparseKVCache(KVCache):
         self._redo = self.cold is not None and self._book_cold(replayed=True)
 
     def redo_step(self) -> bool:
-        """After a replay that attended without a cold chunk missing from the host: undo it (position, counters)
-        and return True, so the caller runs the step eagerly, which reads the misses first."""
+        """After a replay that attended without a cold chunk missing from the host: undo it (position, counters),
+        read the chunks it missed from disk and return True, so the caller replays the step again (picks after
+        the first missing layer may change with it) or runs it eagerly, which reads every miss first."""
         if not getattr(self, "_redo", False):
             return False
         self._redo = False
@@ -491,15 +514,19 @@ class FastSparseKVCache(KVCache):
         self.pos.sub_(1)
         self.read_counts.copy_(self._counts_before)
         self.cold.n["steps_redone"] += 1
+        picked, layer_of = self._missed
+        for layer in np.unique(layer_of):
+            self.cold.serve(int(layer), picked[layer_of == layer])
         return True
 
     def _book_cold(self, replayed: bool) -> bool:
         """Read the step's cold picks (one small copy, a host sync). A replay with a miss is not booked and
-        returns True; otherwise LRU times and reads ahead are booked."""
+        returns True (its picks kept for `redo_step`); otherwise LRU times and reads ahead are booked."""
         picks = self._cold_pick.cpu().numpy()  # (L, Hkv, K)
         layer_of = np.nonzero(picks >= 0)[0]
         picked = picks[picks >= 0]
         if replayed and self.cold.missing(picked, layer_of):
+            self._missed = picked, layer_of
             return True
         self.cold.end_step(picked, layer_of)
         return False
@@ -515,20 +542,23 @@ class FastSparseKVCache(KVCache):
         fixed_tok, picks, exact_picks, res_picks, res_fixed, res_exact = self.read_counts.tolist()
         if self.res.k is None:  # resident values only: exact keys still cross the link
             res_exact = 0
-        hit = 0
-        if self.chunk_cache:
-            exact_picks, hit, _ = self.cache_counts.tolist()  # only misses cross the link: their exact keys
+        hit, link_picks, link_keys = 0, picks - res_picks, exact_picks - res_exact  # picks whose V / K cross the link
+        if self.chunk_cache:  # only misses cross the link, into the cache; resident picks never enter it
+            link_keys, hit, _ = self.cache_counts.tolist()
+            link_picks -= hit
             extra["chunk_cache"] = {"slots_per_head": self.max_picks, "hits": hit, "picks": picks,
                                     "hit_rate": hit / picks if picks else None}
-        # K and V of the fixed entries, V of every pick not on the GPU (chunk cache, resident copies) and K of
-        # picks with exact keys not resident; the reads are GPU loads from mapped pinned memory (attention, cache
-        # fill): no copy, no host-side wait. (The chunk cache and resident copies never coexist.)
+        # K and V of the fixed entries not resident, V of picks not on the GPU, K of those with exact keys; read by
+        # GPU loads from mapped pinned memory (attention, cache fill): no copy, no host-side wait
         fixed_res_k = res_fixed if self.res.k is not None else 0
-        host_tok = 2 * fixed_tok - res_fixed - fixed_res_k + self.chunk * (picks - hit - res_picks + exact_picks
-                                                                          - res_exact)
+        host_tok = 2 * fixed_tok - res_fixed - fixed_res_k + self.chunk * (link_picks + link_keys)
+        link = host_tok * self.d * self.dtype.itemsize
+        if self.prefetch is not None:  # predicted chunks copied ahead, right or wrong
+            extra["prefetch"] = self.prefetch.stats(self.chunk * self.d * self.dtype.itemsize)
+            link += extra["prefetch"]["bytes"]
         disk = self.cold.stats() if self.cold is not None else None
         missed = disk["missed"] if disk else 0  # picks whose chunk was read from disk first
-        extra["total"] = {"bytes_moved": {"host->device": host_tok * self.d * self.dtype.itemsize},
+        extra["total"] = {"bytes_moved": {"host->device": link},
                           "hits": {"gpu_chunk_cache": hit, "gpu_resident": res_picks,
                                    "host": picks - hit - res_picks - missed},
                           "reads": "by GPU kernels from mapped pinned host memory"}

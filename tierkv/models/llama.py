@@ -53,9 +53,12 @@ class LlamaModel:
         """ids (T,) and positions (T,) on the device -> logits (T or 1, vocab) in float32."""
         c = self.cfg
         h, x = self._norm(self.embed_tokens[ids], None, self.layers[0].input_layernorm, c.rms_norm_eps)  # (T, hidden)
+        predict = ids.shape[0] == 1 and hasattr(cache, "predicted_query")
         for i, layer in enumerate(self.layers):
             h, x = self._norm(h, self._attention(i, layer, x, positions, cache), layer.post_attention_layernorm,
                               c.rms_norm_eps)
+            if predict and i + 1 < len(self.layers):  # the cache may prefetch layer i+1's picks during this MLP
+                cache.predicted_query(i + 1, lambda j=i + 1, r=h: self._predicted_query(j, r, positions))
             nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             h, x = self._norm(h, self._mlp(layer, x), nxt, c.rms_norm_eps)
         cache.advance(ids.shape[0])
@@ -73,6 +76,14 @@ class LlamaModel:
         cache.append(i, k, v, k_pre)
         out = cache.attend(i, q)  # (T, Hq, D)
         return F.linear(out.reshape(t, c.num_heads * c.head_dim), w.o_proj)
+
+    def _predicted_query(self, i: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Layer i's query as if its input were residual h (the residual before layer i-1's MLP): (1, Hq, D)."""
+        c, w = self.cfg, self.layers[i]
+        _, x = self._norm(h, None, w.input_layernorm, c.rms_norm_eps)
+        q, _, _ = self._rope(F.linear(x, w.qkv_proj, w.qkv_bias), self.rope.cos, self.rope.sin, positions,
+                             c.num_heads, c.num_kv_heads)
+        return q
 
     def _mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._silu_mul(F.linear(x, w.gate_up_proj)), w.down_proj)
