@@ -5,8 +5,8 @@ the graph, so a replay needs no host work beyond launching it. A cache may ask f
 (`needs_eager()`: a sparse cache fitting or folding its key shadows); the graph is captured at the first step
 that does not need one and replayed afterwards, its buffers written in place by the eager steps in between.
 A cache may also ask, after a replay, for the step to be redone (`redo_step()`: the sparse cache's disk tier
-lacked a picked chunk in host memory; it reads it and the step is replayed again, or run eagerly after
-REPLAYS_ON_MISS retries).
+lacked picked chunks in host memory; it reads them and the step is replayed again, or run eagerly when the
+misses were many or persist after REPLAYS_ON_MISS retries).
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ class GraphStep:
             self.graph.replay()
             self.replays += 1
             self.cache.after_replay(1)
-            if not (getattr(self.cache, "redo_step", None) and self.cache.redo_step()):
+            redo = self.cache.redo_step() if hasattr(self.cache, "redo_step") else None
+            if redo is None:
                 return self.logits
-        self.eager_steps += 1  # still missing chunks after the retries: the eager step reads each before use
+            if redo == "eager":
+                break
+        self.eager_steps += 1  # many misses, or still missing after the retries: the eager step reads each first
         return self.model.forward(token.view(1), self.cache.pos, self.cache)

@@ -45,6 +45,9 @@ FIT_SLICE = 16384  # tokens per slice when fitting shadows and index (rounded do
 EXACT_SPAN = 16384
 # with no kv_gpu_budget on CUDA, resident values leave this much of the free GPU memory to prefill activations
 AUTO_RESERVE = 3 * 1024**3
+# a replay that missed at most this many picks on disk is replayed again once they are read; more (picks spread
+# evenly, as random weights make them) and the step runs eagerly: later layers would miss again
+REPLAY_MISSES = 32
 
 
 class FastSparseKVCache(KVCache):
@@ -503,21 +506,26 @@ class FastSparseKVCache(KVCache):
         self.seq_len += n
         self._redo = self.cold is not None and self._book_cold(replayed=True)
 
-    def redo_step(self) -> bool:
+    def redo_step(self) -> str | None:
         """After a replay that attended without a cold chunk missing from the host: undo it (position, counters),
-        read the chunks it missed from disk and return True, so the caller replays the step again (picks after
-        the first missing layer may change with it) or runs it eagerly, which reads every miss first."""
+        and say how to redo it: "replay" after reading the few chunks it missed (picks after the first missing
+        layer may still change, but rarely) or "eager" when it missed many (the eager step reads each miss first).
+        None when the replay lacked nothing."""
         if not getattr(self, "_redo", False):
-            return False
+            return None
         self._redo = False
         self.seq_len -= 1
         self.pos.sub_(1)
         self.read_counts.copy_(self._counts_before)
         self.cold.n["steps_redone"] += 1
         picked, layer_of = self._missed
-        for layer in np.unique(layer_of):
+        layers = np.unique(layer_of)
+        misses = sum(int((~self.cold.cached(layer, picked[layer_of == layer])).sum()) for layer in layers)
+        if misses > REPLAY_MISSES:  # the eager step reads what it needs (this replay's later picks were off-path)
+            return "eager"
+        for layer in layers:
             self.cold.serve(int(layer), picked[layer_of == layer])
-        return True
+        return "replay"
 
     def _book_cold(self, replayed: bool) -> bool:
         """Read the step's cold picks (one small copy, a host sync). A replay with a miss is not booked and
