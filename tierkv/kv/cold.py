@@ -125,6 +125,7 @@ class ColdChunks:
             by_layer.setdefault(layer, []).append(cid)
         for layer, cids in by_layer.items():
             data = [self.ahead.pop((layer, c)).result() for c in cids]
+            self.n["disk_reads"] += len(data)
             held = self.slot_cid[layer]
             recent = held[(held >= 0) & (self.slot_used[layer] >= self.step - 1)]  # keep last step's picks
             room = self.slots - recent.size
@@ -133,7 +134,6 @@ class ColdChunks:
             arr = np.asarray(cids[:room], dtype=np.int64)
             self._install(layer, arr, data[:room], protect=recent, ahead=True)
             self.n["ahead_installed"] += int(arr.size)
-            self.n["disk_reads"] += len(data)
 
     def missing(self, picked: np.ndarray, layer_of: np.ndarray) -> bool:
         """Whether any cold pick (cids with their layers) is not in a host slot: a replayed step that read it

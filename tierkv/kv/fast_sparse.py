@@ -8,7 +8,9 @@ chunks, picks the top ones per KV head and attends sinks + window + open chunk +
 with picked keys rebuilt from the shadow: no host sync and no host decision, so the step can be replayed.
 An optional GPU chunk cache (chunk_cache=True) keeps, per layer and KV head, chunks picked in earlier steps (on
 real text most picks repeat from one step to the next): only missed picks cross the host link, then attention
-reads every pick from the cache.
+reads every pick from the cache (with prefetch=True, predicted picks are copied there a layer ahead:
+kv/predict.py). With a disk_dir and a cpu_budget below the pool, the oldest chunks move to disk after prefill
+(kv/fast_sparse_disk.py, kv/cold.py).
 Fitting the shadows and folding new keys into them happen in the few steps that run eagerly (`needs_eager`).
 """
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 
-import numpy as np
 import torch
 
 from tierkv.config import TierConfig, format_size
@@ -27,7 +28,8 @@ from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kernels.append_token import append_token
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.cache import KVCache, causal_attention
-from tierkv.kv.cold import COLD_THREADS, MISS, ColdChunks, write_cold
+from tierkv.kv.cold import ColdChunks
+from tierkv.kv.fast_sparse_disk import DiskTierSteps, capturing
 from tierkv.kv.online_softmax import OnlineSoftmax
 from tierkv.kv.predict import PickPrefetch
 from tierkv.kv.resident import ResidentChunks
@@ -35,7 +37,6 @@ from tierkv.kv.select import plan_selection
 from tierkv.kv.shadow import KeyShadow
 from tierkv.kv.sparse import RopeTables, SparseOptions
 from tierkv.kv.summary import LowRankIndex
-from tierkv.kv.tiers.disk import DiskStore
 from tierkv.kv.tiers.host import check_host_budget, map_pinned
 
 
@@ -45,12 +46,9 @@ FIT_SLICE = 16384  # tokens per slice when fitting shadows and index (rounded do
 EXACT_SPAN = 16384
 # with no kv_gpu_budget on CUDA, resident values leave this much of the free GPU memory to prefill activations
 AUTO_RESERVE = 3 * 1024**3
-# a replay that missed at most this many picks on disk is replayed again once they are read; more (picks spread
-# evenly, as random weights make them) and the step runs eagerly: later layers would miss again
-REPLAY_MISSES = 32
 
 
-class FastSparseKVCache(KVCache):
+class FastSparseKVCache(DiskTierSteps, KVCache):
     """Fixed-capacity sparse cache (attention="sparse") whose decode step is graph-capturable.
 
     Selection semantics equal SparseKVCache's (same plan, scorer, fold rule and key rebuild), so the two give
@@ -136,14 +134,6 @@ class FastSparseKVCache(KVCache):
                               f"from disk); raise cpu_budget")
         self._set_pool(shape)
 
-    def _cold_slots(self) -> int:
-        """Host slots per layer for chunks on disk: two steps of picks, were they all on disk."""
-        return 2 * self.hkv * self.max_picks
-
-    def _min_cold_host(self) -> int:
-        """Host bytes of the sink, window and open chunks plus the disk tier's slots: the least cpu_budget."""
-        return (self.sink_chunks + self.window_chunks + 1 + self._cold_slots()) * 2 * self._chunk_bytes()
-
     def _set_pool(self, shape: tuple[int, ...]) -> None:
         """Allocate the host pool (K and V of `shape` each) and its device-readable views k_host, v_host."""
         nbytes = math.prod(shape) * torch.finfo(self.dtype).bits // 8
@@ -196,46 +186,6 @@ class FastSparseKVCache(KVCache):
         self._alloc_resident(keys=True)
         self.res.copy_from(self.k_host, self.v_host, total)
 
-    def _spill_cold(self, total: int) -> None:
-        """When the pool exceeds cpu_budget (with a disk_dir): move chunks [sinks, hi) of every layer to disk, keep
-        `slots` host rows per layer caching them (first the newest of them) and compact the pool to the budget.
-        Eager; blocks on the disk writes."""
-        cfg, c = self.config, self.chunk
-        if cfg.disk_dir is None or cfg.cpu_budget is None or self.host_bytes <= cfg.cpu_budget:
-            return
-        per_chunk = 2 * self._chunk_bytes()  # K and V of one chunk in every layer
-        slots = self._cold_slots()
-        lo = self.sink_chunks
-        hi = lo + self.n_chunks - cfg.cpu_budget // per_chunk + slots
-        last = total // c - self.window_chunks
-        if hi > last:
-            need = (self.n_chunks - (last - lo) + slots) * per_chunk
-            raise BudgetError(f"cpu_budget={format_size(cfg.cpu_budget)} is below the {format_size(need)} of host "
-                              f"memory the sparse cache needs for {self.capacity} tokens with the rest on disk; "
-                              f"raise cpu_budget")
-        if self.res.n and self.res.start < hi:  # resident copies hold a suffix: keep the part after the cold region
-            keys = self.res.k is not None
-            self.res = None
-            self.res = ResidentChunks(self.k_host.shape, self.n_chunks - hi, keys=keys, device=self.device,
-                                      dtype=self.dtype)
-            self.res.copy_from(self.k_host, self.v_host, total)
-        old = [h.view(self.num_layers, self.n_chunks, -1) for h in self._host]  # (L, N, row bytes) per K, V
-        store = DiskStore(2 * old[0].shape[-1], cfg.disk_dir, threads=COLD_THREADS)
-        write_cold(store, old[0].numpy(), old[1].numpy(), lo, hi)
-        store.drop_page_cache()  # later reads come from the disk, not from RAM the budget does not count
-        self._set_pool((self.num_layers, self.n_chunks - (hi - lo) + slots, c, self.hkv, self.d))
-        rows = [h.view(self.num_layers, -1, old[0].shape[-1]) for h in self._host]  # (L, rows, row bytes)
-        for src, dst in zip(old, rows):
-            dst[:, :lo].copy_(src[:, :lo])
-            dst[:, lo:lo + slots].copy_(src[:, hi - slots:hi])  # the slots start with the newest cold chunks
-            dst[:, lo + slots:].copy_(src[:, hi:])
-        del old
-        self.cold = ColdChunks(store, rows[0].numpy(), rows[1].numpy(), lo, hi, slots, self.n_chunks, self.device,
-                               threads=COLD_THREADS)
-        self.cold.preload(np.arange(hi - slots, hi))
-        self._cold_pick = torch.full((self.num_layers, self.hkv, self.max_picks), -1, dtype=torch.long,
-                                     device=self.device)
-
     def _device_bytes(self) -> int:
         """GPU bytes of the shadows, index, ring, outlier flags and chunk cache (not the resident values)."""
         b = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index)
@@ -256,12 +206,6 @@ class FastSparseKVCache(KVCache):
     def _flat(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
         return pool[layer].view(-1, self.hkv, self.d)  # (rows * C, Hkv, D); token p at row p - row_shift
 
-    @property
-    def row_shift(self) -> int:
-        """Token offset of positions after the cold region in the (compacted) host pool."""
-        return 0 if self.cold is None else self.cold.shift * self.chunk
-
-    # ---- writing ------------------------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
         """Store k, v, k_pre (T, Hkv, D) at positions [seq_len, seq_len+T) (T == 1: at the device `pos`).
         Mutates; a multi-token append or an eager step may fit or fold the shadow (host decisions)."""
@@ -302,7 +246,7 @@ class FastSparseKVCache(KVCache):
                 return
             self.index[layer].count = self.seq_len
             self.index[layer].extend(k)
-        if not _capturing():
+        if not capturing():
             self._maybe_fold(layer, self.seq_len + t)
 
     def _maybe_fold(self, layer: int, total: int) -> None:
@@ -361,7 +305,7 @@ class FastSparseKVCache(KVCache):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Prefill (T > 1) and dense steps: exact. Otherwise sparse over sinks, window, open chunk and picks."""
         total = self.seq_len + q.shape[0]
-        if q.shape[0] > 1 or (not _capturing() and self._plan(total).dense):
+        if q.shape[0] > 1 or (not capturing() and self._plan(total).dense):
             if layer == 0 and q.shape[0] == 1:
                 self._n["dense_steps"] += 1
             return self._attend_exact(layer, q, total)
@@ -369,7 +313,7 @@ class FastSparseKVCache(KVCache):
             self._fit(layer, total)
         if layer == 0:
             self._n["sparse_steps"] += 1
-            if self.cold is not None and not _capturing():
+            if self.cold is not None and not capturing():
                 self.cold.begin_step()
         return self._attend_sparse(layer, q)
 
@@ -453,26 +397,11 @@ class FastSparseKVCache(KVCache):
     def predicted_query(self, layer: int, make_q) -> None:
         """Prefetch `layer`'s likely picks (tierkv/kv/predict.py) for the query make_q() returns, on a captured
         side stream inside a graph; nothing without prefetch, before the fit or in a dense step."""
-        if self.prefetch is None or not self.fitted or (not _capturing() and self._plan(self.seq_len + 1).dense):
+        if self.prefetch is None or not self.fitted or (not capturing() and self._plan(self.seq_len + 1).dense):
             return
-        self.prefetch.fork(_capturing())
+        self.prefetch.fork(capturing())
         with torch.cuda.stream(self.prefetch.stream()) if self.device.type == "cuda" else contextlib.nullcontext():
             self.prefetch.issue(layer, make_q())
-
-    def _cold_rows(self, layer: int, slots: torch.Tensor, lengths: torch.Tensor, f: int):
-        """Chunk ids -> host-pool rows. Cold picks are noted for the step's bookkeeping; eagerly, the ones not
-        in a host slot are read from disk first (one host sync); in a graph they attend nothing (length 0) and
-        the step is redone eagerly (`redo_step`)."""
-        cold = self.cold
-        rows = cold.row_map[layer][slots]  # (Hkv, F + K)
-        is_cold = (lengths > 0) & (slots >= cold.lo) & (slots < cold.hi)
-        self._cold_pick[layer].copy_(torch.where(is_cold[:, f:], slots[:, f:], -1))
-        if not _capturing():
-            if bool((is_cold & (rows == MISS)).any()):
-                cold.serve(layer, slots[is_cold].cpu().numpy())
-                rows = cold.row_map[layer][slots]
-        missing = rows == MISS
-        return torch.where(missing, 0, rows), torch.where(missing, 0, lengths)
 
     def _count_repeats(self, layer: int, top: torch.Tensor, picked: torch.Tensor) -> None:
         """Add this step's picks (Hkv, K) and how many of them the layer picked last step. Graph-safe."""
@@ -492,52 +421,8 @@ class FastSparseKVCache(KVCache):
     def advance(self, n: int) -> None:
         self.seq_len += n
         self.pos.add_(n)
-        if self.cold is not None and not _capturing():
+        if self.cold is not None and not capturing():
             self._book_cold(replayed=False)
-
-    def before_replay(self) -> None:
-        """Host work before a graph replay: install finished reads ahead, remember the counters (a replay that
-        missed a cold chunk is undone)."""
-        if self.cold is not None:
-            self.cold.begin_step()
-            self._counts_before = self.read_counts.clone()
-
-    def after_replay(self, n: int) -> None:
-        self.seq_len += n
-        self._redo = self.cold is not None and self._book_cold(replayed=True)
-
-    def redo_step(self) -> str | None:
-        """After a replay that attended without a cold chunk missing from the host: undo it (position, counters),
-        and say how to redo it: "replay" after reading the few chunks it missed (picks after the first missing
-        layer may still change, but rarely) or "eager" when it missed many (the eager step reads each miss first).
-        None when the replay lacked nothing."""
-        if not getattr(self, "_redo", False):
-            return None
-        self._redo = False
-        self.seq_len -= 1
-        self.pos.sub_(1)
-        self.read_counts.copy_(self._counts_before)
-        self.cold.n["steps_redone"] += 1
-        picked, layer_of = self._missed
-        layers = np.unique(layer_of)
-        misses = sum(int((~self.cold.cached(layer, picked[layer_of == layer])).sum()) for layer in layers)
-        if misses > REPLAY_MISSES:  # the eager step reads what it needs (this replay's later picks were off-path)
-            return "eager"
-        for layer in layers:
-            self.cold.serve(int(layer), picked[layer_of == layer])
-        return "replay"
-
-    def _book_cold(self, replayed: bool) -> bool:
-        """Read the step's cold picks (one small copy, a host sync). A replay with a miss is not booked and
-        returns True (its picks kept for `redo_step`); otherwise LRU times and reads ahead are booked."""
-        picks = self._cold_pick.cpu().numpy()  # (L, Hkv, K)
-        layer_of = np.nonzero(picks >= 0)[0]
-        picked = picks[picks >= 0]
-        if replayed and self.cold.missing(picked, layer_of):
-            self._missed = picked, layer_of
-            return True
-        self.cold.end_step(picked, layer_of)
-        return False
 
     def stats(self) -> dict:
         """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; `total` holds the bytes
@@ -590,7 +475,3 @@ class FastSparseKVCache(KVCache):
         self._host = []
         self.k_host = self.v_host = torch.empty(0)
         self._fit_buf = [[] for _ in range(self.num_layers)]
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
