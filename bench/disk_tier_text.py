@@ -1,8 +1,9 @@
 """The sparse graph cache's disk tier on the real default model (SmolLM2, real text: pydoc topics, greedy):
 the same run with every chunk in host memory and with `--disk-share` of the chunks moved to disk. Reports the
-tokens (must match), ms/token (median and mean after the first decode step, which fits the shadows), how many picks found their chunk in the host slots, how many steps had to be
-redone eagerly for a miss, and how useful the reads ahead were. Random-weight benchmarks pick chunks evenly
-and cannot show this; real text picks mostly recent chunks (bench/pick_positions.py).
+tokens (must match), ms/token (median and mean after the first decode step, which fits the shadows), how many
+picks found their chunk in the host slots, how many replays missed a chunk on disk and were redone, and how
+useful the reads ahead were. Random-weight benchmarks pick chunks evenly and cannot show this; real text picks
+mostly recent chunks (bench/pick_positions.py).
 
     python bench/disk_tier_text.py --device cuda --context 7000 --steps 64 --out bench/results/x.json
 Ends with one JSON line (machine, date, command).

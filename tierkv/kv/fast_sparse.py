@@ -98,7 +98,8 @@ class FastSparseKVCache(DiskTierSteps, KVCache):
         # chunk each (head, slot) holds
         self.chunk_cache = chunk_cache = chunk_cache or prefetch
         if chunk_cache and config.disk_dir is not None and config.cpu_budget is not None:
-            raise ConfigError("gpu_chunk_cache / prefetch_picks do not work with a disk tier yet; drop them or disk_dir")
+            raise ConfigError("gpu_chunk_cache and prefetch_picks do not work with a disk tier yet; drop them or "
+                              "disk_dir")
         if chunk_cache:
             slots = (num_layers, self.max_picks + 1, c, num_kv_heads, head_dim)
             self.k_cache = torch.zeros(slots, device=self.device, dtype=dtype)
@@ -206,6 +207,7 @@ class FastSparseKVCache(DiskTierSteps, KVCache):
     def _flat(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
         return pool[layer].view(-1, self.hkv, self.d)  # (rows * C, Hkv, D); token p at row p - row_shift
 
+    # ---- writing ------------------------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
         """Store k, v, k_pre (T, Hkv, D) at positions [seq_len, seq_len+T) (T == 1: at the device `pos`).
         Mutates; a multi-token append or an eager step may fit or fold the shadow (host decisions)."""
@@ -224,8 +226,8 @@ class FastSparseKVCache(DiskTierSteps, KVCache):
             at, ring_at, res_at = self._pool_at, self._ring_at, self._res_at
         else:
             if self.cold is not None:
-                raise ConfigError("the sparse graph cache takes no prompt tokens after its oldest chunks moved to disk; "
-                                  "raise cpu_budget (or drop disk_dir) to continue a conversation")
+                raise ConfigError("the sparse graph cache takes no prompt tokens after its oldest chunks moved to "
+                                  "disk; raise cpu_budget (or drop disk_dir) to continue a conversation")
             at = torch.arange(self.seq_len, self.seq_len + t, device=self.device)
             ring_at, res_at = at.remainder(self.ring), self.res.rows(at)
         k_pool, v_pool = self._flat(self.k_host, layer), self._flat(self.v_host, layer)  # GPU-written, host memory

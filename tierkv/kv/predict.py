@@ -34,6 +34,7 @@ class PickPrefetch:
         self.counts = torch.zeros(2, dtype=torch.long, device=cache.device)
         self.fills = torch.zeros(3, dtype=torch.long, device=cache.device)
         self._forked = False
+        self._issued = [False] * cache.num_layers  # a prediction was made for the layer in this step
 
     def stream(self):
         """The stream the prediction runs on: the side stream while a graph is captured, else the current one.
@@ -65,14 +66,16 @@ class PickPrefetch:
         f = fixed_ids.shape[0]
         picked = lengths[:, f:]
         self.top[layer].copy_(torch.where(picked > 0, top, -1))
+        self._issued[layer] = True
         fetch = c.off_gpu(top, picked)
         csrc = chunk_cache_assign(top, fetch, cids[:, f:], c.cached_ids[layer], self.fills)
         chunk_cache_fill(top, cids[:, f:], csrc, c.k_host[layer], c.v_host[layer], c.k_cache[layer], c.v_cache[layer])
 
     def score(self, layer: int, top: torch.Tensor, picked: torch.Tensor) -> None:
         """Count the layer's real picks (top (Hkv, K), picked bool) that its prediction contained. Graph-safe."""
-        if layer == 0:
+        if not self._issued[layer]:  # layer 0, or a step without prediction (the fit)
             return
+        self._issued[layer] = False
         hit = (top.unsqueeze(-1) == self.top[layer].unsqueeze(-2)).any(-1) & picked  # (Hkv, K)
         self.counts.add_(torch.stack([hit, picked]).flatten(1).sum(1))
 
