@@ -26,7 +26,8 @@ class Parallelism:
     gbps: dict[int, float] = field(default_factory=dict)
 
 
-def _drop_cache(fd: int) -> None:
+def drop_cache(fd: int) -> None:
+    """Ask the OS to drop the open file's pages from its page cache (a no-op where posix_fadvise is missing)."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -57,7 +58,7 @@ def measure_read_parallelism(directory: str | os.PathLike, chunk_bytes: int = 64
 
 
 def _read_rate(fd: int, chunk_bytes: int, order: np.ndarray, threads: int) -> float:
-    _drop_cache(fd)
+    drop_cache(fd)
 
     def read(i: int) -> int:
         return len(os.pread(fd, chunk_bytes, int(i) * chunk_bytes))

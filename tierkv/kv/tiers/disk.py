@@ -24,7 +24,7 @@ from tierkv.config import format_size
 from tierkv.errors import IntegrityError, StorageError
 from tierkv.io.atomic import FORMAT_VERSION, atomic_write, crc32
 from tierkv.io.disk import BackendChoice, choose_backend, open_file
-from tierkv.io.parallelism import measure_read_parallelism
+from tierkv.io.parallelism import drop_cache, measure_read_parallelism
 from tierkv.kv.layout import ChunkId
 from tierkv.kv.tiers.base import Tier
 
@@ -170,9 +170,8 @@ class DiskStore(Tier):
         machine without spare RAM sees) rather than from memory that caches it. Blocks."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            os.fsync(fd)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.fsync(fd)  # dirty pages are not dropped
+            drop_cache(fd)
         finally:
             os.close(fd)
 
