@@ -29,6 +29,7 @@ FORMAT = "tierkv-session"
 SESSION_VERSION = 1
 MANIFEST = "session.json"
 BLOCK_TOKENS = 1024
+SESSION_ENTRIES = frozenset({MANIFEST, "tokens.bin", "kv", "extra.safetensors"})  # all a save writes
 
 
 class SessionError(TierKVError):
@@ -99,9 +100,14 @@ def save_session(path: str | os.PathLike, body: dict, ids: Sequence[int], cache:
     dest = Path(path).absolute()
     if len(ids) != cache.seq_len:
         raise RuntimeError(f"{len(ids)} token ids for a cache of {cache.seq_len} positions")
+    return _save(dest, body, ids, cache, block_tokens)
+
+
+def _save(dest: Path, body: dict, ids: Sequence[int], cache: KVCache, block_tokens: int) -> dict:
     t0 = time.perf_counter()
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover(dest)
+    check_destination(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{time.time_ns() % 10**9}")
     tmp.mkdir()
     try:
@@ -123,6 +129,37 @@ def save_session(path: str | os.PathLike, body: dict, ids: Sequence[int], cache:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"bytes": nbytes, "seconds": time.perf_counter() - t0, "swap": mode}
+
+
+def check_destination(dest: Path) -> None:
+    """Refuse (SessionError, nothing touched) a save target that is not new, empty or an earlier tierkv session.
+
+    A save replaces its target whole, so anything else there (a user's files, a regular file) would be lost.
+    """
+    if dest.is_symlink():
+        raise SessionError(f"cannot save the session to {dest}: it is a symbolic link; give the real directory")
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise SessionError(f"cannot save the session to {dest}: it is a file, not a directory; choose a new or "
+                           f"empty directory (the file was left as it is)")
+    entries = {e.name for e in dest.iterdir()}
+    if not entries:
+        return
+    foreign = sorted(entries - SESSION_ENTRIES)
+    if foreign or not _holds_manifest(dest):
+        what = f"{foreign[0]!r} and {len(foreign) - 1} more" if len(foreign) > 1 else repr((foreign or [MANIFEST])[0])
+        raise SessionError(f"cannot save the session to {dest}: it holds files that are not a tierkv session "
+                           f"({what}); choose a new or empty directory (nothing was changed)")
+
+
+def _holds_manifest(root: Path) -> bool:
+    """Whether root/session.json is a tierkv session manifest (its checksum is not checked: a damaged session may
+    be overwritten by a good one)."""
+    try:
+        return json.loads((root / MANIFEST).read_bytes()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _write_file(path: Path, data: bytes | memoryview) -> dict:
