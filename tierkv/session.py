@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tierkv.config import TierConfig
-from tierkv.errors import IntegrityError, TierKVError
+from tierkv.errors import IntegrityError, StorageError, TierKVError
 from tierkv.io.atomic import crc32, fsync_dir
 from tierkv.io.dirswap import swap_in, recover
 from tierkv.kv.cache import KVCache
@@ -42,6 +42,10 @@ class SessionMismatchError(SessionError):
 
 class SessionDamagedError(IntegrityError):
     """A session file that fails its checksum or cannot be parsed."""
+
+
+class SessionSaveError(StorageError):
+    """Writing a session failed (read-only or full disk, missing parent); the session in memory is unchanged."""
 
 
 # ---- identity -------------------------------------------------------------------------------------
@@ -100,7 +104,13 @@ def save_session(path: str | os.PathLike, body: dict, ids: Sequence[int], cache:
     dest = Path(path).absolute()
     if len(ids) != cache.seq_len:
         raise RuntimeError(f"{len(ids)} token ids for a cache of {cache.seq_len} positions")
-    return _save(dest, body, ids, cache, block_tokens)
+    try:
+        return _save(dest, body, ids, cache, block_tokens)
+    except OSError as e:  # a read-only or full disk, a missing parent: the session in memory stays as it was
+        why = e.strerror or str(e)
+        where = f" at {e.filename}" if e.filename and str(e.filename) != str(dest) else ""
+        raise SessionSaveError(f"cannot save the session to {dest} ({why}{where}); choose a writable directory "
+                               f"with free space") from None
 
 
 def _save(dest: Path, body: dict, ids: Sequence[int], cache: KVCache, block_tokens: int) -> dict:
