@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -23,9 +24,19 @@ def _register() -> None:
         cli.add_command(module.command)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread: it unwinds like Ctrl-C, so `finally` blocks close caches and remove
+    their disk-tier files, but the chat REPL does not catch it as an interrupted reply."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the group; a TierKVError becomes one line on stderr and exit code 2."""
     _register()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, prog_name="tierkv", standalone_mode=False)
     except TierKVError as exc:
@@ -40,3 +51,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)

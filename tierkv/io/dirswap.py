@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from tierkv.io.atomic import fsync_dir
+from tierkv.io.owner import process_alive
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
@@ -71,12 +72,5 @@ def recover(dest: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers: a save in this process is never in flight while another starts
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # our own leftovers are dead: a save in this process is never in flight while another starts
+    return pid != os.getpid() and process_alive(pid)

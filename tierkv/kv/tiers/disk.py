@@ -2,7 +2,8 @@
 
 Each chunk's CRC-32 lives in an in-memory side table (written as `index.json` when the run is kept) and is
 verified on every read. A full disk raises StorageError and leaves earlier chunks readable. The run directory is
-removed on close() unless keep=True.
+removed on close() unless keep=True. Its name carries the owner's pid, so a run killed before close (SIGKILL, a
+crash) is removed by the next store opened in the same parent once that pid is gone.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -24,6 +26,7 @@ from tierkv.config import format_size
 from tierkv.errors import IntegrityError, StorageError
 from tierkv.io.atomic import FORMAT_VERSION, atomic_write, crc32
 from tierkv.io.disk import BackendChoice, choose_backend, open_file
+from tierkv.io.owner import process_alive
 from tierkv.io.parallelism import drop_cache, measure_read_parallelism
 from tierkv.kv.layout import ChunkId
 from tierkv.kv.tiers.base import Tier
@@ -42,9 +45,37 @@ def default_runs_dir() -> Path:
     return cache_dir("runs")
 
 
+RUN_NAME = re.compile(r"^\d{8}-\d{6}-(\d+)-[0-9a-f]{6}$")  # <date>-<time>-<owner pid>-<random>
+# what an unkept run holds (data file and the backend probes); anything else marks a directory we did not make
+RUN_FILES = re.compile(r"^(kv\.bin|\.kvikio-probe-\d+|\.parallelism-probe-\d+-[0-9a-f]+)$")
+
+
+def reap_stale_runs(parent: str | os.PathLike) -> list[Path]:
+    """Remove run directories under parent whose owner process is gone. Kept runs (index.json), directories with
+    other files and live owners' runs are never touched. Returns what was removed. Blocks on the removals."""
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        owner = RUN_NAME.match(path.name)
+        if owner is None or not path.is_dir() or path.is_symlink() or process_alive(int(owner.group(1))):
+            continue
+        try:
+            if all(RUN_FILES.match(f.name) and f.is_file() for f in path.iterdir()):
+                shutil.rmtree(path)
+                removed.append(path)
+        except OSError:
+            continue  # another process reaping the same run, or a permission problem: leave it
+    return removed
+
+
 def new_run_dir(parent: str | os.PathLike | None) -> Path:
-    """A fresh run directory <parent>/<time>-<pid>-<random> (parent default: the user cache dir). Creates it."""
+    """A fresh run directory <parent>/<time>-<pid>-<random> (parent default: the user cache dir), after removing
+    runs left by dead processes there. Creates it."""
     root = Path(parent) if parent is not None else default_runs_dir()
+    reap_stale_runs(root)
     path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
     try:
         path.mkdir(parents=True, exist_ok=False)
