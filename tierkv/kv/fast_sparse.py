@@ -272,18 +272,27 @@ class FastSparseKVCache(DiskTierSteps, KVCache):
             self.covered_chunks.fill_(end // c)
 
     def _fit(self, layer: int, total: int) -> None:
-        """Fit the layer's shadow and index on every token so far, as SparseKVCache does, in slices of
-        FIT_SLICE tokens so that a 256K context needs no more than a slice's fp32 copies at once. Eager only."""
-        dev, n = self.device, (total // self.chunk) * self.chunk
-        step = max(1, FIT_SLICE // self.chunk) * self.chunk  # whole chunks, so folds judge every chunk
+        """The first sparse step: fit on the tokens before it (SparseKVCache's rule), pre-RoPE keys from the host
+        buffer and post-RoPE keys from the pool, then index this step's token as any later one. Eager only."""
         pre = torch.cat(self._fit_buf[layer])  # (total, Hkv, D) on the host
         self._fit_buf[layer] = []
         posts = self._flat(self.k_host, layer)
+        self._fit_keys(layer, total - 1, pre, posts)
+        self.index[layer].extend(posts[total - 1:total].clone())
+        if layer == self.num_layers - 1:
+            self._finish_fit(total)
+
+    def _fit_keys(self, layer: int, seen: int, pre: torch.Tensor, posts: torch.Tensor) -> None:
+        """Fit the layer's shadow and index on tokens [0, seen) and index them: pre holds their pre-RoPE keys
+        (at least the whole chunks), posts their post-RoPE keys, each on any device (host memory or the GPU).
+        Works in slices of FIT_SLICE tokens, so a 256K context needs no more than a slice's fp32 copies at once."""
+        dev, n = self.device, (seen // self.chunk) * self.chunk
+        step = max(1, FIT_SLICE // self.chunk) * self.chunk  # whole chunks, so folds judge every chunk
         f = self.hkv * self.d
         gram = torch.zeros((f, f), device=dev)
         grams = torch.zeros((self.hkv, self.d, self.d), device=dev)
-        for s in range(0, total, step):
-            x = posts[s:min(total, s + step)].float().transpose(0, 1)  # (Hkv, T, D)
+        for s in range(0, seen, step):
+            x = posts[s:min(seen, s + step)].to(dev).float().transpose(0, 1)  # (Hkv, T, D)
             grams += torch.bmm(x.transpose(1, 2), x)
             if s < n:
                 p = pre[s:min(n, s + step)].to(dev).float().reshape(-1, f)  # (T, Hkv*D)
@@ -291,17 +300,19 @@ class FastSparseKVCache(DiskTierSteps, KVCache):
         ix, sh = self.index[layer], self.shadows[layer]
         ix.fit_grams(grams)
         sh.fit_gram(gram)
-        for s in range(0, total, step):
-            e = min(total, s + step)
-            post = posts[s:e].clone()  # (T, Hkv, D) on the device
+        for s in range(0, seen, step):
+            e = min(seen, s + step)
+            post = posts[s:e].to(dev, copy=True)  # (T, Hkv, D) on the device
             ix.extend(post)
             if s < n:
                 sh.fold(pre[s:min(n, e)].to(dev), post[:min(n, e) - s])
         self._mark_outliers(layer, 0, n)
-        if layer == self.num_layers - 1:
-            self.fitted = True
-            self._keep_outlier_keys(total)
-            self._spill_cold(total)
+
+    def _finish_fit(self, total: int) -> None:
+        """After the last layer's fit: decode steps may replay; outlier keys and the disk spill follow."""
+        self.fitted = True
+        self._keep_outlier_keys(total)
+        self._spill_cold(total)
 
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:

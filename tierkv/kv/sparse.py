@@ -78,7 +78,7 @@ class SparseKVCache(TieredKVCache):
         self.shadows = [self._new_shadow() for _ in range(num_layers)]
         self.scorers = [self._new_scorer() for _ in range(num_layers)]
         self._fitted = [False] * num_layers
-        self._fit_at = [0] * num_layers  # tokens in the cache (the new one included) when the layer was fitted
+        self._fit_at = [0] * num_layers  # tokens the layer's fit saw (those before its first sparse step)
         # (k_pre, k) of tokens [start, seq_len + pending): start is shadow.covered once fitted, else _lost[layer]:
         # tokens [0, _lost) of an unfitted layer (after a cut into its fit, or an import) are read back from the
         # tiers and un-rotated at its fit
@@ -155,18 +155,22 @@ class SparseKVCache(TieredKVCache):
         self._buf[layer] = [(pre[n:], post[n:])] if n < pre.shape[0] else []
 
     def _fit(self, layer: int, total: int) -> None:
-        """Fit the layer's shadow (on every token so far) and score index; cover whole chunks. Mutates."""
+        """Fit the layer's shadow and score index on the tokens before this step (all but the new one, so that a
+        prefill can fit them as it ends: docs/ARCHITECTURE.md), cover their whole chunks, then index the new token
+        as any later one. Mutates."""
         parts = self._buf[layer]
         if self._lost[layer]:
             parts = [self._recover(layer, self._lost[layer]), *parts]
             self._lost[layer] = 0
         pre = torch.cat([p.to(self.device) for p, _ in parts])  # (total, Hkv, D)
         post = torch.cat([q.to(self.device) for _, q in parts])
-        self.scorers[layer].fit(post)
-        sh, n = self.shadows[layer], (total // self.layout.chunk_size) * self.layout.chunk_size
+        seen = total - 1
+        self.scorers[layer].fit(post[:seen])
+        self.scorers[layer].extend(post[seen:])
+        sh, n = self.shadows[layer], (seen // self.layout.chunk_size) * self.layout.chunk_size
         sh.fit(pre[:n], post[:n])  # basis from whole chunks; a partial tail stays exact
         self._buf[layer] = [(pre[n:], post[n:])] if n < total else []
-        self._fitted[layer], self._fit_at[layer] = True, total
+        self._fitted[layer], self._fit_at[layer] = True, seen
 
     def _recover(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_pre, k) of positions [0, n) from the tiers: post-RoPE keys as stored, pre-RoPE keys un-rotated
