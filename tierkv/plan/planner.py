@@ -19,8 +19,9 @@ Choices, in order:
 2. If not every layer fits, an untied embedding moves to host memory (decode gathers one row of it per token).
 3. Layers that do not fit stream through `staging_slots` GPU slots of the largest layer: 2 when streamed layers
    are never adjacent, 3 when some are (a copy must run while the next streamed layer waits).
-4. Streamed layers sit at floor((j + 1/2) * N / k), j < k: gaps between them differ by at most one layer, so each
-   copy overlaps the resident layers before it; two streamed layers are adjacent only when k > N / 2.
+4. Streamed layers sit at floor((j + 1/2) * N / k), j < k: gaps between them, counted around the ring (prefetch
+   crosses token boundaries, so layer N-1 precedes layer 0), differ by at most one layer, so each copy overlaps
+   the resident layers before it; two streamed layers are adjacent only when k > N / 2.
 5. Host memory holds the spilled layers before the KV (a layer on disk costs its bytes at disk speed every
    token; sparse KV on disk costs only its picks). Of the host layers, as many run on the CPU as minimise the
    predicted time: a CPU layer wins when host DRAM outruns the link.
@@ -133,7 +134,7 @@ def _fixed_gpu(inp: PlanInputs, mode: str, ws: WeightSizes) -> dict[str, int]:
 
 
 def _adjacent(n: int, streamed: int) -> bool:
-    """Whether evenly spread streamed layers (rule 4) include two neighbours."""
+    """Whether evenly spread streamed layers (rule 4) include two neighbours, around the ring."""
     return streamed > n - streamed
 
 
