@@ -10,7 +10,7 @@ import tierkv
 LAYERS = [
     {"config", "errors", "paths", "sample"},
     {"kernels", "io"},
-    {"kv"},
+    {"kv", "weights"},
     {"models"},
     {"engine", "graph", "plan"},
     {"llm"},
