@@ -31,7 +31,7 @@ Choices, in order:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tierkv.config import ATTENTION_MODES, format_size
 from tierkv.plan.inputs import PlanInputs
@@ -81,13 +81,7 @@ def make_plan(inp: PlanInputs) -> Plan:
            f"ms/token, sparse {sparse.timing.ms_per_token:.2f}; full is kept unless sparse is more than "
            f"{FULL_MARGIN:.2f}x faster")
     chosen = full if keep_full else sparse
-    return _with_reasons(chosen, (why, *chosen.reasons))
-
-
-def _with_reasons(plan: Plan, reasons: tuple[str, ...]) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan, reasons=reasons)
+    return replace(chosen, reasons=(why, *chosen.reasons))
 
 
 def _plan_mode(inp: PlanInputs, mode: str) -> Plan:
@@ -184,8 +178,7 @@ def _timing(inp: PlanInputs, t: TokenTraffic, n_cpu: int) -> Timing:
 
 def _best_cpu_count(inp: PlanInputs, ws: WeightSizes, w: _Weights, kv: KVPlan) -> int:
     """How many host layers to compute on the CPU: the count with the least predicted time (ties: fewer)."""
-    best = min(range(w.host + 1), key=lambda c: (_timing(inp, _traffic(ws, w, c, kv), c).ms_per_token, c))
-    return best
+    return min(range(w.host + 1), key=lambda c: (_timing(inp, _traffic(ws, w, c, kv), c).ms_per_token, c))
 
 
 def spread(n: int, k: int) -> list[int]:
