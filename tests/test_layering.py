@@ -10,9 +10,9 @@ import tierkv
 LAYERS = [
     {"config", "errors", "paths", "sample"},
     {"kernels", "io"},
-    {"kv"},
+    {"kv", "weights"},
     {"models"},
-    {"engine", "graph"},
+    {"engine", "graph", "plan"},
     {"llm"},
     {"chat", "chat_template", "session", "bench"},
     {"cli"},

@@ -46,12 +46,14 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
     from tierkv.bench.decode import record_fields
     from tierkv.bench.io import run_io
     from tierkv.bench.report import dumps, io_table, summary_line
+    from tierkv.plan.bandwidth import save_io_probe
 
     if repeats < 1:
         raise ConfigError(f"--repeats {repeats} must be at least 1")
     dev = bench_device(device)
     doc = run_io(dev, parse_sizes(sizes), repeats, disk_dir, progress=lambda s: _echo_err(f"bench io: {s}"))
     doc = record_fields(doc, dev)
+    save_io_probe(doc)  # `tierkv plan` takes its bandwidths from the latest probe
     click.echo(io_table(doc))
     _write_json(json_path, dumps(doc))
     click.echo(summary_line(doc))

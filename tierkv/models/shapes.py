@@ -15,6 +15,8 @@ SHAPES: dict[str, ModelConfig] = {
                                rope_scaling={**_LLAMA31_ROPE, "factor": 32.0}, name="llama3.2-1b"),
     "qwen2.5-7b": ModelConfig("qwen2", 152064, 3584, 18944, 28, 28, 4, 128, 1e-6, 1000000.0, 131072, False,
                               attention_bias=True, rope_scaling={"rope_type": "default"}, name="qwen2.5-7b"),
+    "qwen2.5-32b": ModelConfig("qwen2", 152064, 5120, 27648, 64, 40, 8, 128, 1e-5, 1000000.0, 131072, False,
+                               attention_bias=True, rope_scaling={"rope_type": "default"}, name="qwen2.5-32b"),
     "llama-tiny": ModelConfig("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, 1 << 20, False,
                               rope_scaling={"rope_type": "default"}, name="llama-tiny"),
 }
