@@ -52,13 +52,21 @@ def _sync(device: torch.device) -> None:
 
 
 def prefill(model: LlamaModel, ids: torch.Tensor, cache: KVCache, chunk: int, *, progress: bool = False,
-            all_logits: bool = False) -> torch.Tensor:
+            all_logits: bool = False, by_layer: bool = True) -> torch.Tensor:
     """Feed ids (T,) through the model in slices of `chunk` tokens, appending to cache (mutates it).
 
-    Returns logits of the last token (1, V), or of every token (T, V) when all_logits.
+    A cache that takes it (`begin_layer_prefill`; by_layer=False never asks) is filled layer after layer, with
+    the same logits. Returns logits of the last token (1, V), or of every token (T, V) when all_logits.
     """
     n, start = ids.shape[0], cache.seq_len
     model.rope.ensure(start + n + 1)
+    if by_layer and not all_logits and n > chunk and cache.begin_layer_prefill(n, model.residual_bytes(n)):
+        bar = tqdm(total=model.cfg.num_layers, desc="prefill", unit="layer",
+                   disable=not (progress and sys.stderr.isatty()), leave=False)
+        pos = torch.arange(start, start + n, device=ids.device)
+        logits = model.forward_by_layer(ids, pos, cache, chunk, on_layer=lambda i: bar.update(1))
+        bar.close()
+        return logits
     outs = []
     bar = tqdm(total=n, desc="prefill", unit="tok", disable=not (progress and sys.stderr.isatty()) or n <= chunk, leave=False)
     for i in range(0, n, chunk):

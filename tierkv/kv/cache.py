@@ -54,6 +54,12 @@ class KVCache(ABC):
         """Commit n tokens appended to every layer."""
         self.seq_len += n
 
+    def begin_layer_prefill(self, n: int, activation_bytes: int) -> bool:
+        """Whether this cache takes the next prefill of n tokens layer after layer (`LlamaModel.forward_by_layer`:
+        each layer's appends cover the whole prompt, slice by slice, before the next layer's start); the model
+        needs `activation_bytes` more device memory for it. None here: prefill goes slice after slice."""
+        return False
+
     def after_replay(self, n: int) -> None:
         """Host bookkeeping for n tokens whose device work (append, attend, advance) ran in a CUDA graph."""
         self.seq_len += n

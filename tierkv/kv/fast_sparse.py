@@ -30,6 +30,7 @@ from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.cache import KVCache, causal_attention
 from tierkv.kv.cold import ColdChunks
 from tierkv.kv.fast_sparse_disk import DiskTierSteps, capturing
+from tierkv.kv.layer_prefill import LayerPrefillSteps
 from tierkv.kv.online_softmax import OnlineSoftmax
 from tierkv.kv.predict import PickPrefetch
 from tierkv.kv.resident import ResidentChunks
@@ -48,7 +49,7 @@ EXACT_SPAN = 16384
 AUTO_RESERVE = 3 * 1024**3
 
 
-class FastSparseKVCache(DiskTierSteps, KVCache):
+class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
     """Fixed-capacity sparse cache (attention="sparse") whose decode step is graph-capturable.
 
     Selection semantics equal SparseKVCache's (same plan, scorer, fold rule and key rebuild), so the two give
@@ -213,6 +214,8 @@ class FastSparseKVCache(DiskTierSteps, KVCache):
         Mutates; a multi-token append or an eager step may fit or fold the shadow (host decisions)."""
         if k_pre is None:
             raise ValueError("FastSparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
+        if self.staging is not None:
+            return self._stage(layer, k, v, k_pre)
         t = k.shape[0]
         if t > self.max_append:
             raise ValueError(f"FastSparseKVCache takes at most {self.max_append} tokens per append (a prefill slice); "
@@ -268,7 +271,7 @@ class FastSparseKVCache(DiskTierSteps, KVCache):
     def _mark_outliers(self, layer: int, start: int, end: int) -> None:
         sh, c = self.shadows[layer], self.chunk
         self.outlier[layer, start // c:end // c] = sh.is_outlier(slice(start // c, end // c))
-        if layer == self.num_layers - 1:
+        if layer == 0:  # every layer fits and folds at the same steps, each before its own attention
             self.covered_chunks.fill_(end // c)
 
     def _fit(self, layer: int, total: int) -> None:
@@ -317,6 +320,8 @@ class FastSparseKVCache(DiskTierSteps, KVCache):
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Prefill (T > 1) and dense steps: exact. Otherwise sparse over sinks, window, open chunk and picks."""
+        if self.staging is not None:
+            return self._attend_staged(layer, q)
         total = self.seq_len + q.shape[0]
         if q.shape[0] > 1 or (not capturing() and self._plan(total).dense):
             if layer == 0 and q.shape[0] == 1:
@@ -337,15 +342,21 @@ class FastSparseKVCache(DiskTierSteps, KVCache):
     def _attend_exact(self, layer: int, q: torch.Tensor, total: int) -> torch.Tensor:
         if self.cold is not None:  # (append refuses prompt tokens then; a dense step cannot come after a spill)
             raise RuntimeError("exact attention needs every chunk in the host pool, but some are on disk")
-        k, v = self._flat(self.k_host, layer), self._flat(self.v_host, layer)
+        return self._exact_over(q, self._flat(self.k_host, layer), self._flat(self.v_host, layer), total, copy=True)
+
+    @staticmethod
+    def _exact_over(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total: int, copy: bool) -> torch.Tensor:
+        """Causal attention of q, the last T of `total` tokens, over k, v [0, total) (rows, Hkv, D); copy=True
+        copies each span first (from the host pool: one pass over the link, then attention on the GPU)."""
+        take = (lambda x: x.clone()) if copy else (lambda x: x)
         t = q.shape[0]
-        if t == 1 or total <= EXACT_SPAN:  # one pass over the link, then attention on the GPU
-            return causal_attention(q, k[:total].clone(), v[:total].clone())
-        acc, start = OnlineSoftmax(q, self.hkv), total - t
+        if t == 1 or total <= EXACT_SPAN:
+            return causal_attention(q, take(k[:total]), take(v[:total]))
+        acc, start = OnlineSoftmax(q, k.shape[1]), total - t
         for s in range(0, start, EXACT_SPAN):
             e = min(start, s + EXACT_SPAN)
-            acc.add_span(k[s:e].clone(), v[s:e].clone())
-        acc.add_span(k[start:total].clone(), v[start:total].clone(), causal=True)
+            acc.add_span(take(k[s:e]), take(v[s:e]))
+        acc.add_span(take(k[start:total]), take(v[start:total]), causal=True)
         return acc.result()
 
     def _step_plan(self) -> tuple[torch.Tensor, ...]:

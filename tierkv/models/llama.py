@@ -66,6 +66,31 @@ class LlamaModel:
             x = x[-1:]
         return F.linear(x, self.lm_head).float()  # (T, vocab)
 
+    def forward_by_layer(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slice_len: int,
+                         on_layer=None) -> torch.Tensor:
+        """Prefill layer after layer: each layer runs every slice of slice_len tokens before the next layer starts,
+        so a cache that took `begin_layer_prefill` keeps one layer's K/V for the whole prompt on the device. The
+        slices' arithmetic is forward()'s, so the logits equal a slice-after-slice prefill's. ids, positions (T,)
+        -> logits of the last token (1, vocab) fp32. Holds the residual stream of all T tokens (2 T hidden values).
+        on_layer(i) is called after each layer (progress)."""
+        c, n = self.cfg, ids.shape[0]
+        h, x = self._norm(self.embed_tokens[ids], None, self.layers[0].input_layernorm, c.rms_norm_eps)  # (T, hidden)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            for s in range(0, n, slice_len):
+                e = min(n, s + slice_len)
+                hs, xs = self._norm(h[s:e], self._attention(i, layer, x[s:e], positions[s:e], cache),
+                                    layer.post_attention_layernorm, c.rms_norm_eps)
+                h[s:e], x[s:e] = self._norm(hs, self._mlp(layer, xs), nxt, c.rms_norm_eps)
+            if on_layer is not None:
+                on_layer(i)
+        cache.advance(n)
+        return F.linear(x[-1:], self.lm_head).float()
+
+    def residual_bytes(self, n: int) -> int:
+        """Device bytes of forward_by_layer's residual stream for n tokens (h and x)."""
+        return 2 * n * self.cfg.hidden_size * self.dtype.itemsize
+
     def _attention(self, i: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
                    cache: KVCache) -> torch.Tensor:
         c = self.cfg
