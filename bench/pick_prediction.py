@@ -27,7 +27,7 @@ from tierkv.kernels import chunk_topk
 def predicted_top(model, cache, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Layer `layer`'s chunk ranking (Hkv, K) for a query made from residual h (1, hidden). Does not mutate."""
     c, w = model.cfg, model.layers[layer]
-    _, x = model._norm(h, None, w.input_layernorm, c.rms_norm_eps)
+    _, x = model._norm(h, None, w.input_norm, c.rms_norm_eps)
     q, _, _ = model._rope(torch.nn.functional.linear(x, w.qkv_proj, w.qkv_bias), model.rope.cos, model.rope.sin,
                           positions, c.num_heads, c.num_kv_heads)
     total, _, window_start, _, _, _ = cache._step
@@ -56,13 +56,13 @@ def decode_recording(model, cache, token: torch.Tensor, steps: int) -> list[list
             actual.clear()
             preds = {}
             positions = cache.pos.clone()
-            h, x = model._norm(model.embed_tokens[token], None, model.layers[0].input_layernorm, c.rms_norm_eps)
+            h, x = model._norm(model.embed_tokens[token], None, model.layers[0].input_norm, c.rms_norm_eps)
             for i, layer in enumerate(model.layers):
-                h, x = model._norm(h, model._attention(i, layer, x, positions, cache), layer.post_attention_layernorm,
+                h, x = model._norm(h, model._attention(i, layer, x, positions, cache), layer.pre_mlp_norm,
                                    c.rms_norm_eps)
                 if i + 1 < c.num_layers and cache.fitted:
                     preds[i + 1] = predicted_top(model, cache, i + 1, h, positions)
-                nxt = model.layers[i + 1].input_layernorm if i + 1 < c.num_layers else model.norm
+                nxt = model.layers[i + 1].input_norm if i + 1 < c.num_layers else model.norm
                 h, x = model._norm(h, model._mlp(layer, x), nxt, c.rms_norm_eps)
             cache.advance(1)
             token = torch.nn.functional.linear(x, model.lm_head).argmax(-1)

@@ -22,6 +22,7 @@ from tierkv.errors import BudgetError, ConfigError, TierKVError
 from tierkv.kv.cache import KVCache
 from tierkv.kv.static import StaticKVCache
 from tierkv.kv.tiered import TieredKVCache
+from tierkv.models.config import refuse_windowed_tiers
 from tierkv.session import SessionError, check_compatible, model_identity, read_manifest, read_tokens, restore_kv, \
     save_session
 from tierkv.chat_template import render
@@ -100,6 +101,7 @@ class Chat:
         if not self._tier.tiered:
             return llm.new_cache(capacity)  # registered with the LLM, closed by llm.close()
         c = llm.cfg
+        refuse_windowed_tiers(c)
         shape = (c.num_layers, c.num_kv_heads, c.head_dim)
         if self._tier.attention == "sparse":
             from tierkv.kv.sparse import SparseKVCache

@@ -18,7 +18,7 @@ from tierkv.kv.cache import DenseKVCache, KVCache
 from tierkv.kv.static import StaticKVCache
 from tierkv.kv.tiered import TieredKVCache
 from tierkv.models.build import build_model, random_model
-from tierkv.models.config import ModelConfig
+from tierkv.models.config import ModelConfig, refuse_windowed_tiers
 from tierkv.models.llama import LlamaModel
 from tierkv.models.shapes import SHAPES, shape_config
 from tierkv.models.weights import TensorSource, resolve_model
@@ -103,6 +103,8 @@ class LLM:
         """
         c = self.cfg
         shape = (c.num_layers, c.num_kv_heads, c.head_dim)
+        if self.tier.tiered:
+            refuse_windowed_tiers(c)
         if decode_graph and self.uses_fast_sparse:
             from tierkv.kv.fast_sparse import FastSparseKVCache
 
@@ -119,7 +121,7 @@ class LLM:
             cache = TieredKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier)
         else:
             kind = StaticKVCache if self.uses_graph else DenseKVCache
-            cache = kind(*shape, device=self.device, dtype=self.dtype, capacity=capacity)
+            cache = kind(*shape, device=self.device, dtype=self.dtype, capacity=capacity, windows=c.layer_windows)
         self._caches.append(cache)
         return cache
 

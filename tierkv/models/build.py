@@ -17,21 +17,38 @@ GetTensor = Callable[[str], torch.Tensor]
 
 def build_model(cfg: ModelConfig, get: GetTensor, *, progress: bool = False) -> LlamaModel:
     """Fetch each tensor by its HF name through `get` (already cast and on the device) and fuse projections."""
-    layers = []
-    for i in tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not (progress and sys.stderr.isatty()), leave=False):
-        p = f"model.layers.{i}."
-        qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        bias = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
-        gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-        layers.append(LayerWeights(
-            input_layernorm=get(p + "input_layernorm.weight"), qkv_proj=qkv, qkv_bias=bias,
-            o_proj=get(p + "self_attn.o_proj.weight"),
-            post_attention_layernorm=get(p + "post_attention_layernorm.weight"),
-            gate_up_proj=gate_up, down_proj=get(p + "mlp.down_proj.weight"),
-        ))
+    bar = tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not (progress and sys.stderr.isatty()),
+               leave=False)
+    layers = [_layer(cfg, get, i) for i in bar]
     embed = get("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
-    return LlamaModel(cfg, embed, layers, get("model.norm.weight"), lm_head)
+    return LlamaModel(cfg, embed, layers, _norm(cfg, get, "model.norm.weight"), lm_head)
+
+
+def _norm(cfg: ModelConfig, get: GetTensor, name: str) -> torch.Tensor:
+    """An RMSNorm weight as the forward multiplies it (Gemma stores w and scales by 1 + w)."""
+    w = get(name)
+    return w + cfg.arch.norm_weight_offset if cfg.arch.norm_weight_offset else w
+
+
+def _layer(cfg: ModelConfig, get: GetTensor, i: int) -> LayerWeights:
+    """Layer i's tensors under the HF names of cfg's architecture."""
+    a, p = cfg.arch, f"model.layers.{i}."
+    qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+    bias = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
+    gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+    # Llama names the pre-MLP norm post_attention_layernorm; Gemma 3 uses that name for the norm on the attention
+    # output and calls the pre-MLP one pre_feedforward_layernorm
+    pre_mlp = "pre_feedforward_layernorm" if a.sandwich_norms else "post_attention_layernorm"
+    return LayerWeights(
+        input_norm=_norm(cfg, get, p + "input_layernorm.weight"), qkv_proj=qkv, qkv_bias=bias,
+        o_proj=get(p + "self_attn.o_proj.weight"), pre_mlp_norm=_norm(cfg, get, p + pre_mlp + ".weight"),
+        gate_up_proj=gate_up, down_proj=get(p + "mlp.down_proj.weight"),
+        q_norm=_norm(cfg, get, p + "self_attn.q_norm.weight") if a.qk_norm else None,
+        k_norm=_norm(cfg, get, p + "self_attn.k_norm.weight") if a.qk_norm else None,
+        attn_out_norm=_norm(cfg, get, p + "post_attention_layernorm.weight") if a.sandwich_norms else None,
+        mlp_out_norm=_norm(cfg, get, p + "post_feedforward_layernorm.weight") if a.sandwich_norms else None,
+    )
 
 
 def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> LlamaModel:
@@ -46,10 +63,13 @@ def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtyp
         return torch.ones(n, device=device, dtype=dtype)
 
     qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    a = cfg.arch
     layers = [LayerWeights(
-        input_layernorm=ones(d), qkv_proj=rand(qkv_rows, d), qkv_bias=rand(qkv_rows) if cfg.attention_bias else None,
-        o_proj=rand(d, cfg.num_heads * hd), post_attention_layernorm=ones(d),
+        input_norm=ones(d), qkv_proj=rand(qkv_rows, d), qkv_bias=rand(qkv_rows) if cfg.attention_bias else None,
+        o_proj=rand(d, cfg.num_heads * hd), pre_mlp_norm=ones(d),
         gate_up_proj=rand(2 * cfg.intermediate_size, d), down_proj=rand(d, cfg.intermediate_size),
+        q_norm=ones(hd) if a.qk_norm else None, k_norm=ones(hd) if a.qk_norm else None,
+        attn_out_norm=ones(d) if a.sandwich_norms else None, mlp_out_norm=ones(d) if a.sandwich_norms else None,
     ) for _ in range(cfg.num_layers)]
     embed = rand(cfg.vocab_size, d, std=1.0)
     lm_head = embed if cfg.tie_word_embeddings else rand(cfg.vocab_size, d)

@@ -1,11 +1,14 @@
-"""Our Llama-family forward pass (Llama 2/3/3.1, Qwen2/2.5, Mistral), batch size 1.
+"""Our Llama-family forward pass (Llama 2/3/3.1, Qwen2/2.5, Mistral, Qwen3, Gemma 3 text), batch size 1.
 
-RMSNorm, RoPE, grouped-query attention through an explicit KVCache, SwiGLU. Q/K/V and gate/up
-projections are fused into one matrix each at load time so a decode step launches fewer kernels.
+RMSNorm, RoPE, grouped-query attention through an explicit KVCache, a gated MLP. Q/K/V and gate/up
+projections are fused into one matrix each at load time so a decode step launches fewer kernels. What an
+architecture does differently (qk-norm, sandwich norms, GeGLU, embedding and query scales) comes from
+`cfg.arch` (tierkv/models/arch.py); which layers slide a window and which RoPE table each uses, from `cfg`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +22,28 @@ from tierkv.models.rope import Rope
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's tensors, Hugging Face projections fused: qkv = [q; k; v], gate_up = [gate; up]."""
+    """One decoder layer's tensors, Hugging Face projections fused: qkv = [q; k; v], gate_up = [gate; up].
 
-    input_layernorm: torch.Tensor  # (hidden,)
+    Norm weights are as the forward multiplies them (Gemma's 1 + weight already added at load).
+    """
+
+    input_norm: torch.Tensor  # (hidden,) before attention
     qkv_proj: torch.Tensor  # ((Hq + 2 Hkv) D, hidden)
     qkv_bias: torch.Tensor | None  # ((Hq + 2 Hkv) D,)
     o_proj: torch.Tensor  # (hidden, Hq D)
-    post_attention_layernorm: torch.Tensor  # (hidden,)
+    pre_mlp_norm: torch.Tensor  # (hidden,) HF Llama's post_attention_layernorm, Gemma's pre_feedforward_layernorm
     gate_up_proj: torch.Tensor  # (2 I, hidden)
     down_proj: torch.Tensor  # (hidden, I)
+    q_norm: torch.Tensor | None = None  # (D,) per query head before RoPE (qk-norm)
+    k_norm: torch.Tensor | None = None  # (D,) per key head before RoPE
+    attn_out_norm: torch.Tensor | None = None  # (hidden,) on the attention output (Gemma's post_attention_layernorm)
+    mlp_out_norm: torch.Tensor | None = None  # (hidden,) on the MLP output (Gemma's post_feedforward_layernorm)
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GeGLU's activation: gelu(gate, tanh approximation) * up from the fused gate/up projection (T, 2I) -> (T, I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 class LlamaModel:
@@ -42,25 +58,34 @@ class LlamaModel:
         self.cfg = cfg
         self.embed_tokens, self.layers, self.norm, self.lm_head = embed_tokens, layers, norm, lm_head
         self.device, self.dtype = embed_tokens.device, embed_tokens.dtype
-        self.rope = Rope(cfg, self.device, self.dtype, length=min(cfg.max_position_embeddings, 4096))
+        length = min(cfg.max_position_embeddings, 4096)
+        # `rope` is the full-attention layers' table (the sparse caches rebuild key shadows with it); sliding
+        # layers use their own where the config gives them another base (Gemma 3: 10K against 1M)
+        self.sliding_rope = None
+        if cfg.sliding_rope_theta is not None:
+            self.sliding_rope = Rope(cfg.sliding_rope_config(), self.device, self.dtype, length=length)
+        self.rope = Rope(cfg, self.device, self.dtype, length=length,
+                         companions=(self.sliding_rope,) if self.sliding_rope else ())
+        self.layer_rope = [self.sliding_rope if self.sliding_rope and cfg.window(i) is not None else self.rope
+                           for i in range(cfg.num_layers)]
+        a = cfg.arch
+        # transformers multiplies by the scale rounded to the compute dtype (a 0-d tensor, no host sync)
+        self.embed_scale = None if a.embed_scale is None else torch.tensor(a.embed_scale, dtype=self.dtype,
+                                                                           device=self.device)
+        # SDPA and the decode kernels scale scores by D**-0.5; a config's own scale is folded into q
+        self.q_scale = 1.0 if a.query_scale is None else a.query_scale * math.sqrt(cfg.head_dim)
         # fused kernels (Triton on CUDA, torch references elsewhere), chosen once for this device
         self._norm = dispatch.get("add_rms_norm", self.device, module="norm")
         self._rope = dispatch.get("qk_rope", self.device)
-        self._silu_mul = dispatch.get("silu_mul", self.device)
+        self._act = dispatch.get("silu_mul", self.device) if a.activation == "silu" else gelu_tanh_mul
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, *,
                 last_only: bool = False) -> torch.Tensor:
         """ids (T,) and positions (T,) on the device -> logits (T or 1, vocab) in float32."""
-        c = self.cfg
-        h, x = self._norm(self.embed_tokens[ids], None, self.layers[0].input_layernorm, c.rms_norm_eps)  # (T, hidden)
+        h, x = self._embed(ids)
         predict = ids.shape[0] == 1 and getattr(cache, "prefetch", None) is not None  # FastSparseKVCache(prefetch=)
-        for i, layer in enumerate(self.layers):
-            h, x = self._norm(h, self._attention(i, layer, x, positions, cache), layer.post_attention_layernorm,
-                              c.rms_norm_eps)
-            if predict and i + 1 < len(self.layers):  # the cache may prefetch layer i+1's picks during this MLP
-                cache.predicted_query(i + 1, lambda j=i + 1, r=h: self._predicted_query(j, r, positions))
-            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            h, x = self._norm(h, self._mlp(layer, x), nxt, c.rms_norm_eps)
+        for i in range(len(self.layers)):
+            h, x = self._layer(i, h, x, positions, cache, predict)
         cache.advance(ids.shape[0])
         if last_only:
             x = x[-1:]
@@ -73,15 +98,12 @@ class LlamaModel:
         slices' arithmetic is forward()'s, so the logits equal a slice-after-slice prefill's. ids, positions (T,)
         -> logits of the last token (1, vocab) fp32. Holds the residual stream of all T tokens (2 T hidden values).
         on_layer(i) is called after each layer (progress)."""
-        c, n = self.cfg, ids.shape[0]
-        h, x = self._norm(self.embed_tokens[ids], None, self.layers[0].input_layernorm, c.rms_norm_eps)  # (T, hidden)
-        for i, layer in enumerate(self.layers):
-            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+        n = ids.shape[0]
+        h, x = self._embed(ids)  # (T, hidden) each
+        for i in range(len(self.layers)):
             for s in range(0, n, slice_len):
                 e = min(n, s + slice_len)
-                hs, xs = self._norm(h[s:e], self._attention(i, layer, x[s:e], positions[s:e], cache),
-                                    layer.post_attention_layernorm, c.rms_norm_eps)
-                h[s:e], x[s:e] = self._norm(hs, self._mlp(layer, xs), nxt, c.rms_norm_eps)
+                h[s:e], x[s:e] = self._layer(i, h[s:e], x[s:e], positions[s:e], cache, False)
             if on_layer is not None:
                 on_layer(i)
         cache.advance(n)
@@ -91,24 +113,64 @@ class LlamaModel:
         """Device bytes of forward_by_layer's residual stream for n tokens (h and x)."""
         return 2 * n * self.cfg.hidden_size * self.dtype.itemsize
 
-    def _attention(self, i: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
-                   cache: KVCache) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, first layer's normed input) of ids, each (T, hidden)."""
+        emb = self.embed_tokens[ids]  # (T, hidden)
+        if self.embed_scale is not None:
+            emb = emb * self.embed_scale
+        return self._norm(emb, None, self.layers[0].input_norm, self.cfg.rms_norm_eps)
+
+    def _layer(self, i: int, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               predict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer i on residual h and its normed input x -> (residual, next layer's normed input)."""
+        eps, layer = self.cfg.rms_norm_eps, self.layers[i]
+        attn = self._out_norm(self._attention(i, layer, x, positions, cache), layer.attn_out_norm)
+        h, x = self._norm(h, attn, layer.pre_mlp_norm, eps)
+        if predict and i + 1 < len(self.layers):  # the cache may prefetch layer i+1's picks during this MLP
+            cache.predicted_query(i + 1, lambda j=i + 1, r=h: self._predicted_query(j, r, positions))
+        nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+        return self._norm(h, self._out_norm(self._mlp(layer, x), layer.mlp_out_norm), nxt, eps)
+
+    def _out_norm(self, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """Sandwich norm on a sub-block's output (identity where the architecture has none)."""
+        return y if weight is None else self._norm(y, None, weight, self.cfg.rms_norm_eps)[1]
+
+    def _qkv(self, i: int, w: LayerWeights, x: torch.Tensor,
+             positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's q (T, Hq, D) rotated and scaled, k (T, Hkv, D) rotated, pre-RoPE k and v (T, Hkv, D)."""
         c = self.cfg
         t = x.shape[0]
         qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # (T, (Hq + 2 Hkv) D)
-        q, k, k_pre = self._rope(qkv, self.rope.cos, self.rope.sin, positions, c.num_heads, c.num_kv_heads)
+        if w.q_norm is not None:
+            qkv = self._qk_norm(qkv, w)
+        rope = self.layer_rope[i]
+        q, k, k_pre = self._rope(qkv, rope.cos, rope.sin, positions, c.num_heads, c.num_kv_heads)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         v = qkv[:, (c.num_heads + c.num_kv_heads) * c.head_dim:].view(t, c.num_kv_heads, c.head_dim)  # (T, Hkv, D)
+        return q, k, k_pre, v
+
+    def _qk_norm(self, qkv: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        """RMSNorm over each query and key head of the fused projection; v passes through."""
+        c, t, d = self.cfg, qkv.shape[0], self.cfg.head_dim
+        q, k, v = qkv.split([c.num_heads * d, c.num_kv_heads * d, c.num_kv_heads * d], dim=-1)
+        _, q = self._norm(q.reshape(-1, d), None, w.q_norm, c.rms_norm_eps)  # (T Hq, D)
+        _, k = self._norm(k.reshape(-1, d), None, w.k_norm, c.rms_norm_eps)  # (T Hkv, D)
+        return torch.cat([q.view(t, -1), k.view(t, -1), v], dim=-1)
+
+    def _attention(self, i: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        c = self.cfg
+        q, k, k_pre, v = self._qkv(i, w, x, positions)
         cache.append(i, k, v, k_pre)
         out = cache.attend(i, q)  # (T, Hq, D)
-        return F.linear(out.reshape(t, c.num_heads * c.head_dim), w.o_proj)
+        return F.linear(out.reshape(x.shape[0], c.num_heads * c.head_dim), w.o_proj)
 
     def _predicted_query(self, i: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Layer i's query as if its input were residual h (the residual before layer i-1's MLP): (1, Hq, D)."""
-        c, w = self.cfg, self.layers[i]
-        _, x = self._norm(h, None, w.input_layernorm, c.rms_norm_eps)
-        q, _, _ = self._rope(F.linear(x, w.qkv_proj, w.qkv_bias), self.rope.cos, self.rope.sin, positions,
-                             c.num_heads, c.num_kv_heads)
-        return q
+        w = self.layers[i]
+        _, x = self._norm(h, None, w.input_norm, self.cfg.rms_norm_eps)
+        return self._qkv(i, w, x, positions)[0]
 
     def _mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._silu_mul(F.linear(x, w.gate_up_proj)), w.down_proj)
+        return F.linear(self._act(F.linear(x, w.gate_up_proj)), w.down_proj)

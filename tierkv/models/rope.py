@@ -69,14 +69,21 @@ def _yarn(inv: torch.Tensor, s: dict, cfg: ModelConfig) -> tuple[torch.Tensor, f
 class Rope:
     """cos/sin tables (S, D) for one model on one device; `apply` rotates q or k at given positions."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, length: int = 4096) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, length: int = 4096, *,
+                 companions: tuple["Rope", ...] = ()) -> None:
         self.inv_freq, self.factor = inverse_frequencies(cfg)
         self.device, self.dtype = torch.device(device), dtype
         self.cos = self.sin = torch.empty(0)
+        # other tables of the same model (Gemma 3's sliding layers) grown with this one: callers that size the
+        # model's positions (engine.prefill, graph capture) call `model.rope.ensure` only
+        self.companions = companions
         self.ensure(length)
 
     def ensure(self, length: int) -> None:
-        """Grow the tables to cover positions [0, length). Mutates; call outside captured graphs."""
+        """Grow the tables (and the companions') to cover positions [0, length). Mutates; call outside captured
+        graphs."""
+        for other in self.companions:
+            other.ensure(length)
         if self.cos.shape[0] >= length:
             return
         n = max(length, 2 * self.cos.shape[0])

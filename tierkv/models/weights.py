@@ -54,7 +54,7 @@ def resolve_model(model: str | Path | None) -> Path:
 
 def _check_model_type(folder: Path) -> None:
     """Refuse unsupported architectures from config.json alone, before transformers parses it."""
-    from tierkv.models.config import SUPPORTED_TYPES
+    from tierkv.models.config import SUPPORTED_TYPES, unsupported_message
 
     try:
         raw = json.loads((folder / "config.json").read_text())
@@ -62,8 +62,7 @@ def _check_model_type(folder: Path) -> None:
         raise ModelNotFoundError(f"{str(folder / 'config.json')!r} is not readable JSON ({exc}); re-download the model") from None
     if raw.get("model_type") not in SUPPORTED_TYPES:
         archs = ",".join(raw.get("architectures") or []) or str(raw.get("model_type"))
-        raise UnsupportedModelError(f"architecture {archs!r} (model_type={raw.get('model_type')!r}) is not supported; "
-                                    f"tierkv runs {', '.join(SUPPORTED_TYPES)} models")
+        raise UnsupportedModelError(unsupported_message(archs, raw.get("model_type")))
 
 
 def gguf_folder(gguf: Path) -> Path:
@@ -96,7 +95,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         hf_cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as exc:
-        raise UnsupportedModelError(f"cannot read GGUF {str(gguf)!r}: {exc}; use a llama/qwen2/mistral GGUF") from None
+        raise UnsupportedModelError(f"cannot read GGUF {str(gguf)!r}: {exc}; use a llama/qwen2/mistral/qwen3/gemma3 GGUF") from None
     from tierkv.models.config import ModelConfig
 
     ModelConfig.from_hf(hf_cfg)  # refuse unsupported architectures before the slow part
