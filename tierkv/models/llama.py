@@ -53,7 +53,7 @@ class LlamaModel:
         """ids (T,) and positions (T,) on the device -> logits (T or 1, vocab) in float32."""
         c = self.cfg
         h, x = self._norm(self.embed_tokens[ids], None, self.layers[0].input_layernorm, c.rms_norm_eps)  # (T, hidden)
-        predict = ids.shape[0] == 1 and getattr(cache, "prefetch", None) is not None  # FastSparseKVCache(prefetch=)
+        predict = ids.shape[0] == 1 and cache.prefetches_picks  # kv/interface.PickPrefetchHooks
         for i, layer in enumerate(self.layers):
             h, x = self._norm(h, self._attention(i, layer, x, positions, cache), layer.post_attention_layernorm,
                               c.rms_norm_eps)
