@@ -19,10 +19,7 @@ import tierkv
 from tierkv.config import TierConfig, format_size
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.errors import BudgetError, ConfigError, TierKVError
-from tierkv.kv.cache import KVCache
-from tierkv.kv.static import StaticKVCache
-from tierkv.kv.tiered import TieredKVCache
-from tierkv.models.config import refuse_windowed_tiers
+from tierkv.kv.cache import KVCache, copy_state
 from tierkv.session import SessionError, check_compatible, model_identity, read_manifest, read_tokens, restore_kv, \
     save_session
 from tierkv.chat_template import render
@@ -95,23 +92,10 @@ class Chat:
         return own[:common_prefix(own, probe)]
 
     def _new_cache(self, capacity: int) -> KVCache:
-        """A cache for this session: the LLM's own kind, with this session's share of the tier budgets."""
-        llm = self.llm
-        capacity = min(capacity, llm.cfg.max_position_embeddings + 1)
-        if not self._tier.tiered:
-            return llm.new_cache(capacity)  # registered with the LLM, closed by llm.close()
-        c = llm.cfg
-        refuse_windowed_tiers(c)
-        shape = (c.num_layers, c.num_kv_heads, c.head_dim)
-        if self._tier.attention == "sparse":
-            from tierkv.kv.sparse import SparseKVCache
-
-            cache: KVCache = SparseKVCache(*shape, device=llm.device, dtype=llm.dtype, config=self._tier,
-                                           rope=llm.model.rope)
-        else:
-            cache = TieredKVCache(*shape, device=llm.device, dtype=llm.dtype, config=self._tier)
-        llm._caches.append(cache)
-        return cache
+        """A cache for this session, chosen by tierkv/kv/factory.py for use "chat" with this session's share of the
+        tier budgets; registered with the LLM (closed by llm.close())."""
+        capacity = min(capacity, self.llm.cfg.max_position_embeddings + 1)
+        return self.llm.new_cache(capacity, use="chat", tier=self._tier)
 
     @classmethod
     def load(cls, path: str | os.PathLike, llm, **options) -> "Chat":
@@ -196,13 +180,19 @@ class Chat:
             self.messages = [*msgs, {"role": "assistant", "content": text}]
 
     def _step(self):
-        if isinstance(self.cache, StaticKVCache) and self.llm.uses_graph:
+        if self.cache.path["captured"]:
             from tierkv.graph import GraphStep
 
-            if self._graph is None or self._graph.cache is not self.cache:
+            if self._graph is None or self._graph.cache is not self.cache:  # once per cache (capacity class)
                 self._graph = GraphStep(self.llm.model, self.cache)
             return self._graph
         return eager_step(self.llm.model, self.cache)
+
+    @property
+    def graph_step(self):
+        """The captured decode step of this session's cache (tierkv/graph.GraphStep), None before the first
+        captured turn or when decode runs eagerly."""
+        return self._graph
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         gen = torch.Generator(device=self.llm.device)
@@ -210,15 +200,18 @@ class Chat:
         return gen
 
     def _ensure_capacity(self, need: int) -> None:
-        """A fixed-capacity (graph) cache too small for this turn is replaced by a larger copy."""
+        """A fixed-capacity cache (static, sparse) too small for this turn moves into one of the next capacity
+        class (kv/factory.capacity_class) with its whole state (copy_state); the decode graph is captured anew
+        for it, once. Blocks."""
         old = self.cache
-        if not isinstance(old, StaticKVCache) or need <= old.capacity:
+        if not old.fixed_capacity or need <= old.capacity:
             return
-        cap = min(max(need, 2 * old.capacity), self.llm.cfg.max_position_embeddings + 1)
-        new = self.llm.new_cache(cap)
-        n = old.seq_len
-        new.k[:, :n], new.v[:, :n] = old.k[:, :n], old.v[:, :n]
-        new.finish_import(n)
+        new = self._new_cache(need)
+        try:
+            copy_state(old, new)
+        except BaseException:
+            self.llm._release(new)
+            raise
         self.llm._release(old)
         self.cache, self._graph = new, None
 
@@ -233,18 +226,13 @@ class Chat:
         """Tokens in the cache, what the last turn prefilled, and where the K/V lives. Does not mutate."""
         self._check_open()
         c = self.cache
+        s = c.stats()
         out = {"tokens_in_context": c.seq_len, "prefix_tokens": self.prefix_len,
                "turns": sum(m["role"] == "user" for m in self.messages), "last_turn": asdict(self.last_turn),
-               "cache": type(c).__name__, "restored": self.restored, "last_save": self.last_save}
-        if isinstance(c, TieredKVCache):
-            s = c.stats()
-            out.update(tier_bytes=s["bytes"], tier_chunks=s["chunks"], budget_bytes=s["budget_bytes"],
-                       disk_backend=s["disk_backend"])
-        else:
-            per_token = 2 * self.llm.cfg.num_layers * self.llm.cfg.num_kv_heads * self.llm.cfg.head_dim * \
-                torch.empty((), dtype=self.llm.dtype).element_size()
-            out.update(tier_bytes={"device": c.seq_len * per_token, "host": 0, "disk": 0},
-                       budget_bytes={"device": None, "host": None, "disk": None})
+               "cache": s["cache"], "path": s["path"], "tier_bytes": s["tier_bytes"],
+               "budget_bytes": s["budget_bytes"], "restored": self.restored, "last_save": self.last_save}
+        if "disk_backend" in s:
+            out["disk_backend"] = s["disk_backend"]
         return out
 
     def reset(self) -> None:
@@ -263,9 +251,8 @@ class Chat:
         c = self.cache
         body = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tierkv_version": tierkv.__version__,
                 "model": model_identity(self.llm), "attention": self.llm.tier.attention,
-                "tier": asdict(self.llm.tier), "cache_kind": type(c).__name__, "messages": self.messages,
-                "prefix_len": self.prefix_len, "placement": c.stats()["chunks"] if isinstance(c, TieredKVCache) else
-                {"device": c.seq_len}}
+                "tier": asdict(self.llm.tier), "cache_kind": c.kind, "messages": self.messages,
+                "prefix_len": self.prefix_len, "placement": c.placement_bytes()}
         self.last_save = save_session(path, body, self.ids, c)
         return self.last_save
 
@@ -317,7 +304,7 @@ def _read_context(context: str | os.PathLike | None) -> str | None:
 def _session_tier(llm, share: float | None) -> tuple[TierConfig, dict]:
     """This session's TierConfig: the LLM's, with its budgets cut to share (or to what open sessions left)."""
     tier = llm.tier
-    if not tier.tiered:
+    if not tier.has_budgets:
         return tier, {}
     if share is not None and not 0 < share <= 1:
         raise ConfigError(f"budget_share={share!r} must be a fraction in (0, 1]")

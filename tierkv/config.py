@@ -99,10 +99,14 @@ class TierConfig:
             raise ConfigError(f"token_budget={tb!r} must be a token count (int > 0) or a fraction of the context in (0, 1]")
 
     @property
-    def tiered(self) -> bool:
-        """True when any budget or the disk tier asks for more than the plain all-on-device cache."""
-        return self.kv_gpu_budget is not None or self.cpu_budget is not None or self.disk_dir is not None \
-            or self.attention == "sparse"
+    def has_budgets(self) -> bool:
+        """Whether a byte budget or a disk tier is set (kv_gpu_budget, cpu_budget or disk_dir)."""
+        return self.kv_gpu_budget is not None or self.cpu_budget is not None or self.disk_dir is not None
+
+    @property
+    def sparse_attention(self) -> bool:
+        """Whether decode attends to picked chunks only (attention="sparse")."""
+        return self.attention == "sparse"
 
     def replace(self, **changes) -> "TierConfig":
         """A copy with some fields changed (validated again)."""

@@ -6,7 +6,11 @@ the graph, so a replay needs no host work beyond launching it. A cache may ask f
 that does not need one and replayed afterwards, its buffers written in place by the eager steps in between.
 A cache may also ask, after a replay, for the step to be redone (`redo_step()`: the sparse cache's disk tier
 lacked picked chunks in host memory; it reads them and the step is replayed again, or run eagerly when the
-misses were many or persist after REPLAYS_ON_MISS retries).
+misses were many or persist after REPLAYS_ON_MISS retries). The hooks are kv/interface.GraphHooks.
+
+One GraphStep serves a cache for as long as the cache lives: generate calls and chat turns between its steps
+(prefill, truncate) move only values on the device, so the graph replays on. It captures again only when the cache
+reallocated a buffer the graph reads (`buffers_epoch`) or the RoPE tables grew; `captures` counts captures.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ REPLAYS_ON_MISS = 2
 class GraphStep:
     """Callable like engine.eager_step: (token (1,), position) -> logits (1, V), replaying one graph.
 
-    The cache needs `pos` (1,) on the device, `capacity`, and may define `needs_eager()`.
+    The cache needs `pos` (1,) on the device and `capacity`, and the kv/interface.GraphHooks it inherits.
     """
 
     def __init__(self, model: LlamaModel, cache: KVCache, warmup: int = 2) -> None:
@@ -33,7 +37,8 @@ class GraphStep:
         self.model, self.cache, self.warmup = model, cache, warmup
         self.token = torch.zeros(1, dtype=torch.long, device=model.device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.eager_steps = self.replays = 0
+        self.eager_steps = self.replays = self.captures = 0
+        self._captured_for: tuple | None = None  # (buffers_epoch, rope cos, rope sin) the graph was captured with
         model.rope.ensure(cache.capacity + 1)  # tables are never reallocated after capture
 
     def _capture(self) -> None:
@@ -50,25 +55,34 @@ class GraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = model.forward(self.token, cache.pos, cache)  # (1, V)
+        self.captures += 1
+        self._captured_for = self._inputs()
         cache.seq_len = saved_len
         cache.pos.copy_(saved_pos)
 
+    def _inputs(self) -> tuple:
+        """What a capture is valid for: the cache's buffer epoch and the RoPE tables (by identity)."""
+        rope = self.model.rope
+        return self.cache.buffers_epoch, rope.cos, rope.sin
+
+    def _current(self) -> bool:
+        mine, now = self._captured_for, self._inputs()
+        return mine is not None and mine[0] == now[0] and mine[1] is now[1] and mine[2] is now[2]
+
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        needs_eager = getattr(self.cache, "needs_eager", None)
-        if needs_eager is not None and needs_eager():
+        if self.cache.needs_eager():
             self.eager_steps += 1
             return self.model.forward(token.view(1), self.cache.pos, self.cache)
-        if self.graph is None:
+        if not self._current():
             self.token.copy_(token)
             self._capture()
         self.token.copy_(token)
         for _ in range(1 + REPLAYS_ON_MISS):
-            if hasattr(self.cache, "before_replay"):
-                self.cache.before_replay()
+            self.cache.before_replay()
             self.graph.replay()
             self.replays += 1
             self.cache.after_replay(1)
-            redo = self.cache.redo_step() if hasattr(self.cache, "redo_step") else None
+            redo = self.cache.redo_step()
             if redo is None:
                 return self.logits
             if redo == "eager":

@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from tierkv.config import TierConfig
-from tierkv.engine import GenStats, eager_step, generate_ids, prefill
+from tierkv.engine import DecodeStep, GenStats, eager_step, generate_ids, prefill
 from tierkv.errors import ConfigError, ContextTooLongError
 from tierkv.graph import GraphStep
-from tierkv.kv.cache import DenseKVCache, KVCache
-from tierkv.kv.static import StaticKVCache
-from tierkv.kv.tiered import TieredKVCache
+from tierkv.kv.cache import KVCache
+from tierkv.kv.factory import CacheRequest, build_cache, capacity_class, choose
 from tierkv.models.build import build_model, random_model
-from tierkv.models.config import ModelConfig, refuse_windowed_tiers
+from tierkv.models.config import ModelConfig
 from tierkv.models.llama import LlamaModel
 from tierkv.models.shapes import SHAPES, shape_config
 from tierkv.models.weights import TensorSource, resolve_model
@@ -76,52 +75,63 @@ class LLM:
         self.stop_ids = set(stop_ids)
         self.last_stats = GenStats()
         self._caches: list[KVCache] = []
+        # per use, the fixed-capacity cache of the last call and its decode step (a captured graph on CUDA): a call
+        # in the same capacity class reuses both (kv/factory.capacity_class), so a graph is captured once
+        self._kept: dict[str, tuple[KVCache, object]] = {}
         self.graph = graph
 
     # --- caches -------------------------------------------------------------------------------
+    def cache_request(self, capacity: int, use: str = "generate", tier: TierConfig | None = None) -> CacheRequest:
+        """What the factory (tierkv/kv/factory.py) is asked for: this LLM's model, device and graph setting."""
+        return CacheRequest(tier=tier or self.tier, model=self.cfg, device=self.device, dtype=self.dtype,
+                            graph=self.graph, use=use, capacity=capacity)
+
     @property
     def uses_graph(self) -> bool:
-        """Whether decode replays a captured CUDA graph (CUDA only; `graph=False` at load turns it off).
+        """Whether one-shot generation replays a captured CUDA graph (the factory's choice for this LLM)."""
+        return choose(self.cache_request(1)).captured
 
-        The tiered caches move chunks between tiers with host decisions, so they decode eagerly for now.
-        """
-        return self.graph and self.device.type == "cuda" and (not self.tier.tiered or self.uses_fast_sparse)
+    def call_cache(self, need: int, use: str) -> KVCache:
+        """A cache for one generate/score call of `need` positions: the kept one of its capacity class, emptied
+        (graphs captured for it stay valid), or a new one. Fixed-capacity caches are kept for the next call (one
+        per use); others are released after the call (`end_call`)."""
+        kept = self._kept.get(use)
+        if kept is not None and kept[0].capacity == capacity_class(need, self.cfg.max_position_embeddings + 1):
+            kept[0].truncate(0)
+            kept[0].reset_stats()
+            return kept[0]
+        if kept is not None:
+            self._release(kept[0])
+        cache = self.new_cache(need, use=use)
+        if cache.fixed_capacity:
+            self._kept[use] = (cache, None)
+        return cache
 
-    @property
-    def uses_fast_sparse(self) -> bool:
-        """Whether one-shot generation in sparse mode uses the graph-capturable sparse cache (CUDA, graphs on):
-        K/V in pinned host memory read in place (the oldest chunks on disk when cpu_budget needs it), shadows and
-        index on the GPU."""
-        return self.graph and self.device.type == "cuda" and self.tier.attention == "sparse"
+    def decode_step(self, cache: KVCache, use: str, graph: bool) -> DecodeStep:
+        """The decode step for a call's cache: its kept graph step when graph and the factory captures, captured
+        at most once per kept cache (tierkv/graph.py recaptures only when the cache reallocated what it reads)."""
+        if not (graph and cache.path["captured"]):
+            return eager_step(self.model, cache)
+        kept = self._kept.get(use)
+        if kept is None or kept[0] is not cache:
+            return GraphStep(self.model, cache)
+        if kept[1] is None:
+            self._kept[use] = (cache, GraphStep(self.model, cache))
+        return self._kept[use][1]
 
-    def new_cache(self, capacity: int, *, decode_graph: bool = False) -> KVCache:
-        """A fresh KV cache for one sequence, built from the tier settings.
+    def kept(self, use: str) -> tuple[KVCache | None, object]:
+        """The cache (and decode step, None until a captured one was made) kept for the next `use` call."""
+        return self._kept.get(use, (None, None))
 
-        No budgets and full attention: the all-on-device cache (static, graph-capturable, on CUDA).
-        Otherwise the tiered cache (exact attention), or the sparse cache for attention="sparse";
-        decode_graph=True asks for the graph-capturable sparse cache where `uses_fast_sparse` holds.
-        """
-        c = self.cfg
-        shape = (c.num_layers, c.num_kv_heads, c.head_dim)
-        if self.tier.tiered:
-            refuse_windowed_tiers(c)
-        if decode_graph and self.uses_fast_sparse:
-            from tierkv.kv.fast_sparse import FastSparseKVCache
+    def end_call(self, cache: KVCache) -> None:
+        """Release a call's cache unless it is kept for the next call."""
+        if all(cache is not kept for kept, _ in self._kept.values()):
+            self._release(cache)
 
-            cache: KVCache = FastSparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier,
-                                               capacity=capacity, rope=self.model.rope,
-                                               chunk_cache=self.tier.gpu_chunk_cache,
-                                               prefetch=self.tier.prefetch_picks)
-        elif self.tier.attention == "sparse":
-            from tierkv.kv.sparse import SparseKVCache
-
-            cache = SparseKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier,
-                                           rope=self.model.rope)
-        elif self.tier.tiered:
-            cache = TieredKVCache(*shape, device=self.device, dtype=self.dtype, config=self.tier)
-        else:
-            kind = StaticKVCache if self.uses_graph else DenseKVCache
-            cache = kind(*shape, device=self.device, dtype=self.dtype, capacity=capacity, windows=c.layer_windows)
+    def new_cache(self, capacity: int, *, use: str = "generate", tier: TierConfig | None = None) -> KVCache:
+        """A fresh KV cache for one sequence, chosen by tierkv/kv/factory.py for `use` (generate, chat, score)
+        from `tier` (default: the LLM's). Registered with the LLM: llm.close() closes it."""
+        cache, _ = build_cache(self.cache_request(capacity, use, tier), self.model.rope)
         self._caches.append(cache)
         return cache
 
@@ -156,7 +166,7 @@ class LLM:
         if temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed if seed is not None else int(time.time_ns() % (1 << 62)))
-        cache = self.new_cache(len(ids) + max_new + 1, decode_graph=max_new > 1)
+        cache = self.call_cache(len(ids) + max_new + 1, "generate")
         try:
             t0 = time.perf_counter()
             x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
@@ -164,14 +174,13 @@ class LLM:
             logits.sum().item()  # wait for prefill so its time is not billed to decode
             stats.prefill_s = time.perf_counter() - t0
             if max_new:
-                step = GraphStep(self.model, cache) if self.uses_graph and max_new > 1 else eager_step(self.model, cache)
+                step = self.decode_step(cache, "generate", graph=max_new > 1)
                 yield from generate_ids(step, logits, len(ids), max_new, self.stop_ids, stats,
                                         temperature=temperature, top_p=top_p, generator=gen)
         finally:
             stats.extra["peak_memory"] = _peak_memory(self.device)
-            if hasattr(cache, "stats"):
-                stats.extra["kv"] = cache.stats()
-            self._release(cache)
+            stats.extra["kv"] = cache.stats()
+            self.end_call(cache)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
@@ -222,7 +231,7 @@ class LLM:
         if not 0 < prefill_len < n:
             raise ConfigError(f"prefill_len={prefill_len} must be between 1 and len(token_ids)-1={n - 1}")
         self.check_length(n)
-        cache = self.new_cache(n + 1)
+        cache = self.call_cache(n + 1, "score")
         try:
             x = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
             rows = [prefill(self.model, x[:prefill_len], cache, self.tier.prefill_chunk)[-1]]
@@ -230,17 +239,17 @@ class LLM:
             for pos in range(prefill_len, n - 1):
                 rows.append(step(x[pos:pos + 1], pos)[-1])
             self.last_stats = GenStats(prompt_tokens=prefill_len, new_tokens=n - prefill_len)
-            if hasattr(cache, "stats"):
-                self.last_stats.extra["kv"] = cache.stats()
+            self.last_stats.extra["kv"] = cache.stats()
             return torch.log_softmax(torch.stack(rows).float(), dim=-1).cpu()
         finally:
-            self._release(cache)
+            self.end_call(cache)
 
     # --- lifetime -----------------------------------------------------------------------------
     def _release(self, cache: KVCache) -> None:
         cache.close()
         if cache in self._caches:
             self._caches.remove(cache)
+        self._kept = {use: kept for use, kept in self._kept.items() if kept[0] is not cache}
 
     @property
     def stats(self) -> dict:

@@ -48,8 +48,9 @@ def test_tiered_save_and_load_match_dense(smol, convo, tmp_path):
     tiered = LLM(smol.model, smol.tokenizer, cfg, source=smol.source, stop_ids=smol.stop_ids)
     dense_dir, tiered_dir = convo["save"], tmp_path / "tiered"
     chat = Chat.load(dense_dir, tiered, max_new_tokens=MAX_NEW)  # a dense save loads into the tiered cache
-    chunks = chat.stats["tier_chunks"]
-    assert chunks["host"] > 0 and chunks["disk"] > 0 and chat.ids == convo["saved_ids"]
+    placed = chat.stats["tier_bytes"]
+    assert placed["host"] > 0 and placed["disk"] > 0 and chat.ids == convo["saved_ids"]
+    assert chat.stats["cache"] == "tiered" and chat.stats["path"]["kind"] == "tiered"
     chat.save(tiered_dir)  # and a tiered save, with chunks on every tier, round-trips
     chat.close()
     again = Chat.load(tiered_dir, tiered, max_new_tokens=MAX_NEW)

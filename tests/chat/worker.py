@@ -34,9 +34,10 @@ def resume(session: str, model: str, text: str, max_new: int, tier: dict) -> Non
     during_load = list(calls)
     digest = state_digest(chat.cache)
     reply = chat.send(text)
-    kv = chat.cache.stats() if hasattr(chat.cache, "stats") else {}
+    kv = chat.cache.stats()
     print(json.dumps({"reply": reply, "forward_tokens_during_load": during_load, "restored": chat.restored,
-                      "last_turn": chat.stats["last_turn"], "ids": chat.ids, "sparse": kv.get("sparse"),
+                      "last_turn": chat.stats["last_turn"], "ids": chat.ids,
+                      "kv": {k: kv.get(k) for k in ("cache", "sparse_steps", "tier_bytes")},
                       "state_digest": digest}))
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from tierkv.kv.interface import GraphHooks, PickPrefetchHooks, SessionState
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Attention of the T queries that are the last T of the S keys, causally; GQA by head groups.
@@ -46,14 +48,37 @@ def _window_mask(t: int, s: int, window: int, device: torch.device) -> torch.Ten
     return (lag >= 0) & (lag < window)
 
 
-class KVCache(ABC):
-    """Per-sequence K/V for every layer.
+class KVCache(GraphHooks, PickPrefetchHooks, SessionState, ABC):
+    """Per-sequence K/V for every layer (the hooks it inherits: kv/interface.py).
 
     The model calls, for each forward of T new tokens: per layer `append` then `attend`; after the
     last layer `advance(T)`. Positions of the new tokens are [seq_len, seq_len + T).
     """
 
     seq_len: int = 0
+    kind: str = "kv"  # the name stats report (kv/factory.py's kinds)
+    # True: holds at most `capacity` positions, never reallocated (what a captured CUDA graph needs); a chat that
+    # outgrows it moves to a larger cache with copy_state
+    fixed_capacity: bool = False
+    path: dict | None = None  # what kv/factory.py chose and why; None for a cache built by hand
+
+    def record_path(self, choice: dict) -> None:
+        """Remember the factory's choice (kind, captured, reason) for `stats()["path"]`. Mutates."""
+        self.path = choice
+
+    def placement_bytes(self) -> dict[str, int]:
+        """Bytes of K/V (and what the cache keeps beside it) per tier: {"device", "host", "disk"}."""
+        return {"device": 0, "host": 0, "disk": 0}
+
+    def stats(self) -> dict:
+        """The schema every cache shares: "cache" (kind), "path" (the factory's choice), "seq_len", "tier_bytes";
+        subclasses add their own keys beside these. Does not mutate."""
+        return {"cache": self.kind, "path": self.path, "seq_len": self.seq_len, "tier_bytes": self.placement_bytes(),
+                "budget_bytes": self.budget_bytes()}
+
+    def budget_bytes(self) -> dict[str, int | None]:
+        """The byte budget per tier this cache keeps to (None: unbounded or no such tier)."""
+        return {"device": None, "host": None, "disk": None}
 
     @abstractmethod
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
@@ -62,6 +87,9 @@ class KVCache(ABC):
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Causal attention of q (T, Hq, D), the tokens just appended, over everything stored -> (T, Hq, D)."""
+
+    def reset_stats(self) -> None:
+        """Zero the counters stats() reports (a cache reused for another call). Mutates."""
 
     def advance(self, n: int) -> None:
         """Commit n tokens appended to every layer."""
@@ -73,51 +101,26 @@ class KVCache(ABC):
         needs `activation_bytes` more device memory for it. None here: prefill goes slice after slice."""
         return False
 
-    def after_replay(self, n: int) -> None:
-        """Host bookkeeping for n tokens whose device work (append, attend, advance) ran in a CUDA graph."""
-        self.seq_len += n
-
     def close(self) -> None:
         """Release storage (files, pinned memory). Safe to call twice."""
 
-    # ---- session state (save, resume, roll back) --------------------------------------------------
-    # Sessions move K/V as (2, T, Hkv, D) token ranges per layer (K at [0], V at [1]), so a session saved
-    # from one cache kind loads into another. A subclass with more state per token (sparse shadows,
-    # summaries) extends `extra_state` / `load_extra_state`, and `truncate` / `finish_import` for it.
 
-    def export_kv(self, layer: int, start: int, end: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """A copy of layer's K/V for positions [start, end) <= seq_len as (2, end-start, Hkv, D). Does not mutate."""
-        raise NotImplementedError(f"{type(self).__name__} cannot export its K/V for a session")
-
-    def begin_import(self, num_tokens: int) -> None:
-        """Prepare an empty cache to receive num_tokens per layer through import_kv. Mutates."""
-        if self.seq_len:
-            raise RuntimeError(f"import needs an empty cache; this one holds {self.seq_len} tokens")
-
-    def import_kv(self, layer: int, start: int, kv: torch.Tensor) -> None:
-        """Write kv (2, T, Hkv, D) as layer's positions [start, start+T); ranges come in order per layer. Mutates."""
-        raise NotImplementedError(f"{type(self).__name__} cannot import K/V from a session")
-
-    def finish_import(self, num_tokens: int) -> None:
-        """Commit an import: every layer now holds positions [0, num_tokens). Mutates."""
-        self.seq_len = num_tokens
-
-    def truncate(self, num_tokens: int) -> None:
-        """Forget every position >= num_tokens (<= seq_len), also K/V appended but not advanced. Mutates."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be truncated")
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        """Tensors besides K/V that a session must save (none here). Subclasses add theirs. Does not mutate."""
-        return {}
-
-    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore what `extra_state` returned, after finish_import. Mutates."""
-        if tensors:
-            raise RuntimeError(f"{type(self).__name__} has no extra state but got {sorted(tensors)[:3]}")
+def copy_state(src: KVCache, dst: KVCache, block_tokens: int = 1024) -> None:
+    """Move src's whole session state (K/V of every tier, then `extra_state`) into the empty dst, as a saved
+    session would load: how a fixed-capacity cache grows into a larger one. Blocks; mutates dst only."""
+    n = src.seq_len
+    dst.begin_import(n)
+    for start in range(0, n, block_tokens):
+        for layer in range(src.num_layers):
+            dst.import_kv(layer, start, src.export_kv(layer, start, min(n, start + block_tokens)))
+    dst.finish_import(n)
+    dst.load_extra_state(src.extra_state())
 
 
 class DenseKVCache(KVCache):
     """Every layer's K/V in preallocated tensors on one device; grows by doubling when full."""
+
+    kind = "dense"
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
                  dtype: torch.dtype, capacity: int = 256, windows: tuple[int | None, ...] = ()) -> None:
@@ -181,3 +184,9 @@ class DenseKVCache(KVCache):
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def placement_bytes(self) -> dict[str, int]:
+        """K/V of the cached positions, all on the compute device (on the CPU that is host memory, reported as
+        "device": the compute device's)."""
+        per_token = 2 * self.k[0, 0].numel() * self.k.element_size() * self.num_layers
+        return {"device": self.seq_len * per_token, "host": 0, "disk": 0}

@@ -73,6 +73,21 @@ class ColdChunks:
         self.store.read_into(ChunkId(layer, cid), buf)
         return buf
 
+    def read_chunks(self, layer: int, cids: range) -> list[np.ndarray]:
+        """K bytes then V bytes of each chunk, read from disk on the thread pool (the disk is the truth: slots
+        only cache it). Blocks."""
+        return list(self.pool.map(lambda c: self._row_bytes(layer, c), cids))
+
+    def read_tokens(self, layer: int, start: int, end: int, dtype: torch.dtype,
+                    heads_dim: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V (T, Hkv, D) on the host of positions [start, end) inside the disk region. Blocks on reads."""
+        c = self.row_bytes // (heads_dim[0] * heads_dim[1] * dtype.itemsize)  # tokens per chunk
+        first = start // c
+        rows = np.stack(self.read_chunks(layer, range(first, -(-end // c))))  # (n, 2 * row_bytes)
+        kv = torch.from_numpy(rows).view(dtype).view(rows.shape[0], 2, c, *heads_dim)
+        a, b = start - first * c, end - first * c
+        return (kv[:, i].reshape(-1, *heads_dim)[a:b] for i in (0, 1))
+
     def preload(self, cids: np.ndarray) -> None:
         """Record that slot i of every layer already holds cold chunk cids[i] (the pool was filled so)."""
         self.slot_cid[:, :len(cids)] = cids

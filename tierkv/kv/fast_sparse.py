@@ -30,6 +30,7 @@ from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.cache import KVCache, causal_attention
 from tierkv.kv.cold import ColdChunks
 from tierkv.kv.fast_sparse_disk import DiskTierSteps, capturing
+from tierkv.kv.fast_sparse_state import SparseSessionState
 from tierkv.kv.layer_prefill import LayerPrefillSteps
 from tierkv.kv.online_softmax import OnlineSoftmax
 from tierkv.kv.predict import PickPrefetch
@@ -49,12 +50,15 @@ EXACT_SPAN = 16384
 AUTO_RESERVE = 3 * 1024**3
 
 
-class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
+class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCache):
     """Fixed-capacity sparse cache (attention="sparse") whose decode step is graph-capturable.
 
     Selection semantics equal SparseKVCache's (same plan, scorer, fold rule and key rebuild), so the two give
     the same tokens; only where bytes live differs. `pos` (1,) on the device mirrors seq_len.
     """
+
+    kind = "sparse"
+    fixed_capacity = True
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
                  dtype: torch.dtype, config: TierConfig, capacity: int, rope: RopeTables,
@@ -85,10 +89,15 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
         self.outlier = torch.zeros((num_layers, self.n_chunks), dtype=torch.bool, device=self.device)
         self.covered_chunks = torch.zeros(1, dtype=torch.long, device=self.device)  # device mirror of `covered`
         self._fit_buf: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # k_pre on the host until the fit
-        self.fitted = False
+        self.fitted, self.fit_at = False, 0  # fit_at: tokens the shadows were fitted on (those before the first step)
+        # bumped whenever a buffer that a captured decode graph reads is reallocated (pool, fit, resident copies,
+        # disk tier): tierkv/graph.py captures again then
+        self.buffers_epoch = 0
+        self._cold_step_ran = False
         self.sink_chunks = -(-config.sink_tokens // c)
         self.window_chunks = -(-config.window_tokens // c)
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
+        self.res: ResidentChunks | None = None  # GPU copies of the last chunks (`_alloc_resident`)
         self._alloc_host_pool()
         self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
         # what sparse steps read beyond the shadow: [fixed-entry tokens (their K and V) over heads and layers,
@@ -98,8 +107,8 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
         # chunk cache: per layer max_picks slots (+1 scratch) of K and V for every KV head; cached_ids says which
         # chunk each (head, slot) holds
         self.chunk_cache = chunk_cache = chunk_cache or prefetch
-        if chunk_cache and config.disk_dir is not None and config.cpu_budget is not None:
-            raise ConfigError("gpu_chunk_cache and prefetch_picks do not work with a disk tier yet; drop them or "
+        if prefetch and config.disk_dir is not None and config.cpu_budget is not None:
+            raise ConfigError("prefetch_picks does not work with a disk tier yet; drop it or "
                               "disk_dir")
         if chunk_cache:
             slots = (num_layers, self.max_picks + 1, c, num_kv_heads, head_dim)
@@ -150,11 +159,13 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
             views = self._host
         self.k_host, self.v_host = (v.view(self.dtype).view(shape) for v in views)  # device-readable views
         self.host_bytes = 2 * nbytes
+        self.buffers_epoch += 1
 
     def _alloc_resident(self, keys: bool = False) -> None:
         """GPU copies (tierkv/kv/resident.py) of the values (keys=True: and keys) of as many of the last chunks as
         kv_gpu_budget leaves after the shadows, index and ring (no budget: free CUDA memory less AUTO_RESERVE; none
         on the CPU, where the pool already is the compute device's memory, nor beside the chunk cache)."""
+        self.buffers_epoch += 1
         per_chunk = self._chunk_bytes() * (2 if keys else 1)
         n = max(0, min(self.n_chunks, self._resident_room() // per_chunk - 1))  # - 1: the scratch row
         self.res = ResidentChunks(self.k_host.shape, n, keys=keys, device=self.device, dtype=self.dtype)
@@ -166,7 +177,7 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
     def _resident_room(self) -> int:
         """GPU bytes the resident copies may take; counts what they hold now as free."""
         budget = self.config.kv_gpu_budget
-        held = self.res.nbytes if getattr(self, "res", None) is not None else 0
+        held = self.res.nbytes if self.res is not None else 0
         if budget is None and self.device.type != "cuda":
             return 0
         if budget is None:
@@ -227,12 +238,9 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
                 self._ring_at, self._res_at = self.pos.remainder(self.ring), self.res.rows(self.pos)
                 self._pool_at = self.pos - self.row_shift
             at, ring_at, res_at = self._pool_at, self._ring_at, self._res_at
-        else:
-            if self.cold is not None:
-                raise ConfigError("the sparse graph cache takes no prompt tokens after its oldest chunks moved to "
-                                  "disk; raise cpu_budget (or drop disk_dir) to continue a conversation")
-            at = torch.arange(self.seq_len, self.seq_len + t, device=self.device)
-            ring_at, res_at = at.remainder(self.ring), self.res.rows(at)
+        else:  # new tokens always lie after the disk region: their pool rows are shifted past it
+            pos = torch.arange(self.seq_len, self.seq_len + t, device=self.device)
+            at, ring_at, res_at = pos - self.row_shift, pos.remainder(self.ring), self.res.rows(pos)
         k_pool, v_pool = self._flat(self.k_host, layer), self._flat(self.v_host, layer)  # GPU-written, host memory
         k_res, v_res = self.res.flat(layer)
         if t == 1 and self.fitted:  # a decode token: every write and its index row in one kernel
@@ -312,8 +320,9 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
         self._mark_outliers(layer, 0, n)
 
     def _finish_fit(self, total: int) -> None:
-        """After the last layer's fit: decode steps may replay; outlier keys and the disk spill follow."""
-        self.fitted = True
+        """After the last layer's fit on the tokens before step `total`: decode steps may replay; outlier keys and
+        the disk spill follow."""
+        self.fitted, self.fit_at = True, total - 1
         self._keep_outlier_keys(total)
         self._spill_cold(total)
 
@@ -333,6 +342,7 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
             self._n["sparse_steps"] += 1
             if self.cold is not None and not capturing():
                 self.cold.begin_step()
+                self._cold_step_ran = True
         return self._attend_sparse(layer, q)
 
     def _plan(self, total: int):
@@ -340,23 +350,19 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
         return plan_selection(total, self.chunk, cfg.sink_tokens, cfg.window_tokens, cfg.budget_tokens(total))
 
     def _attend_exact(self, layer: int, q: torch.Tensor, total: int) -> torch.Tensor:
-        if self.cold is not None:  # (append refuses prompt tokens then; a dense step cannot come after a spill)
-            raise RuntimeError("exact attention needs every chunk in the host pool, but some are on disk")
-        return self._exact_over(q, self._flat(self.k_host, layer), self._flat(self.v_host, layer), total, copy=True)
+        """Exact attention over every stored token (the disk region read back from disk, span by span)."""
+        return self._exact_over(q, total, lambda s, e: self.read_kv(layer, s, e), self.cold is None)
 
-    @staticmethod
-    def _exact_over(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, total: int, copy: bool) -> torch.Tensor:
-        """Causal attention of q, the last T of `total` tokens, over k, v [0, total) (rows, Hkv, D); copy=True
-        copies each span first (from the host pool: one pass over the link, then attention on the GPU)."""
-        take = (lambda x: x.clone()) if copy else (lambda x: x)
+    def _exact_over(self, q: torch.Tensor, total: int, read, whole_ok: bool) -> torch.Tensor:
+        """Causal attention of q, the last T of `total` tokens, over keys [0, total) that read(start, end) returns
+        as (k, v) (T, Hkv, D) on the device; short contexts in one call when whole_ok, else in EXACT_SPAN spans."""
         t = q.shape[0]
-        if t == 1 or total <= EXACT_SPAN:
-            return causal_attention(q, take(k[:total]), take(v[:total]))
-        acc, start = OnlineSoftmax(q, k.shape[1]), total - t
+        if whole_ok and (t == 1 or total <= EXACT_SPAN):
+            return causal_attention(q, *read(0, total))
+        acc, start = OnlineSoftmax(q, self.hkv), total - t
         for s in range(0, start, EXACT_SPAN):
-            e = min(start, s + EXACT_SPAN)
-            acc.add_span(take(k[s:e]), take(v[s:e]))
-        acc.add_span(take(k[start:total]), take(v[start:total]), causal=True)
+            acc.add_span(*read(s, min(start, s + EXACT_SPAN)))
+        acc.add_span(*read(start, total), causal=True)
         return acc.result()
 
     def _step_plan(self) -> tuple[torch.Tensor, ...]:
@@ -404,7 +410,8 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
                 self.prefetch.score(layer, top, lengths[:, f:] > 0)
             csrc = chunk_cache_assign(top, self.off_gpu(top, lengths[:, f:]), cids[:, f:], self.cached_ids[layer],
                                       self.cache_counts)
-            chunk_cache_fill(top, cids[:, f:], csrc, self.k_host[layer], self.v_host[layer], self.k_cache[layer],
+            rows = top if self.cold is None else slots[:, f:]  # pool rows of the picks (chunks on disk: their slot)
+            chunk_cache_fill(rows, cids[:, f:], csrc, self.k_host[layer], self.v_host[layer], self.k_cache[layer],
                              self.v_cache[layer])
             cache = (self.k_cache[layer], self.v_cache[layer], csrc)
         sh, (k_res, v_res) = self.shadows[layer], self.res.chunks(layer)
@@ -417,6 +424,10 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
     def off_gpu(self, top: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Pick lengths with the picks in resident chunks zeroed: those the chunk cache must hold (or fetch)."""
         return torch.where(top >= self.res.start, 0, lengths) if self.res.n else lengths
+
+    @property
+    def prefetches_picks(self) -> bool:
+        return self.prefetch is not None
 
     def predicted_query(self, layer: int, make_q) -> None:
         """Prefetch `layer`'s likely picks (tierkv/kv/predict.py) for the query make_q() returns, on a captured
@@ -445,7 +456,8 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
     def advance(self, n: int) -> None:
         self.seq_len += n
         self.pos.add_(n)
-        if self.cold is not None and not capturing():
+        if self._cold_step_ran and not capturing():  # an eager sparse step with a disk tier: book its picks
+            self._cold_step_ran = False
             self._book_cold(replayed=False)
 
     def stats(self) -> dict:
@@ -486,11 +498,27 @@ class FastSparseKVCache(DiskTierSteps, LayerPrefillSteps, KVCache):
             extra["disk_tier"] = disk
         extra["resident_values"] = {"chunks": self.res.n, "of": self.n_chunks, "keys_too": self.res.k is not None,
                                     "hit_rate": res_picks / picks if picks else None}
-        return {"kind": "fast-sparse", "seq_len": self.seq_len, **self._n, **extra,
+        return {**super().stats(), **self._n, **extra,
                 "max_picks": self.max_picks, "covered": self.covered,
                 "outlier_chunks": int(self.outlier.sum()) if self.fitted else 0,
                 "gpu_bytes": gpu, "gpu": format_size(gpu), "host_bytes": self.host_bytes,
                 "host": format_size(self.host_bytes)}
+
+    def reset_stats(self) -> None:
+        """Zero the step and read counters (in place: a captured graph adds to them). Mutates."""
+        self._n = dict.fromkeys(self._n, 0)
+        self.read_counts.zero_()
+        if self.chunk_cache:
+            self.cache_counts.zero_()
+
+    def placement_bytes(self) -> dict[str, int]:
+        """Device: shadows, index, ring and resident copies; host: the pinned pool; disk: the cold chunks."""
+        return {"device": self._device_bytes() + self.res.nbytes, "host": self.host_bytes,
+                "disk": self.cold.store.nbytes if self.cold is not None else 0}
+
+    def budget_bytes(self) -> dict[str, int | None]:
+        """kv_gpu_budget bounds the device bytes (resident copies fill what the rest leaves), cpu_budget the pool."""
+        return {"device": self.config.kv_gpu_budget, "host": self.config.cpu_budget, "disk": None}
 
     def close(self) -> None:
         if self.cold is not None:

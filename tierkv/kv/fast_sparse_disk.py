@@ -24,6 +24,7 @@ class DiskTierSteps:
     """FastSparseKVCache's disk-tier methods; `cold` is None until `_spill_cold` moves chunks to disk."""
 
     cold: ColdChunks | None = None
+    _redo = False  # the last replay missed a chunk on disk (`redo_step`)
 
     def _cold_slots(self) -> int:
         """Host slots per layer for chunks on disk: two steps of picks, were they all on disk."""
@@ -73,6 +74,26 @@ class DiskTierSteps:
         self._cold_pick = torch.full((self.num_layers, self.hkv, self.max_picks), -1, dtype=torch.long,
                                      device=self.device)
 
+    def _unspill(self, keep: int) -> None:
+        """Bring the chunks on disk that hold positions < keep back into a whole host pool and drop the disk tier (a
+        rollback that discards the fit: the refit spills again). Host memory exceeds cpu_budget until then. Blocks
+        on reads."""
+        cold, shape = self.cold, (self.num_layers, self.n_chunks, self.chunk, self.hkv, self.d)
+        old = [h.view(self.num_layers, -1, cold.row_bytes) for h in self._host]  # compact rows
+        self._set_pool(shape)
+        rows = [h.view(self.num_layers, self.n_chunks, -1) for h in self._host]
+        for src, dst in zip(old, rows):
+            dst[:, :cold.lo].copy_(src[:, :cold.lo])
+            dst[:, cold.hi:].copy_(src[:, cold.lo + cold.slots:])
+        del old
+        back = range(cold.lo, min(cold.hi, -(-keep // self.chunk)))
+        for layer in range(self.num_layers):
+            for cid, buf in zip(back, cold.read_chunks(layer, back)):
+                rows[0][layer, cid] = torch.from_numpy(buf[:cold.row_bytes])
+                rows[1][layer, cid] = torch.from_numpy(buf[cold.row_bytes:])
+        cold.close()
+        self.cold = None
+
     @property
     def row_shift(self) -> int:
         """Token offset of positions after the cold region in the (compacted) host pool."""
@@ -109,7 +130,7 @@ class DiskTierSteps:
         and say how to redo it: "replay" after reading the few chunks it missed (picks after the first missing
         layer may still change, but rarely) or "eager" when it missed many (the eager step reads each miss first).
         None when the replay lacked nothing."""
-        if not getattr(self, "_redo", False):
+        if not self._redo:
             return None
         self._redo = False
         self.seq_len -= 1

@@ -65,7 +65,7 @@ class LayerPrefillSteps:
         """The slice just staged attends every staged token up to its own, causally, on the device; the layer is
         written out once its last slice has attended."""
         st = self.staging
-        out = self._exact_over(q, st.k, st.v, st.filled, copy=False)
+        out = self._exact_over(q, st.filled, lambda s, e: (st.k[s:e], st.v[s:e]), True)
         if st.filled == st.n:
             self._write_staged_layer(layer)
         return out

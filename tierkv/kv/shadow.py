@@ -94,8 +94,17 @@ class KeyShadow:
         """Take the basis from the Gram matrix (Hkv*D, Hkv*D) of the pre-RoPE keys; nothing is covered yet:
         the caller folds the tokens in, chunk-aligned slices at a time (bounded memory). Mutates."""
         basis, self.predicted_sq_err = basis_from_gram(gram, self.rank)
-        self.basis = basis.to(self.dtype)
+        self.set_basis(basis)
         self.covered = 0
+
+    def set_basis(self, basis: torch.Tensor) -> None:
+        """Take basis (r, Hkv*D), written into the current basis's storage when the shapes match (a captured CUDA
+        graph holds its address: a refit then needs no new capture). Mutates."""
+        basis = basis.to(self.dtype)
+        if self.basis is not None and self.basis.shape == basis.shape:
+            self.basis.copy_(basis)
+        else:
+            self.basis = basis.contiguous()
 
     def fold(self, k_pre: torch.Tensor, k_post: torch.Tensor) -> None:
         """Project tokens [covered, covered+T) (k_pre, k_post: (T, Hkv, D)) onto the basis; mark outliers.

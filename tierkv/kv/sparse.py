@@ -64,7 +64,11 @@ class SparseKVCache(TieredKVCache):
 
     RoPE for rebuilt keys: pass `rope` (an object with cos/sin (S, D) tables and ensure(n)); without it the
     cache derives cos/sin per position from the (k, k_pre) pairs it is given (mode 'derived' in stats).
+    The runtime never builds it (kv/factory.py picks kv/fast_sparse.py for attention="sparse"): it is the
+    eager reference that tests compare the sparse cache with.
     """
+
+    kind = "sparse-oracle"
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
                  dtype: torch.dtype, config: TierConfig, options: TieredOptions | None = None,

@@ -17,6 +17,9 @@ class StaticKVCache(DenseKVCache):
     so shapes never change between steps. `advance` moves `pos` on the device (captured in graphs).
     """
 
+    kind = "static"
+    fixed_capacity = True
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device, dtype, capacity: int,
                  windows: tuple[int | None, ...] = ()) -> None:
         super().__init__(num_layers, num_kv_heads, head_dim, device=device, dtype=dtype, capacity=capacity,

@@ -34,12 +34,13 @@ class LowRankIndex:
         self.coeffs = torch.zeros((*lead, 0, self.rank), device=device, dtype=torch.int8)  # (Hkv?, S_cap, r)
         self.row_scale = torch.zeros((*lead, 0), device=device)  # (Hkv?, S_cap) fp32
         self.basis: torch.Tensor | None = None  # (Hkv, r, D) or (r, Hkv*D)
+        self._b32_of: torch.Tensor | None = None  # the basis `basis32` was cast from
         self.count = 0
 
     @property
     def basis32(self) -> torch.Tensor:
         """The basis in fp32, cast once per basis (the decode step's projections would cast it every call)."""
-        if getattr(self, "_b32_of", None) is not self.basis:
+        if self._b32_of is not self.basis:
             self._b32, self._b32_of = self.basis.float(), self.basis
         return self._b32
 
@@ -60,8 +61,19 @@ class LowRankIndex:
     def fit_grams(self, grams: torch.Tensor) -> None:
         """Per-KV-head bases from the Gram matrices (Hkv, D, D) of the keys (summed over slices by the caller);
         nothing is indexed yet: the caller extends with the keys. Mutates."""
-        self.basis = torch.stack([basis_from_gram(g, self.rank)[0] for g in grams]).to(self.dtype)
+        self.set_basis(torch.stack([basis_from_gram(g, self.rank)[0] for g in grams]))
         self.count = 0
+
+    def set_basis(self, basis: torch.Tensor) -> None:
+        """Take basis, written into the current basis's storage (and its fp32 copy) when the shapes match (a
+        captured CUDA graph holds their addresses: a refit then needs no new capture). Mutates."""
+        basis = basis.to(self.dtype)
+        if self.basis is None or self.basis.shape != basis.shape:
+            self.basis = basis.contiguous()
+            return
+        self.basis.copy_(basis)
+        if self._b32_of is self.basis:
+            self._b32.copy_(self.basis.float())
 
     def extend(self, k_post: torch.Tensor) -> None:
         """Index the next T tokens' keys k_post (T, Hkv, D) in the fixed basis. Mutates; no host sync."""

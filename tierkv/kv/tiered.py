@@ -60,6 +60,8 @@ def _index(slots: list[int], device: torch.device) -> torch.Tensor:
 class TieredKVCache(KVCache):
     """KV cache over device, host and disk tiers under byte budgets; attention is exact ('full')."""
 
+    kind = "tiered"
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, device: torch.device | str,
                  dtype: torch.dtype, config: TierConfig, options: TieredOptions | None = None,
                  policy: EvictionPolicy | None = None) -> None:
@@ -383,7 +385,7 @@ class TieredKVCache(KVCache):
         """
         m = self.manager.stats()
         return {
-            "mode": self.config.attention, "chunk_bytes": self.layout.chunk_bytes, "seq_len": self.seq_len,
+            **super().stats(), "mode": self.config.attention, "chunk_bytes": self.layout.chunk_bytes, "seq_len": self.seq_len,
             "chunks": m["chunks"], "bytes": m["bytes"], "budget_bytes": m["budget_bytes"],
             "disk_backend": self.disk.backend_name if self.disk is not None else "none",
             "disk_path": str(self.disk.path) if self.disk is not None else None,
@@ -395,6 +397,10 @@ class TieredKVCache(KVCache):
             "gpu_reserved_bytes": self.gpu_reserved_bytes, "staging_waits": self.prefetcher.staging.waits,
             "total": self._snapshot(), "last_step": self._last_snap,
         }
+
+    def placement_bytes(self) -> dict[str, int]:
+        """Bytes of the sealed chunks in each tier (the tier manager's count)."""
+        return dict(self.manager.stats()["bytes"])
 
     @property
     def gpu_reserved_bytes(self) -> int:

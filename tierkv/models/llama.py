@@ -83,7 +83,7 @@ class LlamaModel:
                 last_only: bool = False) -> torch.Tensor:
         """ids (T,) and positions (T,) on the device -> logits (T or 1, vocab) in float32."""
         h, x = self._embed(ids)
-        predict = ids.shape[0] == 1 and getattr(cache, "prefetch", None) is not None  # FastSparseKVCache(prefetch=)
+        predict = ids.shape[0] == 1 and cache.prefetches_picks  # kv/interface.PickPrefetchHooks
         for i in range(len(self.layers)):
             h, x = self._layer(i, h, x, positions, cache, predict)
         cache.advance(ids.shape[0])

@@ -1,0 +1,180 @@
+"""The sparse graph cache's session state and rollback: K/V export and import across tiers (the disk tier
+included), the shadows, index and unfolded pre-RoPE keys as named tensors, and `truncate`. A mixin of
+FastSparseKVCache (kv/fast_sparse.py): it uses the cache's pool, shadows, index and ring.
+
+The rule for a cut (as kv/sparse.py's oracle): the fit is kept when the cut leaves every token it was fitted on and
+every folded token; otherwise the cache is unfitted and refits at its next sparse step, with the pre-RoPE keys of
+folded tokens recovered from the stored post-RoPE keys (kv/sparse_state.unrope) and the unfolded ones, exact,
+from the ring. The refit writes the new bases in place, so a captured graph stays valid (`buffers_epoch` moves
+only when a buffer is reallocated: the host pool on a spill, the resident copies).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tierkv.kv.sparse_state import SCORERS, check_meta, checked, unrope
+
+# 3: the graph-capturable cache's own layout (shadow and index of every layer fitted together, one fit point);
+# the oracle's sessions (format 2, kv/sparse.py) are refused with check_meta's message
+STATE_VERSION = 3
+
+
+class SparseSessionState:
+    """FastSparseKVCache's export/import, extra state and truncate."""
+
+    # ---- K/V across tiers ----------------------------------------------------------------------------
+    def read_kv(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of layer's post-RoPE K and V of positions [start, end), (T, Hkv, D) each on the compute device,
+        from the host pool and, for the disk region, from disk (blocks on reads). Between forwards or eagerly."""
+        k_pool, v_pool = self._flat(self.k_host, layer), self._flat(self.v_host, layer)
+        cold, c = self.cold, self.chunk
+        if cold is None:
+            return k_pool[start:end].clone(), v_pool[start:end].clone()
+        lo, hi, off = cold.lo * c, cold.hi * c, self.row_shift
+        ks, vs = [], []
+        if start < min(end, lo):
+            ks.append(k_pool[start:min(end, lo)].clone())
+            vs.append(v_pool[start:min(end, lo)].clone())
+        a, b = max(start, lo), min(end, hi)
+        if a < b:
+            k, v = cold.read_tokens(layer, a, b, self.dtype, (self.hkv, self.d))
+            ks.append(k.to(self.device))
+            vs.append(v.to(self.device))
+        if max(start, hi) < end:
+            s = max(start, hi)
+            ks.append(k_pool[s - off:end - off].clone())
+            vs.append(v_pool[s - off:end - off].clone())
+        return torch.cat(ks), torch.cat(vs)
+
+    def export_kv(self, layer: int, start: int, end: int, device: torch.device | str | None = None) -> torch.Tensor:
+        if not 0 <= start <= end <= self.seq_len:
+            raise ValueError(f"range [{start}, {end}) is outside the {self.seq_len} cached positions")
+        kv = torch.stack(self.read_kv(layer, start, end))  # (2, T, Hkv, D)
+        return kv if device is None else kv.to(device)
+
+    def begin_import(self, num_tokens: int) -> None:
+        super().begin_import(num_tokens)
+        if num_tokens > self.capacity:
+            raise RuntimeError(f"FastSparseKVCache holds {self.capacity} tokens; {num_tokens} were asked for")
+
+    def import_kv(self, layer: int, start: int, kv: torch.Tensor) -> None:
+        """Write kv (2, T, Hkv, D) at positions [start, start+T) of the pool and the resident copies."""
+        kv = kv.to(self.device)
+        end = start + kv.shape[1]
+        self._flat(self.k_host, layer)[start:end].copy_(kv[0])
+        self._flat(self.v_host, layer)[start:end].copy_(kv[1])
+        at = self.res.rows(torch.arange(start, end, device=self.device))
+        k_res, v_res = self.res.flat(layer)
+        v_res.index_copy_(0, at, kv[1])
+        if k_res is not None:
+            k_res.index_copy_(0, at, kv[0])
+
+    def finish_import(self, num_tokens: int) -> None:
+        """Commit imported K/V unfitted: without a saved state to follow (load_extra_state), the cache refits at
+        its first sparse step on pre-RoPE keys recovered from the imported keys."""
+        super().finish_import(num_tokens)
+        self.pos.fill_(num_tokens)
+        self.fitted, self.fit_at = False, 0
+        self.rope.ensure(num_tokens + 1)
+        for layer in range(self.num_layers):
+            k = self._flat(self.k_host, layer)[:num_tokens]
+            self._fit_buf[layer] = [unrope(k, self.rope.cos, self.rope.sin).to("cpu")] if num_tokens else []
+
+    # ---- shadows, index and unfolded keys ------------------------------------------------------------------
+    def _meta(self) -> torch.Tensor:
+        ix = self.index[0]
+        return torch.tensor([STATE_VERSION, self.chunk, self.shadows[0].rank, ix.rank, SCORERS.index(self.sp.scorer),
+                             self.seq_len])
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Fit flag and point; when fitted, every layer's shadow (basis, coefficients of covered tokens, chunk
+        errors), score index (basis, int8 rows and scales of every token) and the unfolded pre-RoPE keys; before
+        the fit, every token's pre-RoPE keys. Between forwards only. Does not mutate."""
+        n = self.seq_len
+        out = {"sparse.meta": self._meta(), "sparse.fitted": torch.tensor(int(self.fitted), dtype=torch.uint8),
+               "sparse.fit_at": torch.tensor(self.fit_at)}
+        for layer in range(self.num_layers):
+            p = f"sparse.{layer}."
+            if not self.fitted:
+                pre = torch.cat(self._fit_buf[layer]) if self._fit_buf[layer] else self.k_pre.new_zeros(
+                    (0, self.hkv, self.d), device="cpu")
+                if pre.shape[0] != n:
+                    raise RuntimeError("the sparse state can be saved between forwards only (keys are pending)")
+                out[p + "k_pre"] = pre
+                continue
+            sh, ix = self.shadows[layer], self.index[layer]
+            cov = sh.covered
+            out |= {p + "shadow.covered": torch.tensor(cov), p + "shadow.basis": sh.basis,
+                    p + "shadow.coeffs": sh.coeffs[:cov], p + "shadow.chunk_err": sh.chunk_err[:cov // self.chunk],
+                    p + "shadow.predicted_sq_err": sh.predicted_sq_err, p + "index.basis": ix.basis,
+                    p + "index.coeffs": ix.coeffs[:, :n], p + "index.row_scale": ix.row_scale[:, :n],
+                    p + "k_pre": self.k_pre[layer].index_select(0, self._ring_rows(cov, n))}
+        return out
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore `extra_state` after finish_import, into the reserved buffers. Raises ConfigError for a state saved
+        with other settings or another format. When fitted, the resident copies and the disk tier are set up as
+        after a fit. Mutates."""
+        check_meta(tensors["sparse.meta"], self._meta())
+        n, dev = self.seq_len, self.device
+        if not int(tensors["sparse.fitted"]):
+            for layer in range(self.num_layers):
+                pre = checked(tensors, f"sparse.{layer}.k_pre", (n, self.hkv, self.d), self.dtype)
+                self._fit_buf[layer] = [pre.to("cpu")] if n else []
+            return
+        for layer in range(self.num_layers):
+            p, sh, ix = f"sparse.{layer}.", self.shadows[layer], self.index[layer]
+            cov = int(tensors[p + "shadow.covered"])
+            sh.set_basis(checked(tensors, p + "shadow.basis", (sh.rank, self.hkv * self.d), self.dtype).to(dev))
+            sh.coeffs[:cov].copy_(checked(tensors, p + "shadow.coeffs", (cov, sh.rank), self.dtype))
+            sh.chunk_err[:cov // self.chunk].copy_(checked(tensors, p + "shadow.chunk_err", (cov // self.chunk,),
+                                                           torch.float32))
+            sh.predicted_sq_err = tensors[p + "shadow.predicted_sq_err"].to(dev)
+            sh.covered = cov
+            ix.set_basis(checked(tensors, p + "index.basis", (self.hkv, ix.rank, self.d), self.dtype).to(dev))
+            ix.coeffs[:, :n].copy_(checked(tensors, p + "index.coeffs", (self.hkv, n, ix.rank), torch.int8))
+            ix.row_scale[:, :n].copy_(checked(tensors, p + "index.row_scale", (self.hkv, n), torch.float32))
+            ix.count = n
+            pre = checked(tensors, p + "k_pre", (n - cov, self.hkv, self.d), self.dtype)
+            self.k_pre[layer].index_copy_(0, self._ring_rows(cov, n), pre.to(dev))
+            self._fit_buf[layer] = []
+            self._mark_outliers(layer, 0, cov)
+        self.fitted, self.fit_at = True, int(tensors["sparse.fit_at"])
+        self._keep_outlier_keys(n)
+        self._spill_cold(n)
+
+    def _ring_rows(self, start: int, end: int) -> torch.Tensor:
+        return torch.arange(start, end, device=self.device).remainder(self.ring)
+
+    # ---- rollback ---------------------------------------------------------------------------------------------
+    def truncate(self, num_tokens: int) -> None:
+        """Forget positions >= num_tokens, also K/V appended but not advanced (see the module docstring for the
+        fit). The GPU chunk cache forgets every chunk (chunks past the cut will be rewritten). Mutates."""
+        n = num_tokens
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"cannot truncate {self.seq_len} cached positions to {n}")
+        if self.fitted and (n < self.fit_at or any(n < sh.covered for sh in self.shadows)):
+            self._unfit(n)
+        elif self.fitted:
+            for ix in self.index:
+                ix.count = min(ix.count, n)
+        else:
+            self._fit_buf = [[torch.cat(buf)[:n]] if buf and n else [] for buf in self._fit_buf]
+        self.seq_len = n
+        self.pos.fill_(n)
+        if self.chunk_cache:
+            self.cached_ids.fill_(-1)
+
+    def _unfit(self, n: int) -> None:
+        """Drop the fit: bring chunks on disk back to the host pool (the refit spills again), and buffer the pre-RoPE
+        keys of [0, n) for the refit: folded ones un-rotated from the pool, unfolded ones from the ring."""
+        if self.cold is not None:
+            self._unspill(n)
+        self.rope.ensure(n + 1)
+        for layer in range(self.num_layers):
+            cov = min(self.shadows[layer].covered, n)
+            folded = unrope(self._flat(self.k_host, layer)[:cov], self.rope.cos, self.rope.sin)
+            exact = self.k_pre[layer].index_select(0, self._ring_rows(cov, n))
+            self._fit_buf[layer] = [torch.cat([folded, exact]).to("cpu")] if n else []
+        self.fitted, self.fit_at = False, 0
