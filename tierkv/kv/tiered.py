@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from tierkv.config import TierConfig, format_size
-from tierkv.errors import BudgetError
+from tierkv.errors import BudgetError, StorageError
 from tierkv.io.prefetch import Prefetcher, Sources, Ticket
 from tierkv.io.staging import StagingRing
 from tierkv.kv.cache import KVCache
@@ -154,22 +154,47 @@ class TieredKVCache(KVCache):
                 self._execute(self.manager.add(ChunkId(layer, idx)))
 
     def _execute(self, moves: Sequence[Move]) -> None:
-        """Carry out the manager's moves in order (synchronously, after in-flight reads of slots finish)."""
+        """Carry out the manager's moves in order (synchronously, after in-flight reads of slots finish).
+
+        A tier that fails (a full or broken disk: StorageError) undoes the moves already done and the manager's
+        record of them, so every chunk stays readable where it was and the error reaches the caller in one line.
+        """
         if not moves:
             return
         self._epoch += 1  # cached batch plans name slots that may change now
         t0 = time.perf_counter()
         self.prefetcher.fence()
-        for m in moves:
+        done = 0
+        try:
+            for m in moves:
+                self._apply(m)
+                done += 1
+        except StorageError:
+            self._undo(moves[:done])
+            self.manager.undo(moves)  # it recorded all of them when it ordered them
+            raise
+        finally:
+            self._t["move_s"] += time.perf_counter() - t0
+
+    def _apply(self, m: Move) -> None:
+        if m.dst is None:
+            self._tier(m.src).evict(m.chunk)
+            return
+        self._tier(m.dst).put(m.chunk, self._bytes_of(m.chunk, m.src))
+        if m.src is not None:
+            self._tier(m.src).evict(m.chunk)
+        if (m.src or DEVICE) != m.dst:
+            self._moved[f"{m.src or DEVICE}->{m.dst}"] += self.layout.chunk_bytes
+
+    def _undo(self, moves: Sequence[Move]) -> None:
+        """Put the bytes of completed moves back where they came from, newest first (a chunk new from the open
+        buffer is only forgotten: the open buffer still holds it). Drops are never undone (they come last)."""
+        for m in reversed(moves):
             if m.dst is None:
-                self._tier(m.src).evict(m.chunk)
                 continue
-            self._tier(m.dst).put(m.chunk, self._bytes_of(m.chunk, m.src))
             if m.src is not None:
-                self._tier(m.src).evict(m.chunk)
-            if (m.src or DEVICE) != m.dst:
-                self._moved[f"{m.src or DEVICE}->{m.dst}"] += self.layout.chunk_bytes
-        self._t["move_s"] += time.perf_counter() - t0
+                self._tier(m.src).put(m.chunk, self._bytes_of(m.chunk, m.dst))
+            self._tier(m.dst).evict(m.chunk)
 
     def _bytes_of(self, chunk: ChunkId, tier: str | None) -> torch.Tensor:
         """The chunk's bytes as a tensor valid until the next move (a view where possible)."""
