@@ -110,7 +110,8 @@ class KvikioFile(DiskFile):
             self._give_up_kvikio("open", e)
 
     def _give_up_kvikio(self, what: str, error: Exception) -> None:
-        text = str(error).splitlines()[0][-120:] if str(error) else type(error).__name__
+        text = (error.strerror if isinstance(error, OSError) and error.strerror else str(error)) or type(error).__name__
+        text = text.splitlines()[0][-120:]
         self.fallback_reason, self.name = f"kvikio {what} failed: {text}", "posix-fallback"
 
     def pwrite(self, buf: np.ndarray, offset: int) -> None:

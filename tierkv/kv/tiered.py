@@ -411,6 +411,7 @@ class TieredKVCache(KVCache):
             "mode": self.config.attention, "chunk_bytes": self.layout.chunk_bytes, "seq_len": self.seq_len,
             "chunks": m["chunks"], "bytes": m["bytes"], "budget_bytes": m["budget_bytes"],
             "disk_backend": self.disk.backend_name if self.disk is not None else "none",
+            "disk_backend_reason": self.disk.backend_reason if self.disk is not None else None,
             "disk_path": str(self.disk.path) if self.disk is not None else None,
             "disk_threads": self.disk.threads if self.disk is not None else None,
             "disk_parallelism_gbps": self.disk.parallelism.gbps if self.disk is not None and self.disk.parallelism
