@@ -418,7 +418,8 @@ class TieredKVCache(KVCache):
             else None,
             "disk_file_bytes": self.disk.file_bytes() if self.disk is not None else 0,
             "host_memory": self.host_pool.mode, "host_read": self.host_read,
-            "gpu_reserved_bytes": self.gpu_reserved_bytes, "staging_waits": self.prefetcher.staging.waits,
+            "gpu_reserved_bytes": self.gpu_reserved_bytes, "host_reserved_bytes": self.host_reserved_bytes,
+            "staging_waits": self.prefetcher.staging.waits,
             "total": self._snapshot(), "last_step": self._last_snap,
         }
 
@@ -428,8 +429,14 @@ class TieredKVCache(KVCache):
         work = sum(w.numel() for w in self._work)
         return self.dev_pool.reserved_bytes + self._open_raw.numel() + work if not self._closed else 0
 
+    @property
+    def host_reserved_bytes(self) -> int:
+        """Host bytes this cache holds: the host tier's slots and the staging buffers (0 once closed)."""
+        return self.host_pool.reserved_bytes + self.prefetcher.staging.reserved_bytes
+
     def close(self) -> None:
-        """Stop I/O threads, free pinned memory, remove the run files (unless keep_files). Safe to call twice."""
+        """Stop I/O threads, free device buffers and pinned memory, remove the run files (unless keep_files), and
+        zero the placement record (stats then show nothing held). Safe to call twice."""
         if self._closed:
             return
         self._ahead = None
@@ -438,6 +445,10 @@ class TieredKVCache(KVCache):
             self.disk.close()
         self.dev_pool.close()
         self.host_pool.close()
+        for layer in range(self.num_layers):
+            self.manager.truncate(layer, 0)  # storage is gone already: the drop orders need no carrying out
+        self._work, self._pending, self._plans = [], {}, {}
+        self._open = self._open_raw = self._open.new_empty(0)
         self._closed = True
 
 
