@@ -12,7 +12,7 @@ LAYERS = [
     {"kernels", "io"},
     {"kv"},
     {"models"},
-    {"engine", "graph"},
+    {"engine", "graph", "oom"},
     {"llm"},
     {"chat", "chat_template", "session", "bench"},
     {"cli"},

@@ -417,7 +417,8 @@ class TieredKVCache(KVCache):
             "disk_parallelism_gbps": self.disk.parallelism.gbps if self.disk is not None and self.disk.parallelism
             else None,
             "disk_file_bytes": self.disk.file_bytes() if self.disk is not None else 0,
-            "host_memory": self.host_pool.mode, "host_read": self.host_read,
+            "host_memory": self.host_pool.mode, "host_memory_reason": self.host_pool.pin_note or None,
+            "host_read": self.host_read,
             "gpu_reserved_bytes": self.gpu_reserved_bytes, "host_reserved_bytes": self.host_reserved_bytes,
             "staging_waits": self.prefetcher.staging.waits,
             "total": self._snapshot(), "last_step": self._last_snap,
