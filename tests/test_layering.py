@@ -12,7 +12,7 @@ LAYERS = [
     {"kernels", "io"},
     {"kv", "weights"},
     {"models"},
-    {"engine", "graph", "plan"},
+    {"engine", "graph", "plan", "oom"},
     {"llm"},
     {"chat", "chat_template", "session", "bench"},
     {"cli"},

@@ -23,6 +23,7 @@ from tierkv.kv.cache import KVCache, copy_state
 from tierkv.session import SessionError, check_compatible, model_identity, read_manifest, read_tokens, restore_kv, \
     save_session
 from tierkv.chat_template import render
+from tierkv.oom import guard_memory
 
 CONTEXT_JOIN = "\n\n"  # between system= and context= in the system message
 _SESSIONS: "weakref.WeakKeyDictionary[object, weakref.WeakSet]" = weakref.WeakKeyDictionary()  # LLM -> open chats
@@ -51,6 +52,7 @@ class Chat:
     all that other open sessions have not taken) and returns it on close(). Each has its own cache and files.
     """
 
+    @guard_memory(lambda chat: chat.llm.tier, lambda chat: chat.llm.device)
     def __init__(self, llm, system: str | None = None, context: str | os.PathLike | None = None, *,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  progress: bool = True, budget_share: float | None = None, _restore: dict | None = None) -> None:
@@ -126,6 +128,7 @@ class Chat:
             pass
         return self.messages[-1]["content"] if self.messages and self.messages[-1]["role"] == "assistant" else ""
 
+    @guard_memory(lambda chat: chat.llm.tier, lambda chat: chat.llm.device)
     def stream(self, text: str, **gen) -> Iterator[str]:
         """Add a user turn and yield the reply as text pieces while it is generated.
 

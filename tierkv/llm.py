@@ -21,6 +21,7 @@ from tierkv.models.config import ModelConfig
 from tierkv.models.llama import LlamaModel
 from tierkv.models.shapes import SHAPES, shape_config
 from tierkv.models.weights import TensorSource, resolve_model
+from tierkv.oom import guard_memory
 
 if TYPE_CHECKING:
     from tierkv.chat import Chat
@@ -154,6 +155,7 @@ class LLM:
                 f"prompt has {n_prompt} tokens but the model's context is {limit} tokens; shorten the prompt")
 
     # --- generation ---------------------------------------------------------------------------
+    @guard_memory(lambda llm: llm.tier, lambda llm: llm.device)  # out of memory: one error naming the budget
     def stream_ids(self, ids: Sequence[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int | None = None, progress: bool = False) -> Iterator[int]:
         """Prefill ids in chunks, then yield new token ids (greedy at temperature 0)."""

@@ -286,7 +286,19 @@ def restore_kv(path: str | os.PathLike, body: dict, cache: KVCache) -> int:
         for f in handles:
             f.close()
     if "extra" in body["files"]:
-        from safetensors.torch import load as st_load
-
-        cache.load_extra_state(st_load(read_file(root, body["files"]["extra"])))
+        cache.load_extra_state(read_tensors(root, body["files"]["extra"]))
     return n * token_bytes * len(handles)
+
+
+def read_tensors(root: Path, entry: dict) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file of the session (checked against its manifest entry). safetensors holds
+    only a JSON header and raw bytes: anything else (a pickle, say) is refused as damaged and never executed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    file = root / entry["path"]
+    try:
+        return st_load(read_file(root, entry))
+    except (SafetensorError, ValueError) as e:
+        raise SessionDamagedError(f"session file {file} is not a safetensors file ({str(e)[:80]}); save the session "
+                                  f"again or delete {root}") from None

@@ -45,7 +45,10 @@ def _disk_backend() -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         choice, _ = choose_backend(tmp)
-    return {"disk_backend": choice.name, "disk_backend_reason": choice.reason or "probe passed"}
+    facts = {"disk_backend": choice.name, "disk_backend_reason": choice.reason or "probe passed"}
+    if choice.name != "posix":  # kvikio that fails later on one file hands it to POSIX (tierkv/io/disk.py)
+        facts["disk_backend_fallback"] = "posix-fallback (in the run's stats) if kvikio fails to open, read or write"
+    return facts
 
 
 @click.command("info")

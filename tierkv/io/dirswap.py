@@ -1,5 +1,8 @@
 """Atomic replacement of a whole directory (session saves): a complete new directory is swapped in for the old.
 
+Concurrent saves to one directory are last-writer-wins: each swaps in its own complete directory, so a reader finds
+one whole save (a read racing a swap may find files of two saves: their checksums refuse it, never mixing them).
+
 Linux swaps the two names in one renameat2(RENAME_EXCHANGE) call ('exchange'); elsewhere two renames with the old
 directory parked beside ('rename'), which `recover` undoes if a crash fell between them.
 """
@@ -37,10 +40,21 @@ def _parked(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.old")
 
 
+def _rename_onto_nothing(new: Path, dest: Path) -> bool:
+    """Rename new to dest when dest is absent (or an empty directory); False when dest holds something. One call,
+    no check before it: another process's save may create dest at any moment (then the caller swaps with it)."""
+    try:
+        os.rename(new, dest)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
+
+
 def swap_in(new: Path, dest: Path) -> str:
     """Make the complete directory `new` appear at `dest`, removing what was there. Blocks. Returns the mode used."""
-    if not dest.exists():
-        os.rename(new, dest)
+    if _rename_onto_nothing(new, dest):
         mode = "rename"
     elif _exchange(new, dest):
         shutil.rmtree(new, ignore_errors=True)  # `new` now names the old directory

@@ -20,9 +20,14 @@ BACKENDS = ("auto", "kvikio", "posix")
 
 
 class DiskFile(ABC):
-    """One open file with positional, whole-buffer reads and writes. Blocking; safe from several threads."""
+    """One open file with positional, whole-buffer reads and writes. Blocking; safe from several threads.
+
+    Every file also holds a POSIX descriptor (`fd`): growing the file goes through it, so a run directory removed
+    or replaced mid-run leaves the open file working (the kernel keeps the inode until close)."""
 
     name: str
+    fd: int
+    fallback_reason = ""  # why a kvikio file now runs on POSIX ('' while it runs as chosen)
 
     @abstractmethod
     def pwrite(self, buf: np.ndarray, offset: int) -> None:
@@ -32,23 +37,40 @@ class DiskFile(ABC):
     def pread(self, buf: np.ndarray, offset: int) -> None:
         """Fill all of buf from offset; raises OSError on a short read. Mutates buf; blocks."""
 
-    @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def reserve(self, size: int) -> None:
         """Make the file at least `size` bytes with blocks allocated, so a full disk fails here. Blocks."""
-        fd = os.open(self.path, os.O_WRONLY)
+        if os.fstat(self.fd).st_size >= size:
+            return
         try:
-            if os.fstat(fd).st_size >= size:
-                return
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
-                    raise
-                os.ftruncate(fd, size)  # filesystems without fallocate (tmpfs on some kernels)
-        finally:
-            os.close(fd)
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                raise
+            os.ftruncate(self.fd, size)  # filesystems without fallocate (tmpfs on some kernels)
+
+
+def posix_pwrite(fd: int, buf: np.ndarray, offset: int) -> None:
+    """Write all of buf at offset on fd (a write that hits a size limit is short first, then fails with EFBIG)."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def posix_pread(fd: int, buf: np.ndarray, offset: int, path: str) -> None:
+    """Fill all of buf from offset of fd; OSError(EIO) naming path when the file ends first (a short read)."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"short read: the file ends before offset {offset + done} (truncated?) of {path}")
+        done += n
 
 
 class PosixFile(DiskFile):
@@ -61,55 +83,73 @@ class PosixFile(DiskFile):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
 
     def pwrite(self, buf: np.ndarray, offset: int) -> None:
-        view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):  # a write that hits a size limit is short first, then fails with EFBIG
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        posix_pwrite(self.fd, buf, offset)
 
     def pread(self, buf: np.ndarray, offset: int) -> None:
-        view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n == 0:
-                raise OSError(errno.EIO, f"short read at offset {offset + done} of {self.path}")
-            done += n
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        posix_pread(self.fd, buf, offset, self.path)
 
 
 class KvikioFile(DiskFile):
-    """kvikio.CuFile: GPUDirect Storage where the system has it, kvikio's own POSIX threads elsewhere."""
+    """kvikio.CuFile: GPUDirect Storage where the system has it, kvikio's own POSIX threads elsewhere.
 
-    def __init__(self, path: str | os.PathLike, kvikio_mod, name: str) -> None:
-        self.path, self.name, self._kvikio = str(path), name, kvikio_mod
-        if not os.path.exists(self.path):
-            open(self.path, "wb").close()
-        self.f = kvikio_mod.CuFile(self.path, "r+")
+    With fallback (the disk tier), a kvikio read or write that fails is redone with POSIX on the same file; when
+    POSIX succeeds, kvikio is the broken part, so the file stays on POSIX from then on and `name` becomes
+    'posix-fallback' (a named mode in stats). Without fallback (the backend probe) kvikio's error is raised.
+    """
+
+    def __init__(self, path: str | os.PathLike, kvikio_mod, name: str, *, fallback: bool = True) -> None:
+        self.path, self.name, self._kvikio, self._fallback = str(path), name, kvikio_mod, fallback
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # a missing directory fails here, as POSIX
+        self.f = None
+        try:
+            self.f = kvikio_mod.CuFile(self.path, "r+")
+        except Exception as e:  # noqa: BLE001 - e.g. a cuFile handle refused for this file
+            if not fallback:
+                self.close()
+                raise
+            self._give_up_kvikio("open", e)
+
+    def _give_up_kvikio(self, what: str, error: Exception) -> None:
+        text = (error.strerror if isinstance(error, OSError) and error.strerror else str(error)) or type(error).__name__
+        text = text.splitlines()[0][-120:]
+        self.fallback_reason, self.name = f"kvikio {what} failed: {text}", "posix-fallback"
 
     def pwrite(self, buf: np.ndarray, offset: int) -> None:
+        if self.f is not None and not self.fallback_reason:
+            try:
+                return self._kvikio_io(self.f.pwrite, buf, offset, errno.ENOSPC, "write")
+            except Exception as e:  # noqa: BLE001 - any kvikio failure is retried on POSIX below
+                if not self._fallback:
+                    raise
+                posix_pwrite(self.fd, buf, offset)  # a full disk fails here too, with its real errno
+                return self._give_up_kvikio("write", e)
+        posix_pwrite(self.fd, buf, offset)
+
+    def pread(self, buf: np.ndarray, offset: int) -> None:
+        if self.f is not None and not self.fallback_reason:
+            try:
+                return self._kvikio_io(self.f.pread, buf, offset, errno.EIO, "read")
+            except Exception as e:  # noqa: BLE001
+                if not self._fallback:
+                    raise
+                posix_pread(self.fd, buf, offset, self.path)  # a short read fails here too
+                return self._give_up_kvikio("read", e)
+        posix_pread(self.fd, buf, offset, self.path)
+
+    @staticmethod
+    def _kvikio_io(call, buf: np.ndarray, offset: int, short_errno: int, what: str) -> None:
         try:
-            n = self.f.pwrite(buf, buf.nbytes, offset).get()
+            n = call(buf, buf.nbytes, offset).get()
         except RuntimeError as e:  # kvikio reports errno failures as RuntimeError
             raise OSError(_errno_of(str(e)), str(e)) from e
         if n != buf.nbytes:
-            raise OSError(errno.ENOSPC, f"short write ({n} of {buf.nbytes} bytes) at offset {offset}")
-
-    def pread(self, buf: np.ndarray, offset: int) -> None:
-        try:
-            n = self.f.pread(buf, buf.nbytes, offset).get()
-        except RuntimeError as e:
-            raise OSError(_errno_of(str(e)), str(e)) from e
-        if n != buf.nbytes:
-            raise OSError(errno.EIO, f"short read ({n} of {buf.nbytes} bytes) at offset {offset}")
+            raise OSError(short_errno, f"short {what} ({n} of {buf.nbytes} bytes) at offset {offset}")
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
             self.f = None
+        super().close()
 
 
 def _errno_of(message: str) -> int:
@@ -160,7 +200,7 @@ def _probe_kvikio(directory: Path, threads: int) -> tuple[object, str]:
         _set_threads(kvikio, threads)
         data = np.arange(4096, dtype=np.uint8)
         back = np.zeros_like(data)
-        f = KvikioFile(probe, kvikio, "probe")
+        f = KvikioFile(probe, kvikio, "probe", fallback=False)
         try:
             f.pwrite(data, 0)
             f.pread(back, 0)
@@ -183,7 +223,8 @@ def _set_threads(kvikio, threads: int) -> None:
 
 
 def open_file(path: str | os.PathLike, choice: BackendChoice, kvikio_mod) -> DiskFile:
-    """Open (creating) one data file with the chosen backend."""
+    """Open (creating) one data file with the chosen backend. A kvikio file that kvikio cannot open runs on POSIX
+    as 'posix-fallback' (see KvikioFile)."""
     if choice.name == "posix":
         return PosixFile(path)
     return KvikioFile(path, kvikio_mod, choice.name)

@@ -4,6 +4,7 @@ the disk tier: a probe file is read in random order, page cache dropped, with 1,
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import time
@@ -46,9 +47,13 @@ def measure_read_parallelism(directory: str | os.PathLike, chunk_bytes: int = 64
     except OSError as e:
         raise StorageError(f"cannot write a probe file in {directory} ({e.strerror}); pass a writable disk_dir") from e
     try:
-        os.pwrite(fd, data.tobytes(), 0)
+        if os.pwrite(fd, data.tobytes(), 0) != data.nbytes:  # a size limit cuts the write short
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
         os.fsync(fd)
         rates = {t: _read_rate(fd, chunk_bytes, rng.permutation(chunks), t) for t in candidates}
+    except OSError as e:
+        raise StorageError(f"cannot write a {data.nbytes // 1024} KiB probe file in {directory} ({e.strerror}); "
+                           f"free space or pass another disk_dir") from e
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)

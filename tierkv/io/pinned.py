@@ -10,8 +10,12 @@ through its address), unregistered and unmapped when the last tensor viewing it 
 from __future__ import annotations
 
 import mmap
+import resource
 
 import torch
+
+from tierkv.config import format_size
+from tierkv.errors import BudgetError
 
 _REGISTER_PORTABLE, _REGISTER_MAPPED = 0x01, 0x02
 
@@ -45,3 +49,21 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     mem.registered_ptr = t.data_ptr()
     return t
+
+
+def memlock_limit() -> int | None:
+    """The locked-memory limit (RLIMIT_MEMLOCK, `ulimit -l`) in bytes; None when unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def unpinned_fallback(nbytes: int, error: BaseException, *, growing: bool, limit: int | None) -> str:
+    """Decide what a failed pin of nbytes does. The first allocation of a host tier falls back to pageable memory
+    (returns the note that stats show); growing a tier the GPU already reads in place cannot change its kind, so it
+    stops with BudgetError. Both name the locked-memory limit (`limit` bytes, None: unlimited)."""
+    cause = str(error).splitlines()[0][:100] if str(error) else type(error).__name__
+    lim = "unlimited" if limit is None else format_size(limit)
+    if growing:
+        raise BudgetError(f"pinning {format_size(nbytes)} more host memory failed ({cause}) under the locked-memory "
+                          f"limit RLIMIT_MEMLOCK={lim}; raise it (ulimit -l) or lower cpu_budget")
+    return f"pinning {format_size(nbytes)} failed ({cause}) under RLIMIT_MEMLOCK={lim}: pageable memory, copied in"

@@ -187,4 +187,4 @@ class Prefetcher:
         self._pool.shutdown(wait=True)
         if self.cuda:
             self.stream.synchronize()
-        self.staging.drain()
+        self.staging.close()

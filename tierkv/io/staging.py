@@ -87,6 +87,16 @@ class StagingRing:
                 buf.event = None
 
     @property
+    def reserved_bytes(self) -> int:
+        """Host bytes the ring holds (0 once closed)."""
+        return sum(b.data.numel() for b in self.buffers)
+
+    def close(self) -> None:
+        """Wait for copies in flight, then free every buffer (pinned ones go back to the OS). Safe to call twice."""
+        self.drain()
+        self.buffers, self._ready = [], deque()
+
+    @property
     def free(self) -> int:
         """Buffers not held (some may still have a copy in flight)."""
         return len(self._ready)

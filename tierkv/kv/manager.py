@@ -188,6 +188,23 @@ class TierManager:
         self._sealed[layer] = min(self._sealed[layer], keep)
         return moves
 
+    def undo(self, moves: Sequence[Move]) -> None:
+        """Forget moves this manager ordered (the tiers could not carry them out), newest first: each chunk is
+        recorded where it was before; a chunk new from the open buffer is unsealed again; drops stay done (their
+        bytes are gone). Mutates."""
+        for m in reversed(moves):
+            if m.dst is None:
+                continue
+            del self._where[m.chunk]
+            self._count[m.dst] -= 1
+            self.policy.remove(m.chunk, m.dst)
+            if m.src is not None:
+                self._where[m.chunk] = m.src
+                self._count[m.src] += 1
+                self.policy.insert(m.chunk, m.src)
+            elif self._sealed[m.chunk.layer] == m.chunk.index + 1:
+                self._sealed[m.chunk.layer] -= 1
+
     def observe_scores(self, chunks: Sequence[ChunkId], scores: Sequence[float]) -> None:
         """Hand attention scores to the eviction policy."""
         self.policy.observe_scores(chunks, scores)

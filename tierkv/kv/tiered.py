@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from tierkv.config import TierConfig, format_size
-from tierkv.errors import BudgetError
+from tierkv.errors import BudgetError, StorageError
 from tierkv.io.prefetch import Prefetcher, Sources, Ticket
 from tierkv.io.staging import StagingRing
 from tierkv.kv.cache import KVCache
@@ -156,22 +156,47 @@ class TieredKVCache(KVCache):
                 self._execute(self.manager.add(ChunkId(layer, idx)))
 
     def _execute(self, moves: Sequence[Move]) -> None:
-        """Carry out the manager's moves in order (synchronously, after in-flight reads of slots finish)."""
+        """Carry out the manager's moves in order (synchronously, after in-flight reads of slots finish).
+
+        A tier that fails (a full or broken disk: StorageError) undoes the moves already done and the manager's
+        record of them, so every chunk stays readable where it was and the error reaches the caller in one line.
+        """
         if not moves:
             return
         self._epoch += 1  # cached batch plans name slots that may change now
         t0 = time.perf_counter()
         self.prefetcher.fence()
-        for m in moves:
+        done = 0
+        try:
+            for m in moves:
+                self._apply(m)
+                done += 1
+        except StorageError:
+            self._undo(moves[:done])
+            self.manager.undo(moves)  # it recorded all of them when it ordered them
+            raise
+        finally:
+            self._t["move_s"] += time.perf_counter() - t0
+
+    def _apply(self, m: Move) -> None:
+        if m.dst is None:
+            self._tier(m.src).evict(m.chunk)
+            return
+        self._tier(m.dst).put(m.chunk, self._bytes_of(m.chunk, m.src))
+        if m.src is not None:
+            self._tier(m.src).evict(m.chunk)
+        if (m.src or DEVICE) != m.dst:
+            self._moved[f"{m.src or DEVICE}->{m.dst}"] += self.layout.chunk_bytes
+
+    def _undo(self, moves: Sequence[Move]) -> None:
+        """Put the bytes of completed moves back where they came from, newest first (a chunk new from the open
+        buffer is only forgotten: the open buffer still holds it). Drops are never undone (they come last)."""
+        for m in reversed(moves):
             if m.dst is None:
-                self._tier(m.src).evict(m.chunk)
                 continue
-            self._tier(m.dst).put(m.chunk, self._bytes_of(m.chunk, m.src))
             if m.src is not None:
-                self._tier(m.src).evict(m.chunk)
-            if (m.src or DEVICE) != m.dst:
-                self._moved[f"{m.src or DEVICE}->{m.dst}"] += self.layout.chunk_bytes
-        self._t["move_s"] += time.perf_counter() - t0
+                self._tier(m.src).put(m.chunk, self._bytes_of(m.chunk, m.dst))
+            self._tier(m.dst).evict(m.chunk)
 
     def _bytes_of(self, chunk: ChunkId, tier: str | None) -> torch.Tensor:
         """The chunk's bytes as a tensor valid until the next move (a view where possible)."""
@@ -388,13 +413,16 @@ class TieredKVCache(KVCache):
             **super().stats(), "mode": self.config.attention, "chunk_bytes": self.layout.chunk_bytes, "seq_len": self.seq_len,
             "chunks": m["chunks"], "bytes": m["bytes"], "budget_bytes": m["budget_bytes"],
             "disk_backend": self.disk.backend_name if self.disk is not None else "none",
+            "disk_backend_reason": self.disk.backend_reason if self.disk is not None else None,
             "disk_path": str(self.disk.path) if self.disk is not None else None,
             "disk_threads": self.disk.threads if self.disk is not None else None,
             "disk_parallelism_gbps": self.disk.parallelism.gbps if self.disk is not None and self.disk.parallelism
             else None,
             "disk_file_bytes": self.disk.file_bytes() if self.disk is not None else 0,
-            "host_memory": self.host_pool.mode, "host_read": self.host_read,
-            "gpu_reserved_bytes": self.gpu_reserved_bytes, "staging_waits": self.prefetcher.staging.waits,
+            "host_memory": self.host_pool.mode, "host_memory_reason": self.host_pool.pin_note or None,
+            "host_read": self.host_read,
+            "gpu_reserved_bytes": self.gpu_reserved_bytes, "host_reserved_bytes": self.host_reserved_bytes,
+            "staging_waits": self.prefetcher.staging.waits,
             "total": self._snapshot(), "last_step": self._last_snap,
         }
 
@@ -408,8 +436,14 @@ class TieredKVCache(KVCache):
         work = sum(w.numel() for w in self._work)
         return self.dev_pool.reserved_bytes + self._open_raw.numel() + work if not self._closed else 0
 
+    @property
+    def host_reserved_bytes(self) -> int:
+        """Host bytes this cache holds: the host tier's slots and the staging buffers (0 once closed)."""
+        return self.host_pool.reserved_bytes + self.prefetcher.staging.reserved_bytes
+
     def close(self) -> None:
-        """Stop I/O threads, free pinned memory, remove the run files (unless keep_files). Safe to call twice."""
+        """Stop I/O threads, free device buffers and pinned memory, remove the run files (unless keep_files), and
+        zero the placement record (stats then show nothing held). Safe to call twice."""
         if self._closed:
             return
         self._ahead = None
@@ -418,6 +452,10 @@ class TieredKVCache(KVCache):
             self.disk.close()
         self.dev_pool.close()
         self.host_pool.close()
+        for layer in range(self.num_layers):
+            self.manager.truncate(layer, 0)  # storage is gone already: the drop orders need no carrying out
+        self._work, self._pending, self._plans = [], {}, {}
+        self._open = self._open_raw = self._open.new_empty(0)
         self._closed = True
 
 

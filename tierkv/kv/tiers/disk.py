@@ -95,22 +95,37 @@ class DiskStore(Tier):
         self.stride = -(-chunk_bytes // ALIGN) * ALIGN
         self.run_dir = new_run_dir(directory)
         self.path = self.run_dir / "kv.bin"
-        # threads=None: as many read threads as this disk serves scattered chunk reads best with (measured)
-        self.parallelism = measure_read_parallelism(self.run_dir, chunk_bytes) if threads is None else None
-        self.threads = self.parallelism.threads if self.parallelism else threads
-        self.backend, kvikio = choose_backend(self.run_dir, backend, self.threads)
-        self.file = open_file(self.path, self.backend, kvikio)
+        self.file = None
         self._slot: dict[ChunkId, int] = {}
+        try:
+            # threads=None: as many read threads as this disk serves scattered chunk reads best with (measured)
+            self.parallelism = measure_read_parallelism(self.run_dir, chunk_bytes) if threads is None else None
+            self.threads = self.parallelism.threads if self.parallelism else threads
+            self.backend, kvikio = choose_backend(self.run_dir, backend, self.threads)
+            self.file = self._guard(lambda: open_file(self.path, self.backend, kvikio), "the data file")
+        except BaseException:
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # a store that never opened leaves nothing behind
+            raise
         self._crc: dict[int, int] = {}  # slot -> CRC-32 of its bytes
         self._free: list[int] = []
         self._next_slot, self._reserved = 0, 0
         self._bounce = torch.empty(chunk_bytes, dtype=torch.uint8)  # for puts from another device
         self._lock = threading.Lock()
-        self._write_header()
+        try:
+            self._write_header()
+        except StorageError:
+            self.close()
+            raise
 
     @property
     def backend_name(self) -> str:
-        return self.backend.name
+        """The backend reads and writes go through now: the chosen one, or 'posix-fallback' once kvikio failed."""
+        return self.file.name if self.file is not None else self.backend.name
+
+    @property
+    def backend_reason(self) -> str:
+        """Why this backend: the choice's reason, or the kvikio failure that made POSIX take over."""
+        return (self.file.fallback_reason if self.file is not None else "") or self.backend.reason
 
     def _write_header(self) -> None:
         head = np.zeros(ALIGN, dtype=np.uint8)
@@ -189,8 +204,9 @@ class DiskStore(Tier):
         self._free.append(slot)
 
     def file_bytes(self) -> int:
-        """Size of the data file on disk now (0 once closed)."""
-        return self.path.stat().st_size if self.path.exists() else 0
+        """Size of the data file now (0 once closed); read from the open descriptor, so a run directory removed
+        mid-run still reports the space the file holds until close."""
+        return os.fstat(self.file.fd).st_size if self.file is not None else 0
 
     def offset_of(self, chunk: ChunkId) -> int:
         """Byte offset of the chunk in `path` (for tests and tools)."""

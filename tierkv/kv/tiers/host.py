@@ -11,6 +11,7 @@ import torch
 
 from tierkv.config import format_size
 from tierkv.errors import BudgetError
+from tierkv.io.pinned import memlock_limit, unpinned_fallback
 from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kv.tiers.base import SlotPool
 
@@ -32,17 +33,28 @@ class HostPool(SlotPool):
 
     def __init__(self, chunk_bytes: int, slots: int | None, *, pin: bool | None = None) -> None:
         self.pinned = pinning_available() if pin is None else pin
+        self.pin_note = ""  # why a pool meant to be pinned is pageable ('' when it is as asked)
         if slots is not None:
             check_host_budget(slots * chunk_bytes)
         self._mapped: tuple[int, torch.Tensor] | None = None
+        self._growing = False
         super().__init__(chunk_bytes, slots, initial_slots=max(1, GROW_BYTES // chunk_bytes))
+        self._growing = True
 
     @property
     def mode(self) -> str:
-        return "pinned" if self.pinned else "pageable"
+        """'pinned', 'pageable', or 'pageable-fallback' when pinning failed (pin_note says why)."""
+        return "pinned" if self.pinned else "pageable-fallback" if self.pin_note else "pageable"
 
     def _alloc(self, rows: int) -> torch.Tensor:
-        return alloc_host(rows * self.chunk_bytes, pin=self.pinned).view(rows, self.chunk_bytes)
+        nbytes = rows * self.chunk_bytes
+        if self.pinned:
+            try:
+                return alloc_host(nbytes, pin=True).view(rows, self.chunk_bytes)
+            except RuntimeError as e:  # e.g. the locked-memory limit: fall back at first, stop when growing
+                self.pin_note = unpinned_fallback(nbytes, e, growing=self._growing, limit=memlock_limit())
+                self.pinned = False
+        return alloc_host(nbytes, pin=False).view(rows, self.chunk_bytes)
 
     def mapped_view(self, device: torch.device) -> torch.Tensor | None:
         """A tensor on `device` aliasing this pool's storage (slots, chunk_bytes), or None if unsupported.
