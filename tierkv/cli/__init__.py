@@ -17,9 +17,9 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so `tierkv --help` stays cheap and each command lives in its own module.
-    from tierkv.cli import bench, chat, info, run
+    from tierkv.cli import bench, cache, chat, info, run
 
-    for module in (run, chat, info, bench):
+    for module in (run, chat, info, bench, cache):
         cli.add_command(module.command)
 
 
