@@ -66,5 +66,14 @@ def test_with_m_the_positional_is_the_prompt_and_with_p_the_model(hf_cache):
         split_model_and_prompt(("llama-tiny", "hi"), None, True)
 
 
-def test_an_existing_folder_is_a_model(tmp_path):
-    assert split_model_and_prompt((str(tmp_path),), None, False) == (str(tmp_path), None)
+def test_an_existing_model_folder_or_gguf_is_a_model_and_other_paths_are_prompts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "hello").write_text("a file that happens to share the prompt's name")
+    assert split_model_and_prompt(("model",), None, False) == ("model", None)
+    assert split_model_and_prompt(("m.gguf",), None, False) == ("m.gguf", None)
+    assert split_model_and_prompt(("notes",), None, False) == (None, "notes")
+    assert split_model_and_prompt(("hello",), None, False) == (None, "hello")

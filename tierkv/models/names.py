@@ -38,15 +38,16 @@ def hf_snapshot(repo_id: str) -> Path | None:
 
 
 def local_model(name: str) -> str | None:
-    """What `name` loads when it names a model on this machine (a shape name, the default model's name, an
-    existing path, a cached Hugging Face id), else None. Shape and default names come back unchanged."""
+    """What `name` loads when it names a model on this machine (a shape name, the default model's name, a folder
+    with a config.json, a .gguf file, a cached Hugging Face id), else None. Shape and default names come back unchanged."""
     from tierkv.models.shapes import SHAPES
 
     if not name.strip():
         return None  # Path("") is the current directory
     if name in SHAPES or name.lower() in DEFAULT_NAMES:
         return name
-    if Path(name).expanduser().exists():
+    path = Path(name).expanduser()
+    if (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix.lower() == ".gguf"):
         return name
     snap = hf_snapshot(name)
     return str(snap) if snap is not None else None
