@@ -49,7 +49,7 @@ def test_ctx_size_caps_the_context(tiny):
 
 
 def test_ctx_size_above_the_model_context_is_refused():
-    with pytest.raises(ConfigError, match="ctx_size=2000000"):
+    with pytest.raises(ConfigError, match="ctx_size=2000000 .* above the model.s context of 1048576"):
         tierkv.load("llama-tiny", device="cpu", ctx_size=2_000_000)
 
 
@@ -57,3 +57,8 @@ def test_greedy_with_top_k_1_and_sampling_filters_equal_greedy(tiny):
     greedy = tiny.generate("hello", max_new_tokens=8)
     assert tiny.generate("hello", max_new_tokens=8, temperature=1.3, top_k=1, seed=3) == greedy
     assert tiny.generate("hello", max_new_tokens=8, temperature=1.3, min_p=1.0, seed=3) == greedy
+
+
+def test_malformed_ctx_size_is_refused():
+    with pytest.raises(ConfigError, match="ctx_size=1 .* integer >= 2"):
+        tierkv.load("llama-tiny", device="cpu", ctx_size=1)

@@ -137,8 +137,8 @@ class LLM:
         if messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ConfigError(f"model {self.source!r} has no chat template; pass prompt= instead of messages=")
-            out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
             require_text(" ".join(str(m.get("content", "")) for m in messages), "the messages")
+            out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
             return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
         require_text(prompt, "the prompt")
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -296,6 +296,7 @@ def load(model: str | Path | None = None, device: str | torch.device | None = No
     tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
     Blocks while weights load; a GGUF is converted once into the cache directory.
     """
+    context_limit(ctx_size, 1 << 62)  # a malformed ctx_size is refused before the weights load
     llm = _load(find_model(model), device, dtype, graph, progress, tier_settings)
     llm.context_size = context_limit(ctx_size, llm.cfg.max_position_embeddings)
     return llm

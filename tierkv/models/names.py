@@ -71,7 +71,9 @@ def context_limit(ctx_size: int | None, model_context: int) -> int:
     """The context a run may use: the model's, or ctx_size when given (at least 2, at most the model's)."""
     if ctx_size is None:
         return model_context
-    if isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or not 2 <= ctx_size <= model_context:
-        raise ConfigError(f"ctx_size={ctx_size!r} (--ctx-size) must be between 2 and the model's context "
-                          f"{model_context}; give a smaller value or leave it out")
+    if isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or ctx_size < 2:
+        raise ConfigError(f"ctx_size={ctx_size!r} (--ctx-size) must be an integer >= 2; give e.g. 4096")
+    if ctx_size > model_context:
+        raise ConfigError(f"ctx_size={ctx_size} (--ctx-size) is above the model's context of {model_context} tokens; "
+                          f"give at most {model_context}")
     return ctx_size
