@@ -56,3 +56,27 @@ def test_context_file_that_is_not_utf8(tmp_path):
     bad.write_bytes(b"ok \xff\xfe")
     r = chat(*ARGS, "--context", str(bad), stdin="")
     assert r.returncode == 2 and "byte 0xff at offset 3" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _chat_on_a_terminal(cache_dir, *extra: str) -> int:
+    """Run the REPL on a pseudo-terminal (input() uses readline, and so the history file, only on a terminal)."""
+    import pty
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "TIERKV_CACHE_DIR": str(cache_dir)}
+    env.pop("TIERKV_NO_HISTORY", None)
+    p = subprocess.Popen([sys.executable, "-m", "tierkv", "chat", *ARGS, *extra], stdin=follower, stdout=follower,
+                         stderr=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    os.write(leader, b"/help\n/exit\n")
+    code = p.wait(timeout=300)
+    os.close(leader)
+    return code
+
+
+@pytest.mark.slow
+def test_history_file_is_written_on_a_terminal_unless_turned_off(tmp_path):
+    assert _chat_on_a_terminal(tmp_path / "on") == 0
+    assert "/help" in (tmp_path / "on" / "chat_history").read_text()
+    assert _chat_on_a_terminal(tmp_path / "off", "--no-history") == 0
+    assert not (tmp_path / "off" / "chat_history").exists()

@@ -48,7 +48,8 @@ def command(model_arg, model, context_file, session_dir, system, overflow, no_hi
     if model_arg is not None and model is not None:
         raise ConfigError(f"the model is given twice ({model_arg!r} and -m {model!r}); give one")
     sampling, _ = sampling_from_flags(flags, DEFAULT_MAX_NEW_TOKENS)
-    context = read_text_file(context_file, "context file") if context_file else None
+    if context_file:
+        read_text_file(context_file, "context file")  # refuse a non-UTF-8 file before the model loads
     tier = tier_settings(flags)
     import tierkv
 
@@ -62,7 +63,7 @@ def command(model_arg, model, context_file, session_dir, system, overflow, no_hi
             chat = tierkv.Chat.load(session_dir, llm, **gen)
             _say(f"resumed {session_dir}: {chat.stats['turns']} turns, {chat.stats['tokens_in_context']} tokens")
         else:
-            chat = llm.chat(system=system, context=context, **gen)
+            chat = llm.chat(system=system, context=Path(context_file) if context_file else None, **gen)
             if context_file:
                 _say(f"context: {chat.prefix_len} tokens from {context_file}")
         history = not (no_history or os.environ.get(NO_HISTORY_ENV, "") not in ("", "0"))
