@@ -159,14 +159,12 @@ def test_stats_prints_prefill_decode_and_memory_with_the_dense_cache():
 
 @pytest.mark.slow
 def test_stop_string_ends_the_reply_before_it():
-    base = ("What is the capital of France?", "-n", "24")
-    plain = tierkv("run", *base)
-    assert plain.returncode == 0 and "Paris" in plain.stdout, plain.stderr
-    r = tierkv("run", *base, "--stop", "Paris", "--stats")
+    # without --stop the reply is "The capital of France is Paris." (test_run_default_model_answers_paris)
+    r = tierkv("run", "What is the capital of France?", "-n", "24", "--stop", "Paris", "--stats")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.rstrip("\n") == plain.stdout[:plain.stdout.index("Paris")]
+    assert "France" in r.stdout and "Paris" not in r.stdout
     stats = json.loads(next(ln for ln in r.stderr.splitlines() if ln.startswith("{")))
-    assert stats["stop_reason"] == "stop_string"
+    assert stats["stop_reason"] == "stop_string" and stats["new_tokens"] < 24
 
 
 @pytest.mark.slow
