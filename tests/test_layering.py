@@ -8,7 +8,7 @@ from pathlib import Path
 import tierkv
 
 LAYERS = [
-    {"config", "errors", "paths", "sample"},
+    {"config", "errors", "paths", "sample", "sample_config", "stop_text", "inputs"},
     {"kernels", "io"},
     {"kv", "weights"},
     {"models"},

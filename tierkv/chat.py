@@ -18,12 +18,16 @@ import torch
 import tierkv
 from tierkv.config import TierConfig, format_size
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
-from tierkv.errors import BudgetError, ConfigError, TierKVError
+from tierkv.errors import BudgetError, ConfigError, ContextTooLongError, TierKVError
+from tierkv.inputs import require_text
 from tierkv.kv.cache import KVCache, copy_state
 from tierkv.session import SessionError, check_compatible, model_identity, read_manifest, read_tokens, restore_kv, \
     save_session
 from tierkv.chat_template import render
 from tierkv.oom import guard_memory
+from tierkv.sample import Sampler
+from tierkv.sample_config import SamplingConfig, sampling_config
+from tierkv.stop_text import StopText
 
 CONTEXT_JOIN = "\n\n"  # between system= and context= in the system message
 _SESSIONS: "weakref.WeakKeyDictionary[object, weakref.WeakSet]" = weakref.WeakKeyDictionary()  # LLM -> open chats
@@ -54,11 +58,17 @@ class Chat:
 
     @guard_memory(lambda chat: chat.llm.tier, lambda chat: chat.llm.device)
     def __init__(self, llm, system: str | None = None, context: str | os.PathLike | None = None, *,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 progress: bool = True, budget_share: float | None = None, _restore: dict | None = None) -> None:
-        """Open a session; with context=, prefill the system message holding it now (blocks, progress bar)."""
+                 sampling: SamplingConfig | None = None, overflow: str = "drop-oldest", progress: bool = True,
+                 budget_share: float | None = None, _restore: dict | None = None, **options) -> None:
+        """Open a session; with context=, prefill the system message holding it now (blocks, progress bar).
+
+        options: SamplingConfig fields (max_new_tokens, temperature, top_p, top_k, min_p, repeat_penalty, stop,
+        seed) over `sampling`. overflow: what a turn does when the history no longer fits (see fit_history).
+        """
         self.llm, self.progress = llm, progress
-        self.gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        self.gen = sampling_config(sampling, **options)
+        self.overflow = check_overflow_policy(overflow)
+        max_new_tokens = self.gen.max_new_tokens
         self._tier, self._grant = _session_tier(llm, budget_share)
         self.messages: list[dict] = []
         self.ids: list[int] = []  # exactly the tokens in the cache
@@ -96,7 +106,7 @@ class Chat:
     def _new_cache(self, capacity: int) -> KVCache:
         """A cache for this session, chosen by tierkv/kv/factory.py for use "chat" with this session's share of the
         tier budgets; registered with the LLM (closed by llm.close())."""
-        capacity = min(capacity, self.llm.cfg.max_position_embeddings + 1)
+        capacity = min(capacity, self.llm.context_size + 1)
         return self.llm.new_cache(capacity, use="chat", tier=self._tier)
 
     @classmethod
@@ -123,24 +133,23 @@ class Chat:
 
     # ---- turns ---------------------------------------------------------------------------------------
     def send(self, text: str, **gen) -> str:
-        """Add a user turn and return the whole reply (stop token removed). Blocks; mutates the session."""
-        for _ in self.stream(text, **gen):
-            pass
-        return self.messages[-1]["content"] if self.messages and self.messages[-1]["role"] == "assistant" else ""
+        """Add a user turn and return the whole reply (stop token and stop strings removed). Blocks; mutates."""
+        return "".join(self.stream(text, **gen))
 
     @guard_memory(lambda chat: chat.llm.tier, lambda chat: chat.llm.device)
     def stream(self, text: str, **gen) -> Iterator[str]:
         """Add a user turn and yield the reply as text pieces while it is generated.
 
-        gen overrides max_new_tokens, temperature, top_p, seed for this turn. Closing the iterator early keeps
-        the part of the reply generated so far (in the history and the cache).
+        gen overrides SamplingConfig fields for this turn. Closing the iterator early keeps the part of the reply
+        generated so far (in the history and the cache). A history that no longer fits is handled by the
+        session's overflow policy (fit_history).
         """
         self._check_open()
-        opts = {**self.gen, **gen}
-        msgs = [*self.messages, {"role": "user", "content": text}]
-        ids = render(self.llm, msgs, add_generation_prompt=True)
-        self.llm.check_length(len(ids))
-        max_new = max(0, min(opts["max_new_tokens"], self.llm.cfg.max_position_embeddings - len(ids)))
+        opts = self.gen.updated(**gen)
+        require_text(text, "the message")
+        msgs, ids = fit_history(self.llm, [*self.messages, {"role": "user", "content": text}], opts.max_new_tokens,
+                                self.overflow)
+        max_new = min(opts.max_new_tokens, self.llm.context_size - len(ids))
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)  # the last prompt token is fed to get logits
         turn = self.last_turn = TurnStats(reused=keep, rolled_back=len(self.ids) - keep, prefilled=len(ids) - keep)
         if keep < self.cache.seq_len:
@@ -153,13 +162,11 @@ class Chat:
             t0 = time.perf_counter()
             logits = self._prefill(ids[keep:], progress=self.progress)
             turn.prefill_s = time.perf_counter() - t0
-            if max_new:
-                stats = GenStats()
-                toks = _record(generate_ids(self._step(), logits, len(ids), max_new, self.llm.stop_ids, stats,
-                                            temperature=opts["temperature"], top_p=opts["top_p"],
-                                            generator=self._generator(opts["seed"])), got)
-                yield from self.llm.detokenize(toks)
-                turn.decode_tok_s = stats.decode_tok_s
+            stats = GenStats()
+            toks = _record(generate_ids(self._step(), logits, len(ids), max_new, self.llm.stop_ids, stats,
+                                        sampler=Sampler(opts, self.llm.device, ids)), got)
+            yield from self.llm.detokenize(toks, StopText(opts.stop))
+            turn.decode_tok_s = stats.decode_tok_s
             done = True
         finally:
             self._commit(msgs, ids, got, clean=done)
@@ -196,11 +203,6 @@ class Chat:
         """The captured decode step of this session's cache (tierkv/graph.GraphStep), None before the first
         captured turn or when decode runs eagerly."""
         return self._graph
-
-    def _generator(self, seed: int | None) -> torch.Generator | None:
-        gen = torch.Generator(device=self.llm.device)
-        gen.manual_seed(seed if seed is not None else int(time.time_ns() % (1 << 62)))
-        return gen
 
     def _ensure_capacity(self, need: int) -> None:
         """A fixed-capacity cache (static, sparse) too small for this turn moves into one of the next capacity
@@ -277,6 +279,38 @@ class Chat:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
+OVERFLOW_POLICIES = ("drop-oldest", "refuse")
+
+
+def check_overflow_policy(policy: str) -> str:
+    if policy not in OVERFLOW_POLICIES:
+        raise ConfigError(f"overflow={policy!r} is unknown; choose from {', '.join(OVERFLOW_POLICIES)}")
+    return policy
+
+
+def fit_history(llm, msgs: list[dict], max_new_tokens: int, policy: str) -> tuple[list[dict], list[int]]:
+    """msgs (ending with the new user message) and their rendered ids, made to fit the context with room for
+    the reply (max_new_tokens, at most a quarter of the context). "drop-oldest" removes the oldest turns after
+    the system message (which holds context=); "refuse" raises ContextTooLongError with a hint to reset."""
+    room = min(max_new_tokens, llm.context_size // 4)
+    head = 1 if msgs[0]["role"] == "system" else 0
+    while True:
+        ids = render(llm, msgs, add_generation_prompt=True)
+        if len(ids) + room <= llm.context_size:
+            return msgs, ids
+        turns = len(msgs) - head - 1  # earlier messages that could go
+        if policy == "refuse" and turns:
+            raise ContextTooLongError(f"the conversation has {len(ids)} tokens and the reply needs {room} more, but "
+                                      f"the context is {llm.context_size}; /reset (chat.reset()) to start over "
+                                      f"keeping the context, or use overflow='drop-oldest'")
+        if not turns:
+            llm.check_length(len(ids))  # the system message and this one alone: fits or refuses
+            return msgs, ids
+        # drop the oldest user turn with its reply, so the history still alternates user/assistant
+        drop = 2 if turns >= 2 and msgs[head + 1]["role"] == "assistant" else 1
+        msgs = [*msgs[:head], *msgs[head + drop:]]
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
@@ -327,4 +361,4 @@ def _session_tier(llm, share: float | None) -> tuple[TierConfig, dict]:
     return tier.replace(**grant), grant
 
 
-__all__ = ["Chat", "ChatClosedError", "SessionError", "TurnStats", "common_prefix"]
+__all__ = ["Chat", "ChatClosedError", "OVERFLOW_POLICIES", "SessionError", "TurnStats", "common_prefix", "fit_history"]

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from tierkv.kv.cache import KVCache
 from tierkv.models.llama import LlamaModel
-from tierkv.sample import sample
+from tierkv.sample import Sampler
+from tierkv.sample_config import SamplingConfig
 
 
 @dataclass
@@ -28,6 +29,7 @@ class GenStats:
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    stop_reason: str = ""  # stop_token, stop_string, max_new_tokens, context_full ("" while running)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -91,11 +93,12 @@ def eager_step(model: LlamaModel, cache: KVCache) -> DecodeStep:
 
 
 def generate_ids(step: DecodeStep, first_logits: torch.Tensor, start_pos: int, max_new_tokens: int,
-                 stop_ids: set[int], stats: GenStats, *, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> Iterator[int]:
-    """Yield up to max_new_tokens token ids, stopping after a stop id. Times decode into stats."""
+                 stop_ids: set[int], stats: GenStats, *, sampler: Sampler | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens token ids, stopping after a stop id (greedy without a sampler). Times decode
+    into stats and records why it stopped in stats.stop_reason ("stop_token" or "max_new_tokens")."""
     device = first_logits.device
-    token = sample(first_logits[-1], temperature, top_p, generator).view(1)
+    choose = sampler or Sampler(SamplingConfig(), device)
+    token = choose(first_logits[-1]).view(1)
     t0 = time.perf_counter()
     for i in range(max_new_tokens):
         tid = int(token.item())  # the one host read per token, between steps
@@ -104,9 +107,10 @@ def generate_ids(step: DecodeStep, first_logits: torch.Tensor, start_pos: int, m
             stats.decode_s = time.perf_counter() - t0
         yield tid
         if tid in stop_ids or i + 1 == max_new_tokens:
+            stats.stop_reason = "stop_token" if tid in stop_ids else "max_new_tokens"
             break
         if i == 0:
             t0 = time.perf_counter()
         logits = step(token, start_pos + i)
-        token = sample(logits[-1], temperature, top_p, generator).view(1)
+        token = choose(logits[-1]).view(1)
     _sync(device)

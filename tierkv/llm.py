@@ -20,8 +20,13 @@ from tierkv.models.build import build_model, random_model
 from tierkv.models.config import ModelConfig
 from tierkv.models.llama import LlamaModel
 from tierkv.models.shapes import SHAPES, shape_config
+from tierkv.models.names import context_limit, find_model
 from tierkv.models.weights import TensorSource, resolve_model
 from tierkv.oom import guard_memory
+from tierkv.inputs import require_text
+from tierkv.sample import Sampler
+from tierkv.sample_config import SamplingConfig, sampling_config
+from tierkv.stop_text import StopText
 
 if TYPE_CHECKING:
     from tierkv.chat import Chat
@@ -57,7 +62,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     raise ConfigError(f"dtype {dtype!r} is not supported; use bf16, fp16 or fp32")
 
 
-def _peak_memory(device: torch.device) -> int:
+def peak_memory(device: torch.device) -> int:
     """Peak bytes: torch's allocator on CUDA, the process's max RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -74,6 +79,7 @@ class LLM:
         self.cfg: ModelConfig = model.cfg
         self.device, self.dtype = model.device, model.dtype
         self.stop_ids = set(stop_ids)
+        self.context_size = self.cfg.max_position_embeddings  # load(ctx_size=) caps it
         self.last_stats = GenStats()
         self._caches: list[KVCache] = []
         # per use, the fixed-capacity cache of the last call and its decode step (a captured graph on CUDA): a call
@@ -144,30 +150,30 @@ class LLM:
         if messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ConfigError(f"model {self.source!r} has no chat template; pass prompt= instead of messages=")
+            require_text(" ".join(str(m.get("content", "")) for m in messages), "the messages")
             out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
             return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        require_text(prompt, "the prompt")
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def check_length(self, n_prompt: int) -> None:
-        limit = self.cfg.max_position_embeddings
+        limit = self.context_size
         if n_prompt >= limit:
             raise ContextTooLongError(
-                f"prompt has {n_prompt} tokens but the model's context is {limit} tokens; shorten the prompt")
+                f"prompt has {n_prompt} tokens but the context is {limit} tokens; shorten the prompt")
 
     # --- generation ---------------------------------------------------------------------------
     @guard_memory(lambda llm: llm.tier, lambda llm: llm.device)  # out of memory: one error naming the budget
-    def stream_ids(self, ids: Sequence[int], *, max_new_tokens: int = 256, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int | None = None, progress: bool = False) -> Iterator[int]:
-        """Prefill ids in chunks, then yield new token ids (greedy at temperature 0)."""
+    def stream_ids(self, ids: Sequence[int], *, sampling: SamplingConfig | None = None, progress: bool = False,
+                   **options) -> Iterator[int]:
+        """Prefill ids in chunks, then yield new token ids. options: SamplingConfig fields (max_new_tokens,
+        temperature, top_p, top_k, min_p, repeat_penalty, seed), applied over `sampling`."""
+        cfg = sampling_config(sampling, **options)
         self.check_length(len(ids))
-        max_new = max(0, min(max_new_tokens, self.cfg.max_position_embeddings - len(ids)))
+        max_new = min(cfg.max_new_tokens, self.context_size - len(ids))
         stats = self.last_stats = GenStats(prompt_tokens=len(ids))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed if seed is not None else int(time.time_ns() % (1 << 62)))
         cache = self.call_cache(len(ids) + max_new + 1, "generate")
         try:
             t0 = time.perf_counter()
@@ -175,34 +181,38 @@ class LLM:
             logits = prefill(self.model, x, cache, self.tier.prefill_chunk, progress=progress)
             logits.sum().item()  # wait for prefill so its time is not billed to decode
             stats.prefill_s = time.perf_counter() - t0
-            if max_new:
-                step = self.decode_step(cache, "generate", graph=max_new > 1)
-                yield from generate_ids(step, logits, len(ids), max_new, self.stop_ids, stats,
-                                        temperature=temperature, top_p=top_p, generator=gen)
+            step = self.decode_step(cache, "generate", graph=max_new > 1)
+            yield from generate_ids(step, logits, len(ids), max_new, self.stop_ids, stats,
+                                    sampler=Sampler(cfg, self.device, ids))
+            if stats.stop_reason == "max_new_tokens" and max_new < cfg.max_new_tokens:
+                stats.stop_reason = "context_full"
         finally:
-            stats.extra["peak_memory"] = _peak_memory(self.device)
+            stats.extra["peak_memory"] = peak_memory(self.device)
             stats.extra["kv"] = cache.stats()
             self.end_call(cache)
 
-    def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, max_new_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-               progress: bool = False) -> Iterator[str]:
-        """Yield the reply as text pieces while it is generated."""
+    def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+               sampling: SamplingConfig | None = None, progress: bool = False, **options) -> Iterator[str]:
+        """Yield the reply as text pieces while it is generated. options: SamplingConfig fields (max_new_tokens,
+        temperature, top_p, top_k, min_p, repeat_penalty, stop, seed), applied over `sampling`."""
+        cfg = sampling_config(sampling, **options)
         ids = self.encode(prompt, messages)
-        toks = self.stream_ids(ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                               progress=progress)
-        yield from self.detokenize(toks)
+        stops = StopText(cfg.stop)
+        yield from self.detokenize(self.stream_ids(ids, sampling=cfg, progress=progress), stops)
+        if stops.hit is not None:
+            self.last_stats.stop_reason = "stop_string"
 
-    def generate(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
-        """The whole reply as one string (stop tokens removed)."""
-        return "".join(self.stream(prompt, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, seed=seed))
+    def generate(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+                 sampling: SamplingConfig | None = None, **options) -> str:
+        """The whole reply as one string (stop tokens and stop strings removed); options as for stream()."""
+        return "".join(self.stream(prompt, messages=messages, sampling=sampling, **options))
 
-    def detokenize(self, toks: Iterator[int]) -> Iterator[str]:
-        """Turn a stream of ids into text pieces, holding back incomplete UTF-8 sequences."""
+    def detokenize(self, toks: Iterator[int], stops: StopText | None = None) -> Iterator[str]:
+        """Turn a stream of ids into text pieces, holding back incomplete UTF-8 sequences and text that may
+        become a stop string; at a stop string the token stream is closed (generation ends)."""
+        stops = stops or StopText()
         got: list[int] = []
-        sent = ""
+        text = ""
         for t in toks:
             if t in self.stop_ids:
                 break
@@ -210,9 +220,15 @@ class LLM:
             text = self.tokenizer.decode(got, skip_special_tokens=True)
             if text.endswith("\ufffd"):
                 continue
-            if len(text) > len(sent):
-                yield text[len(sent):]
-            sent = text
+            piece = stops.feed(text)
+            if piece:
+                yield piece
+            if stops.hit is not None:
+                toks.close()
+                return
+        piece = stops.flush(text)
+        if piece:
+            yield piece
 
     def chat(self, system: str | None = None, context: str | Path | None = None, **options) -> "Chat":
         """A multi-turn session whose KV cache persists between turns (tierkv.chat.Chat; options go to it)."""
@@ -258,7 +274,8 @@ class LLM:
         """Numbers of the last generate call."""
         s = self.last_stats
         return {"prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens, "prefill_tok_s": s.prefill_tok_s,
-                "decode_tok_s": s.decode_tok_s, "decode_ms_per_token": s.decode_ms_per_token, **s.extra}
+                "decode_tok_s": s.decode_tok_s, "decode_ms_per_token": s.decode_ms_per_token,
+                "prefill_s": s.prefill_s, "decode_s": s.decode_s, "stop_reason": s.stop_reason, **s.extra}
 
     def close(self) -> None:
         """Close every open cache (removing its files). The LLM stays usable for new calls."""
@@ -284,12 +301,21 @@ def _stop_ids(tokenizer, hf_cfg) -> list[int]:
 
 def load(model: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, graph: bool = True, progress: bool = False,
-         **tier_settings) -> LLM:
-    """Load a model folder, a .gguf file, a built-in shape with random weights, or (None) the default model.
+         ctx_size: int | None = None, **tier_settings) -> LLM:
+    """Load a model folder, a .gguf file, a built-in shape with random weights, a Hugging Face id found in the
+    local Hugging Face cache, or the default model (None or its name, see tierkv.models.names).
 
-    graph=False keeps decode eager on CUDA (the reference path). tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
+    graph=False keeps decode eager on CUDA (the reference path). ctx_size caps the context (prompt + reply).
+    tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
     Blocks while weights load; a GGUF is converted once into the cache directory.
     """
+    context_limit(ctx_size, 1 << 62)  # a malformed ctx_size is refused before the weights load
+    llm = _load(find_model(model), device, dtype, graph, progress, tier_settings)
+    llm.context_size = context_limit(ctx_size, llm.cfg.max_position_embeddings)
+    return llm
+
+
+def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, tier_settings: dict) -> LLM:
     tier = TierConfig(**tier_settings)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -85,3 +86,90 @@ def test_prompt_file_may_be_a_pipe(tmp_path):
     writer.join()
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+# ---- bad input: one line on stderr, exit 2, before any model loads where possible ---------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("args, fragment", [
+    (("-n", "-1", "hi"), "max_new_tokens=-1"),
+    (("-n", "0", "hi"), "max_new_tokens=0"),
+    (("--temperature", "-1", "hi"), "temperature=-1"),
+    (("--temperature", "0.8", "--top-p", "0", "hi"), "top_p=0"),
+    (("--top-k", "-2", "hi"), "top_k=-2"),
+    (("--min-p", "1.5", "hi"), "min_p=1.5"),
+    (("--repeat-penalty", "0", "hi"), "repeat_penalty=0"),
+    (("",), "the prompt is empty"),
+    (("   \n",), "the prompt is empty (only whitespace)"),
+    (("-p", ""), "the prompt is empty"),
+    (("llama-tiny", "-p", "hi", "--raw", "--system", "be brief"), "--system"),
+    (("a", "b", "c"), "3 positional arguments"),
+    (("-m", "llama-tiny", "-p", "hi", "extra"), "-m names the model"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, fragment):
+    _one_line_error(tierkv("run", *args), fragment)
+
+
+@pytest.mark.slow
+def test_prompt_file_that_is_not_utf8_names_the_offset(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café au lait".encode("latin-1"))
+    _one_line_error(tierkv("run", "--prompt-file", str(bad)), "not UTF-8", "0xe9 at offset 3")
+
+
+@pytest.mark.slow
+def test_empty_prompt_file_and_empty_stdin(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\t")
+    _one_line_error(tierkv("run", "-f", str(empty)), "is empty")
+    _one_line_error(tierkv("run", "llama-tiny", stdin="\n"), "the prompt on stdin is empty")
+
+
+@pytest.mark.slow
+def test_explicit_max_new_tokens_past_the_context_is_refused_up_front():
+    # 50 prompt bytes (the shape's byte tokenizer) + 30 > a 64-token context
+    r = tierkv("run", "llama-tiny", "x" * 50, "--device", "cpu", "--ctx-size", "64", "-n", "30")
+    _one_line_error(r, "prompt has 50 tokens", "context is 64 tokens", "-n 14 or less")
+    assert r.stdout == ""
+
+
+@pytest.mark.slow
+def test_default_max_new_tokens_stops_at_the_context_and_says_why():
+    r = tierkv("run", "llama-tiny", "x" * 50, "--device", "cpu", "--ctx-size", "64", "--stats")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(next(ln for ln in r.stderr.splitlines() if ln.startswith("{")))
+    assert stats["stop_reason"] == "context_full" and stats["new_tokens"] == 14 and stats["context_size"] == 64
+    assert "stopped at the end of the context (64 tokens)" in r.stderr
+
+
+@pytest.mark.slow
+def test_ctx_size_above_the_model_is_refused():
+    _one_line_error(tierkv("run", "llama-tiny", "hi", "--device", "cpu", "--ctx-size", str(1 << 21)), "ctx_size=")
+
+
+# ---- --stats, sampling flags and stop strings ---------------------------------------------------------------
+@pytest.mark.slow
+def test_stats_prints_prefill_decode_and_memory_with_the_dense_cache():
+    r = tierkv("run", "-m", "llama-tiny", "-p", "hello", "-n", "4", "--device", "cpu", "--stats")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(next(ln for ln in r.stderr.splitlines() if ln.startswith("{")))
+    assert stats["prompt_tokens"] == 5 and stats["new_tokens"] == 4 and stats["stop_reason"] == "max_new_tokens"
+    assert stats["prefill_tok_s"] > 0 and stats["decode_tok_s"] > 0 and stats["peak_memory"] > 10 * 2**20
+    assert "kv" not in stats  # the all-on-device cache has no tier statistics; the rest is there anyway
+
+
+@pytest.mark.slow
+def test_stop_string_ends_the_reply_before_it():
+    # without --stop the reply is "The capital of France is Paris." (test_run_default_model_answers_paris)
+    r = tierkv("run", "What is the capital of France?", "-n", "24", "--stop", "Paris", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert "France" in r.stdout and "Paris" not in r.stdout
+    stats = json.loads(next(ln for ln in r.stderr.splitlines() if ln.startswith("{")))
+    assert stats["stop_reason"] == "stop_string" and stats["new_tokens"] < 24
+
+
+@pytest.mark.slow
+def test_one_positional_with_a_slash_is_the_prompt_for_the_default_model():
+    r = tierkv("run", "What is 1/2 + 1/3?", "-n", "8", "--stats")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(next(ln for ln in r.stderr.splitlines() if ln.startswith("{")))
+    assert stats["prompt_tokens"] > 10 and stats["new_tokens"] >= 1 and r.stdout.strip()

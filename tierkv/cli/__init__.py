@@ -18,9 +18,9 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here so `tierkv --help` stays cheap and each command lives in its own module.
-    from tierkv.cli import bench, chat, info, plan, run
+    from tierkv.cli import bench, cache, chat, info, plan, run
 
-    for module in (run, chat, info, bench, plan):
+    for module in (run, chat, info, bench, plan, cache):
         cli.add_command(module.command)
 
 

@@ -6,13 +6,16 @@ import click
 
 from tierkv.errors import ConfigError
 
-MODEL_HELP = "Hugging Face model folder, .gguf file or built-in shape (default: SmolLM2-135M-Instruct)."
+MODEL_HELP = ("a Hugging Face model folder, a .gguf file, a Hugging Face id found in the local Hugging Face cache, "
+              "a built-in shape (random weights) or smollm2 (the default, SmolLM2-135M-Instruct).")
 
 
 def model_options(fn):
     """Decorate a command with --device, --dtype and the tier/attention flags."""
     options = [
         click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--ctx-size", type=int, default=None,
+                     help="Cap the context (prompt + reply) at N tokens (default: the model's)."),
         click.option("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)."),
         click.option("--kv-gpu-budget", default=None, help="KV cache bytes on the GPU, e.g. 2GiB (default: no limit)."),
         click.option("--cpu-budget", default=None, help="KV cache bytes in pinned CPU memory, e.g. 16GiB."),
@@ -66,3 +69,40 @@ def tier_settings(flags: dict) -> dict:
     if "token_budget" in out:
         out["token_budget"] = parse_token_budget(out["token_budget"])
     return {k: v for k, v in out.items() if v is not None}
+
+
+def sampling_options(max_new_tokens: int):
+    """Decorate a command with -n/--max-new-tokens and the sampling flags (read back by sampling_from_flags)."""
+    options = [
+        click.option("-n", "--max-new-tokens", type=int, default=None,
+                     help=f"Tokens to generate at most (default: {max_new_tokens}, cut at the context's end)."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0: off)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True,
+                     help="Keep the most likely tokens up to this probability mass (1: off)."),
+        click.option("--min-p", type=float, default=0.0, show_default=True,
+                     help="Drop tokens below this fraction of the top token's probability (0: off)."),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True,
+                     help="Lower the logits of the last 64 tokens by this factor (1: off)."),
+        click.option("--stop", multiple=True, help="End the reply before this text (repeatable)."),
+        click.option("--seed", type=int, default=None, help="Seed for sampling (default: from the clock)."),
+    ]
+
+    def decorate(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "stop", "seed")
+
+
+def sampling_from_flags(flags: dict, max_new_tokens: int):
+    """A validated SamplingConfig from the parsed flags (removed from `flags`) and whether -n was given."""
+    from tierkv.sample_config import SamplingConfig
+
+    given_n = flags.pop("max_new_tokens")
+    options = {name: flags.pop(name) for name in SAMPLING_FLAGS}
+    options["stop"] = tuple(options["stop"])
+    return SamplingConfig(max_new_tokens=max_new_tokens if given_n is None else given_n, **options), given_n is not None

@@ -4,73 +4,118 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
-from tierkv.cli.common import MODEL_HELP, model_options, tier_settings
+from tierkv.cli.common import MODEL_HELP, model_options, sampling_from_flags, sampling_options, tier_settings
 from tierkv.config import format_size
-from tierkv.errors import ConfigError
+from tierkv.errors import ConfigError, ContextTooLongError
+from tierkv.inputs import decode_utf8, read_text_file, require_text
+
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
-def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+def split_model_and_prompt(args: tuple[str, ...], model: str | None, prompt_elsewhere: bool) -> tuple[str | None, str | None]:
+    """(model, prompt) from the positional arguments. With -m, a positional is the prompt. Two positionals are
+    MODEL PROMPT. One positional is the model only when it names a model on this machine (or the prompt came
+    from -p, --prompt-file); otherwise it is the prompt, so `tierkv run "What is 1/2 + 1/3?"` just works."""
+    from tierkv.models.names import local_model
+
+    if len(args) > 2:
+        raise ConfigError(f"{len(args)} positional arguments given; quote the prompt: tierkv run [MODEL] \"PROMPT\"")
+    if model is not None:
+        if len(args) == 2 or (args and prompt_elsewhere):
+            raise ConfigError("-m names the model, so give at most one positional argument, the prompt")
+        return model, (args[0] if args else None)
+    if len(args) == 2:
+        if prompt_elsewhere:
+            raise ConfigError("the prompt is given twice; give PROMPT, -p TEXT or --prompt-file F, one of them")
+        return args[0], args[1]
+    if not args:
+        return None, None
+    if prompt_elsewhere or local_model(args[0]) is not None:
+        return args[0], None
+    return None, args[0]
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt text from the argument, a UTF-8 file or piped stdin; refused when empty."""
     if prompt is not None and prompt_file is not None:
         raise ConfigError("give the prompt as an argument or with --prompt-file, not both")
     if prompt_file is not None:
-        path = Path(prompt_file)
-        if not path.exists():
-            raise ConfigError(f"prompt file {prompt_file!r} does not exist; give a readable text file")
-        if path.is_dir():
-            raise ConfigError(f"prompt file {prompt_file!r} is a directory; give a readable text file")
-        try:  # a pipe such as bash's <(...) is fine too
-            return path.read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise ConfigError(f"prompt file {prompt_file!r} cannot be read ({e.strerror}); give a readable text file") from None
+        return require_text(read_text_file(prompt_file, "prompt file"), f"prompt file {prompt_file!r}")
     if prompt is None:
         if sys.stdin.isatty():
-            raise ConfigError("no prompt given; pass PROMPT, --prompt-file F, or pipe text on stdin")
-        return sys.stdin.read()
-    return prompt
+            raise ConfigError("no prompt given; pass PROMPT, -p TEXT, --prompt-file F, or pipe text on stdin")
+        return require_text(decode_utf8(sys.stdin.buffer.read(), "stdin"), "the prompt on stdin")
+    return require_text(prompt, "the prompt")
 
 
 @click.command("run", help="Answer PROMPT with MODEL, streaming the reply. MODEL: " + MODEL_HELP)
-@click.argument("model", required=False)
-@click.argument("prompt", required=False)
-@click.option("--prompt-file", default=None, help="Read the prompt from this file.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None)
+@click.argument("args", nargs=-1, metavar="[MODEL] [PROMPT]")
+@click.option("-m", "--model", default=None, help="The model (then a positional argument is the prompt).")
+@click.option("-p", "--prompt", "prompt_opt", default=None, help="The prompt text.")
+@click.option("-f", "--prompt-file", default=None, help="Read the prompt from this UTF-8 file.")
+@click.option("--system", default=None, help="System prompt (sent through the model's chat template).")
+@sampling_options(DEFAULT_MAX_NEW_TOKENS)
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the model's chat template.")
-@click.option("--stats", "show_stats", is_flag=True, help="Print KV tier statistics (JSON) on stderr at the end.")
+@click.option("--stats", "show_stats", is_flag=True,
+              help="Print prefill, decode and memory statistics (JSON, with the KV tiers' when tiered) on stderr.")
 @model_options
-def command(model, prompt, prompt_file, max_new_tokens, temperature, top_p, seed, raw, show_stats, device, dtype,
-            no_graph, **flags) -> None:
+def command(args, model, prompt_opt, prompt_file, system, raw, show_stats, device, dtype, no_graph, ctx_size,
+            **flags) -> None:
+    sampling, given_n = sampling_from_flags(flags, DEFAULT_MAX_NEW_TOKENS)
+    model, prompt = split_model_and_prompt(args, model, prompt_opt is not None or prompt_file is not None)
+    if prompt_opt is not None:
+        prompt = prompt_opt
+    text = read_prompt(prompt, prompt_file)
+    if system is not None and raw:
+        raise ConfigError("--system goes through the chat template, which --raw turns off; drop one of them")
+    tier = tier_settings(flags)
     import tierkv
 
-    if prompt is None and model is not None and not _looks_like_model(model):
-        model, prompt = None, model  # `tierkv run "question"` uses the default model
-    text = _read_prompt(prompt, prompt_file)
-    llm = tierkv.load(model, device=device, dtype=dtype, graph=not no_graph, progress=True, **tier_settings(flags))
-    use_chat = not raw and getattr(llm.tokenizer, "chat_template", None)
-    kwargs = {"messages": [{"role": "user", "content": text}]} if use_chat else {"prompt": text}
+    llm = tierkv.load(model, device=device, dtype=dtype, graph=not no_graph, progress=True, ctx_size=ctx_size, **tier)
     try:
-        for piece in llm.stream(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                progress=True, **kwargs):
+        kwargs = _prompt_kwargs(llm, text, system, raw)
+        if given_n:
+            _check_room(len(llm.encode(**kwargs)), sampling.max_new_tokens, llm.context_size)
+        for piece in llm.stream(sampling=sampling, progress=True, **kwargs):
             click.echo(piece, nl=False)
             sys.stdout.flush()
         click.echo("")
     finally:
         llm.close()
+    _report(llm, show_stats)
+
+
+def _prompt_kwargs(llm, text: str, system: str | None, raw: bool) -> dict:
+    """prompt= (raw, or a model without a chat template) or messages= for LLM.stream."""
+    from tierkv.chat_template import template_mode
+
+    if raw or template_mode(llm.tokenizer) == "plain":
+        if system is not None:
+            raise ConfigError(f"--system needs a chat template and {llm.source!r} has none; put it in the prompt")
+        return {"prompt": text}
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return {"messages": [*messages, {"role": "user", "content": text}]}
+
+
+def _check_room(n_prompt: int, max_new: int, context: int) -> None:
+    """An explicit -n that cannot fit after the prompt is refused up front (a default -n is cut instead)."""
+    if n_prompt < context and n_prompt + max_new > context:
+        raise ContextTooLongError(f"prompt has {n_prompt} tokens and -n {max_new} asks for {max_new} more, but the "
+                                  f"context is {context} tokens; pass -n {context - n_prompt} or less, or shorten "
+                                  f"the prompt")
+
+
+def _report(llm, show_stats: bool) -> None:
     s = llm.stats
-    if show_stats and "kv" in s:
-        click.echo(json.dumps(s["kv"], default=str), err=True)
+    if show_stats:
+        click.echo(json.dumps({"device": llm.device.type, "context_size": llm.context_size, **s}, default=str),
+                   err=True)
+    if s["stop_reason"] == "context_full":
+        click.echo(f"note: the reply stopped at the end of the context ({llm.context_size} tokens); shorten the "
+                   f"prompt for a longer reply", err=True)
     click.echo(f"prompt {s['prompt_tokens']} tok | prefill {s['prefill_tok_s']:.1f} tok/s | "
                f"decode {s['decode_tok_s']:.1f} tok/s ({s['decode_ms_per_token']:.2f} ms/tok, {s['new_tokens']} tok) | "
                f"peak memory {format_size(s['peak_memory'])} ({llm.device.type})", err=True)
-
-
-def _looks_like_model(arg: str) -> bool:
-    from tierkv.models.shapes import SHAPES
-
-    return arg in SHAPES or Path(arg).expanduser().exists() or arg.endswith(".gguf") or "/" in arg

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -67,9 +68,7 @@ def _check_model_type(folder: Path) -> None:
 
 def gguf_folder(gguf: Path) -> Path:
     """Convert `gguf` into a cached safetensors folder (once; reused while the file is unchanged)."""
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir("gguf", f"{gguf.stem}-{key}")
+    target = cache_dir("gguf", f"{gguf.stem}-{gguf_content_key(gguf)}")
     if (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +83,33 @@ def gguf_folder(gguf: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def gguf_content_key(gguf: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256, so every copy of one model shares one conversion. The digest
+    is remembered per (path, size, mtime) under gguf/.keys, so a file is hashed once, not at every load."""
+    st = gguf.stat()
+    memo = cache_dir("gguf", ".keys",
+                     hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32])
+    try:
+        known = memo.read_text().strip()
+        if len(known) == 16:
+            return known
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as fh:
+        while block := fh.read(16 << 20):
+            digest.update(block)
+    key = digest.hexdigest()[:16]
+    try:  # a lost memo only costs a re-hash
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(key)
+        tmp.replace(memo)
+    except OSError:
+        pass
+    return key
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
