@@ -89,7 +89,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         self.outlier = torch.zeros((num_layers, self.n_chunks), dtype=torch.bool, device=self.device)
         self.covered_chunks = torch.zeros(1, dtype=torch.long, device=self.device)  # device mirror of `covered`
         self._fit_buf: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # k_pre on the host until the fit
-        self.fitted, self.fit_at = False, 0  # fit_at: tokens the shadows were fitted on (those before the first step)
+        self.fitted, self.fit_at = False, 0  # fit_at: tokens (the first sparse step's included) when the fit ran
         # bumped whenever a buffer that a captured decode graph reads is reallocated (pool, fit, resident copies,
         # disk tier): tierkv/graph.py captures again then
         self.buffers_epoch = 0
@@ -321,8 +321,9 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
 
     def _finish_fit(self, total: int) -> None:
         """After the last layer's fit on the tokens before step `total`: decode steps may replay; outlier keys and
-        the disk spill follow."""
-        self.fitted, self.fit_at = True, total - 1
+        the disk spill follow. fit_at counts the step's token too: a rollback that removes it refits, so the
+        result equals a fresh prefill of the new tokens (which fits on all of them)."""
+        self.fitted, self.fit_at = True, total
         self._keep_outlier_keys(total)
         self._spill_cold(total)
 

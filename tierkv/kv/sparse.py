@@ -82,7 +82,7 @@ class SparseKVCache(TieredKVCache):
         self.shadows = [self._new_shadow() for _ in range(num_layers)]
         self.scorers = [self._new_scorer() for _ in range(num_layers)]
         self._fitted = [False] * num_layers
-        self._fit_at = [0] * num_layers  # tokens the layer's fit saw (those before its first sparse step)
+        self._fit_at = [0] * num_layers  # tokens (its first sparse step's included) when the layer was fitted
         # (k_pre, k) of tokens [start, seq_len + pending): start is shadow.covered once fitted, else _lost[layer]:
         # tokens [0, _lost) of an unfitted layer (after a cut into its fit, or an import) are read back from the
         # tiers and un-rotated at its fit
@@ -174,7 +174,7 @@ class SparseKVCache(TieredKVCache):
         sh, n = self.shadows[layer], (seen // self.layout.chunk_size) * self.layout.chunk_size
         sh.fit(pre[:n], post[:n])  # basis from whole chunks; a partial tail stays exact
         self._buf[layer] = [(pre[n:], post[n:])] if n < total else []
-        self._fitted[layer], self._fit_at[layer] = True, seen
+        self._fitted[layer], self._fit_at[layer] = True, total
 
     def _recover(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_pre, k) of positions [0, n) from the tiers: post-RoPE keys as stored, pre-RoPE keys un-rotated
