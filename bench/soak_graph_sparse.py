@@ -37,10 +37,13 @@ def main() -> None:
     ap.add_argument("--kv-gpu-budget", default="24GiB")
     ap.add_argument("--cpu-budget", default="2GiB", help="below the context's K/V (128 KiB/token on 8B): disk is used")
     ap.add_argument("--disk-dir", default=None, help="default: a fresh temp directory")
+    ap.add_argument("--token-budget", type=int, default=2048,
+                    help="tokens attended per step: the disk tier needs a budget whose host slots fit below the pool")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     disk_dir = Path(args.disk_dir or tempfile.mkdtemp(prefix="tierkv-soak-"))
-    llm = tierkv.load(args.model, attention="sparse", kv_gpu_budget=args.kv_gpu_budget, cpu_budget=args.cpu_budget,
+    llm = tierkv.load(args.model, attention="sparse", token_budget=args.token_budget,
+                      kv_gpu_budget=args.kv_gpu_budget, cpu_budget=args.cpu_budget,
                       disk_dir=str(disk_dir))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, llm.cfg.vocab_size, (args.context,), generator=g).tolist()

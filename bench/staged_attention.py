@@ -1,5 +1,6 @@
 """One layer's prefill attention when its K/V are all on the device (layer-major prefill): the span path the
-sparse cache runs today (fused spans of EXACT_SPAN keys merged by log-sum-exp) against one SDPA call per slice
+sparse cache ran first (fused spans of EXACT_SPAN keys merged by log-sum-exp), one span for all earlier keys (what
+it runs on CUDA now), one SDPA call per slice
 (grouped-query heads, bottom-right causal mask) and one call for the whole layer.
 
 Usage (H200/H100): python bench/staged_attention.py --context 131072 --out $OUT/staged_attention.json
@@ -22,7 +23,7 @@ from tierkv.kv.online_softmax import OnlineSoftmax
 from tierkv.kv.cache import causal_attention
 
 
-def spans(q, k, v, slice_len):
+def spans(q, k, v, slice_len, span=EXACT_SPAN):
     outs = []
     for s in range(0, q.shape[0], slice_len):
         e = min(q.shape[0], s + slice_len)
@@ -31,11 +32,15 @@ def spans(q, k, v, slice_len):
             outs.append(causal_attention(qs, k[:e], v[:e]))
             continue
         acc = OnlineSoftmax(qs, k.shape[1])
-        for a in range(0, s, EXACT_SPAN):
-            acc.add_span(k[a:min(s, a + EXACT_SPAN)], v[a:min(s, a + EXACT_SPAN)])
+        for a in range(0, s, span):
+            acc.add_span(k[a:min(s, a + span)], v[a:min(s, a + span)])
         acc.add_span(k[s:e], v[s:e], causal=True)
         outs.append(acc.result())
     return torch.cat(outs)
+
+
+def one_prefix_span(q, k, v, slice_len):
+    return spans(q, k, v, slice_len, span=q.shape[0])
 
 
 def per_slice_gqa(q, k, v, slice_len):
@@ -73,7 +78,8 @@ def main() -> None:
     q, k, v = (torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for h in (hq, hkv, hkv))
     flops = 4 * (n * n / 2) * hq * d
     ref, res = None, {}
-    for name, fn in (("spans", spans), ("per_slice_gqa", per_slice_gqa), ("whole_gqa", whole_gqa)):
+    for name, fn in (("spans", spans), ("one_prefix_span", one_prefix_span), ("per_slice_gqa", per_slice_gqa),
+                     ("whole_gqa", whole_gqa)):
         try:
             out, sec = timed(fn, q, k, v, args.slice)
         except RuntimeError as e:

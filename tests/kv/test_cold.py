@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tierkv.errors import BudgetError, ConfigError
+from tierkv.errors import BudgetError
 from tierkv.kv.cold import MISS, ColdChunks
 from tierkv.kv.layout import ChunkId
 from tierkv.kv.tiers.disk import DiskStore
@@ -93,9 +93,7 @@ def test_moving_the_oldest_chunks_to_disk_changes_no_token(smol, text_ids, tmp_p
         assert hits["disk"] == disk["missed"] and st["total"]["bytes_moved"]["disk->host"] > 0
         assert sum(hits.values()) == ref.stats()["total"]["hits"]["host"]  # every pick served, once
         assert (hits["gpu_resident"] > 0) == (place == "all")
-        run_dir = cold.cold.store.run_dir
-        with pytest.raises(ConfigError, match="takes no prompt tokens after its oldest chunks moved to disk"):
-            cold.append(0, *(torch.zeros(2, cold.hkv, cold.d),) * 3)
+        run_dir = cold.cold.store.run_dir  # (prompt tokens after the spill: tests/chat/test_sparse_session.py)
     finally:
         ref.close()
         cold.close()

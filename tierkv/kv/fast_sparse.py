@@ -354,15 +354,17 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         """Exact attention over every stored token (the disk region read back from disk, span by span)."""
         return self._exact_over(q, total, lambda s, e: self.read_kv(layer, s, e), self.cold is None)
 
-    def _exact_over(self, q: torch.Tensor, total: int, read, whole_ok: bool) -> torch.Tensor:
+    def _exact_over(self, q: torch.Tensor, total: int, read, whole_ok: bool,
+                    span: int | None = None) -> torch.Tensor:
         """Causal attention of q, the last T of `total` tokens, over keys [0, total) that read(start, end) returns
-        as (k, v) (T, Hkv, D) on the device; short contexts in one call when whole_ok, else in EXACT_SPAN spans."""
-        t = q.shape[0]
+        as (k, v) (T, Hkv, D) on the device; short contexts in one call when whole_ok, else the earlier keys in
+        spans of `span` (default EXACT_SPAN) merged by log-sum-exp, then the T tokens' own causal block."""
+        t, span = q.shape[0], span or EXACT_SPAN
         if whole_ok and (t == 1 or total <= EXACT_SPAN):
             return causal_attention(q, *read(0, total))
         acc, start = OnlineSoftmax(q, self.hkv), total - t
-        for s in range(0, start, EXACT_SPAN):
-            acc.add_span(*read(s, min(start, s + EXACT_SPAN)))
+        for s in range(0, start, span):
+            acc.add_span(*read(s, min(start, s + span)))
         acc.add_span(*read(start, total), causal=True)
         return acc.result()
 

@@ -26,7 +26,7 @@ class PlanInputs:
     the host KV pool, the host embedding); disk_budget is what the disk may hold (0: no disk tier).
 
     attention None lets the planner choose; token_budget is TierConfig's (tokens, or a fraction of the context).
-    layer_windows: per-layer sliding window (None entries: full attention); None takes ModelConfig.sliding_window.
+    layer_windows: per-layer sliding window (None entries: full attention); None takes the config's own (ModelConfig.window).
     """
 
     model: ModelConfig

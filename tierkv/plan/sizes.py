@@ -46,11 +46,11 @@ def weight_sizes(cfg: ModelConfig, elem_bytes: int) -> WeightSizes:
 
 
 def layer_windows(cfg: ModelConfig, windows: tuple[int | None, ...] | None) -> tuple[int | None, ...]:
-    """Per-layer sliding window (None: full attention). `windows` overrides; else ModelConfig.sliding_window
-    applies to every layer (Mistral); Gemma-3-style per-layer windows arrive through `windows`."""
+    """Per-layer sliding window (None: full attention). `windows` overrides; else the config's own per-layer
+    windows (ModelConfig.window: Mistral, Qwen2/3 with use_sliding_window, Gemma 3)."""
     if windows is not None:
         return tuple(windows)
-    return (cfg.sliding_window,) * cfg.num_layers
+    return tuple(cfg.window(i) for i in range(cfg.num_layers))
 
 
 def kv_token_bytes_per_layer(cfg: ModelConfig, elem_bytes: int) -> int:
