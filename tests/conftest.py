@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core runner a second one thrashes (measured 7x slower decode, 200x per
+    call on tiny tensors)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smol_folder() -> Path:
     """The default model converted to a safetensors folder (GGUF converted once, cached)."""

@@ -9,15 +9,6 @@ from tierkv.llm import LLM
 CONTEXT, STEPS = 6144, 256
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core runner two threads thrash (measured 7x slower decode)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def with_tier(llm: LLM, **tier) -> LLM:
     """The same weights and tokenizer under other tier settings."""
     return LLM(llm.model, llm.tokenizer, llm.tier.replace(**tier), llm.source, stop_ids=llm.stop_ids)

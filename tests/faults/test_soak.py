@@ -31,15 +31,6 @@ def decode(llm, steps: int, sample_every: int = 0):
     return toks, cache, samples
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (on a loaded 2-core runner, 200x per call)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_two_thousand_steps_across_three_tiers_match_and_leave_nothing(tmp_path, one_thread):
     t0 = time.perf_counter()
