@@ -8,7 +8,7 @@ from pathlib import Path
 import tierkv
 
 LAYERS = [
-    {"config", "errors", "paths", "sample", "sample_config", "stop_text", "inputs"},
+    {"config", "errors", "paths", "sample", "sample_config", "stop_text", "inputs", "detokenize"},
     {"kernels", "io"},
     {"kv", "weights"},
     {"models"},

@@ -62,7 +62,7 @@ def prefill(model: LlamaModel, ids: torch.Tensor, cache: KVCache, chunk: int, *,
     """
     n, start = ids.shape[0], cache.seq_len
     model.rope.ensure(start + n + 1)
-    if by_layer and not all_logits and n > chunk and cache.begin_layer_prefill(n, model.residual_bytes(n)):
+    if by_layer and not all_logits and n > chunk and cache.begin_layer_prefill(n, model.layer_prefill_bytes(n)):
         bar = tqdm(total=model.cfg.num_layers, desc="prefill", unit="layer",
                    disable=not (progress and sys.stderr.isatty()), leave=False)
         pos = torch.arange(start, start + n, device=ids.device)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from tierkv.config import TierConfig
+from tierkv.detokenize import TextStream
 from tierkv.engine import DecodeStep, GenStats, eager_step, generate_ids, prefill
 from tierkv.errors import ConfigError, ContextTooLongError
 from tierkv.graph import GraphStep
@@ -210,23 +211,20 @@ class LLM:
     def detokenize(self, toks: Iterator[int], stops: StopText | None = None) -> Iterator[str]:
         """Turn a stream of ids into text pieces, holding back incomplete UTF-8 sequences and text that may
         become a stop string; at a stop string the token stream is closed (generation ends)."""
-        stops = stops or StopText()
-        got: list[int] = []
-        text = ""
+        stops, stream = stops or StopText(), TextStream(self.tokenizer)
         for t in toks:
             if t in self.stop_ids:
                 break
-            got.append(t)
-            text = self.tokenizer.decode(got, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
+            if not stream.feed(t):
                 continue
-            piece = stops.feed(text)
+            piece = stops.feed(stream.text)
             if piece:
                 yield piece
             if stops.hit is not None:
                 toks.close()
                 return
-        piece = stops.flush(text)
+        stream.finish()
+        piece = stops.flush(stream.text)
         if piece:
             yield piece
 

@@ -64,3 +64,27 @@ def test_same_tokens_with_every_step_sparse(runs):
     assert a["tokens"] == b["tokens"]
     assert a["stats"]["sparse_steps"] == b["stats"]["sparse_steps"] == N_NEW - 1
     assert a["stats"]["folds"] == b["stats"]["folds"] >= 1
+
+
+class _WholeLayerCache(FastSparseKVCache):
+    """The sparse cache with the whole-layer attention CUDA takes (one causal call per layer), on any device."""
+
+    def attends_whole_layer(self) -> bool:
+        return self.staging is not None
+
+
+def test_whole_layer_attention_matches_the_sliced_prefill(smol, text_ids, runs):
+    model, ids = smol.model, torch.tensor(text_ids[:1110])
+    c = model.cfg
+    cache = _WholeLayerCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
+                             config=TIER, capacity=len(ids) + N_NEW + 1, rope=model.rope, sparse=OPTS)
+    logits = prefill(model, ids, cache, 512, by_layer=True)
+    rows = lambda pool: pool.view(pool.shape[0], -1, *pool.shape[-2:])[:, :len(ids)]
+    b = runs[False]
+    diff = (logits - b["logits"]).abs().max().item()
+    print("max |logits diff| whole-layer vs sliced", diff)
+    assert diff < 1e-3 and cache.fitted
+    assert torch.allclose(rows(cache.k_host), b["k"], atol=1e-4) and torch.allclose(rows(cache.v_host), b["v"], atol=1e-4)
+    toks = list(generate_ids(eager_step(model, cache), logits, len(ids), N_NEW, set(), GenStats()))
+    cache.close()
+    assert toks == b["tokens"]

@@ -94,6 +94,16 @@ def span_attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     return out.float(), lse[0].view(hkv, g, t).permute(2, 0, 1).reshape(t, hq).float()
 
 
+def causal_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q (T, Hq, D) over its own k, v (T, Hkv, D) in one fused call without repeating K/V per
+    query head (SDPA's grouped-query mode), in q's dtype: a layer-major prefill's whole-layer attention."""
+    _check(q, k, v, True)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                                           v.transpose(0, 1).unsqueeze(0), is_causal=True,
+                                                           enable_gqa=True)  # (1, Hq, T, D)
+    return out[0].transpose(0, 1)
+
+
 def span_attention(q, k, v, causal: bool = False, scale: float | None = None, *, impl: str | None = None):
     """Dispatching entry point: the fused ATen kernels unless impl="torch" (the reference)."""
     fn = span_attention_torch if impl == "torch" else span_attention_fused

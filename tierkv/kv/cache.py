@@ -101,6 +101,15 @@ class KVCache(GraphHooks, PickPrefetchHooks, SessionState, ABC):
         needs `activation_bytes` more device memory for it. None here: prefill goes slice after slice."""
         return False
 
+    def attends_whole_layer(self) -> bool:
+        """Within a layer-major prefill: whether the model should append every slice of a layer first and then
+        call `attend_layer` once with the whole prompt's queries (one causal attention call per layer)."""
+        return False
+
+    def attend_layer(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the whole prompt's queries q (n, Hq, D) over layer's n staged keys -> (n, Hq, D)."""
+        raise NotImplementedError(f"{type(self).__name__} has no whole-layer attention")
+
     def close(self) -> None:
         """Release storage (files, pinned memory). Safe to call twice."""
 

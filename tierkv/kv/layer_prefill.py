@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from tierkv.kernels.span_attention import causal_gqa_attention
+
 # device memory a layer-major prefill leaves free on CUDA beyond its own buffers (the slices' activations)
 LAYER_PREFILL_RESERVE = 2 * 1024**3
 
@@ -57,6 +59,19 @@ class LayerPrefillSteps:
         self.staging = LayerStaging(n, self.hkv, self.d, self.device, self.dtype)
         self._n["layer_prefills"] = self._n.get("layer_prefills", 0) + 1
         return True
+
+    def attends_whole_layer(self) -> bool:
+        # on CUDA one fused causal GQA call per layer runs at about twice the FLOP rate of per-slice spans
+        # (bench/staged_attention.py); the CPU keeps the sliced spans, bit-equal to the sliced prefill (tests)
+        return self.staging is not None and self.device.type == "cuda"
+
+    def attend_layer(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        st = self.staging
+        if st.layer != layer or st.filled != st.n:
+            raise RuntimeError(f"whole-layer attention of layer {layer} before its {st.n} tokens were staged")
+        out = causal_gqa_attention(q, st.k, st.v)
+        self._write_staged_layer(layer)
+        return out
 
     def _stage(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor) -> None:
         self.staging.write(layer, k, v, k_pre)

@@ -101,17 +101,41 @@ class LlamaModel:
         n = ids.shape[0]
         h, x = self._embed(ids)  # (T, hidden) each
         for i in range(len(self.layers)):
-            for s in range(0, n, slice_len):
-                e = min(n, s + slice_len)
-                h[s:e], x[s:e] = self._layer(i, h[s:e], x[s:e], positions[s:e], cache, False)
+            if cache.attends_whole_layer():
+                self._layer_whole(i, h, x, positions, cache, slice_len)
+            else:
+                for s in range(0, n, slice_len):
+                    e = min(n, s + slice_len)
+                    h[s:e], x[s:e] = self._layer(i, h[s:e], x[s:e], positions[s:e], cache, False)
             if on_layer is not None:
                 on_layer(i)
         cache.advance(n)
         return F.linear(x[-1:], self.lm_head).float()
 
-    def residual_bytes(self, n: int) -> int:
-        """Device bytes of forward_by_layer's residual stream for n tokens (h and x)."""
-        return 2 * n * self.cfg.hidden_size * self.dtype.itemsize
+    def _layer_whole(self, i: int, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                     slice_len: int) -> None:
+        """Layer i over the whole prompt with one attention call: every slice's projections are appended and its
+        queries kept, the cache attends them all at once (`attend_layer`), then each slice runs the rest of the
+        layer. Updates h and x (T, hidden) in place."""
+        c, w, n = self.cfg, self.layers[i], x.shape[0]
+        q_all = torch.empty(n, c.num_heads, c.head_dim, device=x.device, dtype=x.dtype)
+        for s in range(0, n, slice_len):
+            e = min(n, s + slice_len)
+            q, k, k_pre, v = self._qkv(i, w, x[s:e], positions[s:e])
+            cache.append(i, k, v, k_pre)
+            q_all[s:e] = q
+        out = cache.attend_layer(i, q_all)  # (T, Hq, D)
+        del q_all
+        for s in range(0, n, slice_len):
+            e = min(n, s + slice_len)
+            attn = F.linear(out[s:e].reshape(e - s, c.num_heads * c.head_dim), w.o_proj)
+            h[s:e], x[s:e] = self._after_attention(i, h[s:e], attn, positions[s:e], cache, False)
+
+    def layer_prefill_bytes(self, n: int) -> int:
+        """Device bytes forward_by_layer needs for n tokens beyond the cache's: the residual stream (h and x) and,
+        with whole-layer attention, the layer's queries and attention output."""
+        c = self.cfg
+        return 2 * n * (c.hidden_size + c.num_heads * c.head_dim) * self.dtype.itemsize
 
     def _embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual, first layer's normed input) of ids, each (T, hidden)."""
@@ -123,8 +147,15 @@ class LlamaModel:
     def _layer(self, i: int, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                predict: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder layer i on residual h and its normed input x -> (residual, next layer's normed input)."""
+        attn = self._attention(i, self.layers[i], x, positions, cache)
+        return self._after_attention(i, h, attn, positions, cache, predict)
+
+    def _after_attention(self, i: int, h: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+                         cache: KVCache, predict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i after its attention (attn: the o_proj output): sandwich norm, residual, MLP -> (residual, next
+        layer's normed input)."""
         eps, layer = self.cfg.rms_norm_eps, self.layers[i]
-        attn = self._out_norm(self._attention(i, layer, x, positions, cache), layer.attn_out_norm)
+        attn = self._out_norm(attn, layer.attn_out_norm)
         h, x = self._norm(h, attn, layer.pre_mlp_norm, eps)
         if predict and i + 1 < len(self.layers):  # the cache may prefetch layer i+1's picks during this MLP
             cache.predicted_query(i + 1, lambda j=i + 1, r=h: self._predicted_query(j, r, positions))
