@@ -62,3 +62,13 @@ def test_greedy_with_top_k_1_and_sampling_filters_equal_greedy(tiny):
 def test_malformed_ctx_size_is_refused():
     with pytest.raises(ConfigError, match="ctx_size=1 .* integer >= 2"):
         tierkv.load("llama-tiny", device="cpu", ctx_size=1)
+
+
+def test_warm_up_leaves_nothing_behind_and_changes_no_tokens():
+    prompt = "the warm-up must not change what a later call returns " * 30
+    cold = tierkv.load("llama-tiny", device="cpu", dtype="fp32", attention="sparse")
+    want = cold.generate(prompt, max_new_tokens=12)
+    warm = tierkv.load("llama-tiny", device="cpu", dtype="fp32", attention="sparse")
+    assert warm.warm_up(tokens=1024) > 0
+    assert warm.kept("generate") == (None, None) and warm.stats["new_tokens"] == 0
+    assert warm.generate(prompt, max_new_tokens=12) == want

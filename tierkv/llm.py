@@ -267,6 +267,22 @@ class LLM:
             self._caches.remove(cache)
         self._kept = {use: kept for use, kept in self._kept.items() if kept[0] is not cache}
 
+    def warm_up(self, tokens: int = 4096) -> float:
+        """Run one short throwaway generate call (random ids, a sparse context at default settings) so the kernels
+        a decode step uses are compiled or read from Triton's on-disk cache, and CUDA and cuBLAS are initialised,
+        before the user's first call. Leaves no cache, graph or stats behind. Returns its seconds. `load` calls it
+        on CUDA unless warm_up=False; on the CPU there is nothing to compile."""
+        t0 = time.perf_counter()
+        n = min(tokens, self.context_size - 8)
+        ids = torch.randint(0, self.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+        for _ in self.stream_ids(ids, max_new_tokens=4):
+            pass
+        kept, _ = self._kept.get("generate", (None, None))
+        if kept is not None:
+            self._release(kept)
+        self.last_stats = GenStats()
+        return time.perf_counter() - t0
+
     @property
     def stats(self) -> dict:
         """Numbers of the last generate call."""
@@ -299,17 +315,20 @@ def _stop_ids(tokenizer, hf_cfg) -> list[int]:
 
 def load(model: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, graph: bool = True, progress: bool = False,
-         ctx_size: int | None = None, **tier_settings) -> LLM:
+         ctx_size: int | None = None, warm_up: bool = True, **tier_settings) -> LLM:
     """Load a model folder, a .gguf file, a built-in shape with random weights, a Hugging Face id found in the
     local Hugging Face cache, or the default model (None or its name, see tierkv.models.names).
 
     graph=False keeps decode eager on CUDA (the reference path). ctx_size caps the context (prompt + reply).
+    On CUDA a short throwaway call warms the decode kernels (LLM.warm_up) unless warm_up=False.
     tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
     Blocks while weights load; a GGUF is converted once into the cache directory.
     """
     context_limit(ctx_size, 1 << 62)  # a malformed ctx_size is refused before the weights load
     llm = _load(find_model(model), device, dtype, graph, progress, tier_settings)
     llm.context_size = context_limit(ctx_size, llm.cfg.max_position_embeddings)
+    if warm_up and llm.device.type == "cuda":
+        llm.warm_up()
     return llm
 
 
