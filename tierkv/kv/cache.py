@@ -111,8 +111,10 @@ def copy_state(src: KVCache, dst: KVCache, block_tokens: int = 1024) -> None:
     n = src.seq_len
     dst.begin_import(n)
     for start in range(0, n, block_tokens):
-        for layer in range(src.num_layers):
-            dst.import_kv(layer, start, src.export_kv(layer, start, min(n, start + block_tokens)))
+        for layer in range(src.num_layers):  # what src holds (a sliding-window ring: its newest positions)
+            first, end = max(start, src.export_start(layer)), min(n, start + block_tokens)
+            if first < end:
+                dst.import_kv(layer, first, src.export_kv(layer, first, end))
     dst.finish_import(n)
     dst.load_extra_state(src.extra_state())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tierkv.errors import ConfigError, UnsupportedModelError
+from tierkv.errors import UnsupportedModelError
 from tierkv.models.arch import LLAMA, Architecture, architecture_from_hf
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral", "qwen3", "gemma3_text")
@@ -96,15 +96,6 @@ class ModelConfig:
     def kv_bytes_per_token(self) -> int:
         """K+V bytes per token over all layers at 2 bytes per element."""
         return self.num_layers * self.num_kv_heads * self.head_dim * 2 * 2
-
-
-def refuse_windowed_tiers(cfg: ModelConfig) -> None:
-    """Raise ConfigError for a model with sliding-window layers: only the all-on-device caches (DenseKVCache,
-    StaticKVCache) apply windows today; the tiered and sparse caches would attend past them. Call where a tiered or
-    sparse cache is about to be built."""
-    if cfg.has_windows:
-        raise ConfigError(f"model {cfg.name or cfg.model_type!r} has sliding-window layers; sliding-window models run "
-                          "with the all-on-device cache for now; drop kv budgets / attention=sparse")
 
 
 def _layer_windows(hf: Any) -> tuple[int | None, ...]:
