@@ -93,9 +93,15 @@ class ModelConfig:
         return replace(self, rope_theta=self.sliding_rope_theta, rope_scaling=dict(self.sliding_rope_scaling))
 
     @property
+    def full_attention_layers(self) -> int:
+        """Layers that attend to every earlier token (the rest keep only their window)."""
+        return sum(self.window(i) is None for i in range(self.num_layers))
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """K+V bytes per token over all layers at 2 bytes per element."""
-        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * 2
+        """K+V bytes one more token adds, at 2 bytes per element: the full-attention layers' only (a sliding-window
+        layer keeps a fixed window, tierkv/kv/window_ring.py)."""
+        return self.full_attention_layers * self.num_kv_heads * self.head_dim * 2 * 2
 
 
 def _layer_windows(hf: Any) -> tuple[int | None, ...]:
