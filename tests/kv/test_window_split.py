@@ -85,6 +85,28 @@ def test_rings_roll_back_only_within_what_they_hold():
         rings.export(0, 70, 95)
 
 
+def test_only_windows_shorter_than_the_context_get_rings():
+    """A window as long as the context never drops a key: that layer goes to the tiers with the full ones."""
+    from dataclasses import replace
+
+    from tierkv.config import TierConfig
+    from tierkv.kv.factory import CacheRequest, build_cache
+    from tierkv.models.shapes import shape_config
+
+    base = shape_config("llama-tiny")  # 2 layers, context 1 << 20
+    for windows, rings, inner in (((64, None), [0], 1), ((1 << 20, None), None, 2), ((64, 1 << 21), [0], 1)):
+        cfg = replace(base, layer_windows=windows)
+        req = CacheRequest(TierConfig(cpu_budget=1 << 22), cfg, torch.device("cpu"), torch.float32, False, "chat", 64)
+        cache, choice = build_cache(req, None)
+        assert choice.kind == "tiered"
+        if rings is None:
+            assert not isinstance(cache, WindowSplitKVCache) and cache.num_layers == 2
+        else:
+            assert sorted(cache.ring_of) == rings and cache.inner.num_layers == inner
+        assert cfg.full_attention_layers == inner
+        cache.close()
+
+
 # ---- random-weight models ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, smol_folder):

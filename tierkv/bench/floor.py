@@ -69,7 +69,8 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 def window_kv_bytes(cfg: ModelConfig, dtype: torch.dtype, context: int) -> int:
     """K and V bytes the sliding-window layers hold at `context` tokens: min(window, context) each."""
     per = 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
-    return sum(min(w, context) * per for w in cfg.layer_windows if w is not None)
+    windows = (cfg.binding_window(i) for i in range(cfg.num_layers))
+    return sum(min(w, context) * per for w in windows if w is not None)
 
 
 def kv_bytes(cfg: ModelConfig, dtype: torch.dtype, context: int) -> int:

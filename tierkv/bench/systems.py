@@ -131,7 +131,7 @@ def kv_budget(spec: DecodeSpec, cfg: ModelConfig, weights: int, context: int) ->
     fixed = (full * (1 + lay.sink_chunks(tc.sink_tokens) + lay.window_chunks(tc.window_tokens)) + 6) \
         * lay.chunk_bytes
     total = lay.chunk_bytes * full * (context // spec.chunk_size + 1)
-    sliding = tuple(w for w in cfg.layer_windows if w is not None)
+    sliding = tuple(w for w in map(cfg.binding_window, range(cfg.num_layers)) if w is not None)
     rings = rings_nbytes(sliding, cfg.num_kv_heads, cfg.head_dim, spec.dtype) if sliding else 0
     return fixed + total // 4 + rings, ("no GPU budget: sinks, window and buffers + a quarter of the context's KV"
                                         + (" + the sliding-window rings" if rings else ""))

@@ -134,8 +134,10 @@ def _window_split(req: CacheRequest, choice: CacheChoice, rope, capacity: int) -
     from tierkv.kv.window_split import WindowSplitKVCache, ring_budget
 
     c = req.model
-    windows = tuple(c.window(i) for i in range(c.num_layers))
+    windows = tuple(c.binding_window(i) for i in range(c.num_layers))  # a window as long as the context: tiers
     sliding = tuple(w for w in windows if w is not None)
+    if not sliding:
+        return _tiered(req, choice, rope, capacity, c.num_layers, req.tier)
     ring_bytes = rings_nbytes(sliding, c.num_kv_heads, c.head_dim, req.dtype)
     full = c.num_layers - len(sliding)
     inner = _tiered(req, choice, rope, capacity, full, ring_budget(req.tier, ring_bytes)) if full else None

@@ -92,10 +92,16 @@ class ModelConfig:
             return self
         return replace(self, rope_theta=self.sliding_rope_theta, rope_scaling=dict(self.sliding_rope_scaling))
 
+    def binding_window(self, layer: int) -> int | None:
+        """Layer's window where it is shorter than the context (a longer one never drops a key), else None: what
+        the caches keep per layer (a ring of the window, or every position)."""
+        w = self.window(layer)
+        return w if w is not None and w < self.max_position_embeddings else None
+
     @property
     def full_attention_layers(self) -> int:
-        """Layers that attend to every earlier token (the rest keep only their window)."""
-        return sum(self.window(i) is None for i in range(self.num_layers))
+        """Layers that keep every earlier token (the rest keep only their window)."""
+        return sum(self.binding_window(i) is None for i in range(self.num_layers))
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -51,7 +51,7 @@ def layer_windows(cfg: ModelConfig, windows: tuple[int | None, ...] | None) -> t
     windows (ModelConfig.window: Mistral, Qwen2/3 with use_sliding_window, Gemma 3)."""
     if windows is not None:
         return tuple(windows)
-    return tuple(cfg.window(i) for i in range(cfg.num_layers))
+    return tuple(cfg.binding_window(i) for i in range(cfg.num_layers))
 
 
 def kv_token_bytes_per_layer(cfg: ModelConfig, elem_bytes: int) -> int:
