@@ -151,9 +151,9 @@ class Chat:
                                 self.overflow)
         max_new = min(opts.max_new_tokens, self.llm.context_size - len(ids))
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)  # the last prompt token is fed to get logits
-        turn = self.last_turn = TurnStats(reused=keep, rolled_back=len(self.ids) - keep, prefilled=len(ids) - keep)
         if keep < self.cache.seq_len:
-            self.cache.truncate(keep)
+            keep = self._roll_back(keep)
+        turn = self.last_turn = TurnStats(reused=keep, rolled_back=len(self.ids) - keep, prefilled=len(ids) - keep)
         self.ids = self.ids[:keep]
         self._ensure_capacity(len(ids) + max_new + 1)
         got: list[int] = []
@@ -182,12 +182,21 @@ class Chat:
         """Record the turn: the cache holds ids + got[:-1] (the last token was sampled but never fed)."""
         n = self.cache.seq_len
         if not clean:
-            self.cache.truncate(n)  # an interrupted forward may have appended to some layers
+            n = self._roll_back(n)  # an interrupted forward may have appended to some layers
         self.ids = (ids + got)[:n]
         if got:
             reply = [t for t in got if t not in self.llm.stop_ids]
             text = self.llm.tokenizer.decode(reply, skip_special_tokens=True)
             self.messages = [*msgs, {"role": "assistant", "content": text}]
+
+    def _roll_back(self, n: int) -> int:
+        """Truncate the cache to n tokens, or to none where it cannot keep what position n reads (a sliding-window
+        ring holds only its newest positions: the turn then prefills the conversation again). Returns the tokens
+        kept. Mutates."""
+        if not self.cache.can_truncate(n):
+            n = 0
+        self.cache.truncate(n)
+        return n
 
     def _step(self):
         if self.cache.path["captured"]:
@@ -244,7 +253,7 @@ class Chat:
         """Forget every turn but keep the system/context prefix (the cache is truncated to it; a sparse cache refits
         its shadows at the next turn, as a fresh session would). Mutates."""
         self._check_open()
-        self.cache.truncate(min(self.prefix_len, self.cache.seq_len))
+        self._roll_back(min(self.prefix_len, self.cache.seq_len))
         self.ids = self.ids[:self.cache.seq_len]
         self.messages = [m for m in self.messages[:1] if m["role"] == "system"]
         self.last_turn = TurnStats()

@@ -1,9 +1,14 @@
 """Session directories: a chat's manifest, token ids and K/V of every tier, written atomically with checksums.
 
-Format 1: `session.json` (self-checksummed manifest), `tokens.bin` (int32 LE), `kv/layer_NNN.bin` (blocks of
+Format 2: `session.json` (self-checksummed manifest), `tokens.bin` (int32 LE), `kv/layer_NNN.bin` (blocks of
 `block_tokens` positions, each (2, T, Hkv, D) K then V in the KV dtype, one CRC-32 per block) and optionally
 `extra.safetensors` (a cache subclass's `extra_state`: the sparse cache's shadows, score index and unfolded
 pre-RoPE keys). A save fills a sibling temp dir, then swaps it in.
+
+A layer file holds positions [start, num_tokens) (its manifest entry's "start"): 0 for a full-attention layer, the
+oldest position its ring keeps for a sliding-window layer (kv/window_split.py), whose earlier positions are never
+attended again. Blocks stay aligned to multiples of block_tokens; a layer's first block is cut at its start.
+Format 1 (every layer from 0, no "start") is read as well.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from tierkv.io.dirswap import swap_in, recover
 from tierkv.kv.cache import KVCache
 
 FORMAT = "tierkv-session"
-SESSION_VERSION = 1
+SESSION_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: every layer from position 0
 MANIFEST = "session.json"
 BLOCK_TOKENS = 1024
 SESSION_ENTRIES = frozenset({MANIFEST, "tokens.bin", "kv", "extra.safetensors"})  # all a save writes
@@ -182,14 +188,15 @@ def _write_file(path: Path, data: bytes | memoryview) -> dict:
 
 
 def _write_kv(root: Path, cache: KVCache, block_tokens: int) -> dict:
-    """One file per layer of (2, T, Hkv, D) blocks gathered from every tier; per-block CRC-32s."""
+    """One file per layer of (2, T, Hkv, D) blocks gathered from every tier, from the layer's export_start; per-block
+    CRC-32s."""
     (root / "kv").mkdir()
     n, files, shape = cache.seq_len, [], None
     for layer in range(cache.num_layers):
-        name, crcs, size = f"kv/layer_{layer:03d}.bin", [], 0
+        name, crcs, size, first = f"kv/layer_{layer:03d}.bin", [], 0, min(cache.export_start(layer), n)
         with open(root / name, "wb") as f:
-            for start in range(0, n, block_tokens):
-                kv = cache.export_kv(layer, start, min(start + block_tokens, n), device="cpu").contiguous()
+            for start in range(first - first % block_tokens, n, block_tokens):
+                kv = cache.export_kv(layer, max(start, first), min(start + block_tokens, n), device="cpu").contiguous()
                 shape, dtype = kv.shape[2:], kv.dtype
                 raw = kv.view(torch.uint8).numpy()
                 f.write(raw.data)
@@ -197,7 +204,7 @@ def _write_kv(root: Path, cache: KVCache, block_tokens: int) -> dict:
                 size += raw.nbytes
             f.flush()
             os.fsync(f.fileno())
-        files.append({"path": name, "bytes": size, "block_crc32": crcs})
+        files.append({"path": name, "start": first, "bytes": size, "block_crc32": crcs})
     kv_dtype = str(cache.dtype if shape is None else dtype).removeprefix("torch.")
     return {"block_tokens": block_tokens, "num_layers": cache.num_layers, "dtype": kv_dtype,
             "heads_dim": list(shape) if shape is not None else None, "files": files}
@@ -227,7 +234,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise SessionDamagedError(f"session file {file} is damaged ({e.__class__.__name__}); save the session "
                                   f"again or delete {root}") from None
-    if fmt != FORMAT or version != SESSION_VERSION:
+    if fmt != FORMAT or version not in READABLE_VERSIONS:
         raise SessionError(f"session {root} has format {fmt!r} version {version}; this tierkv reads {FORMAT!r} "
                            f"version {SESSION_VERSION}: save it again with this version")
     if _body_crc(body) != crc:
@@ -262,32 +269,49 @@ def restore_kv(path: str | os.PathLike, body: dict, cache: KVCache) -> int:
     dtype = getattr(torch, kv["dtype"])
     heads_dim = kv["heads_dim"] or [0, 0]
     token_bytes = 2 * heads_dim[0] * heads_dim[1] * torch.empty((), dtype=dtype).element_size()
-    handles = []
+    handles, firsts = [], []
     try:
         for entry in kv["files"]:
             file = root / entry["path"]
             if not file.is_file() or file.stat().st_size != entry["bytes"]:
                 raise SessionDamagedError(f"session file {file} is missing or has the wrong size; save the session again")
             handles.append(open(file, "rb"))
+        firsts = _layer_starts(root, kv["files"], cache, n)
         cache.begin_import(n)
-        for b, start in enumerate(range(0, n, bt)):
-            t = min(bt, n - start)
+        for start in range(0, n, bt):
             for layer, f in enumerate(handles):
-                buf = bytearray(t * token_bytes)
-                f.seek(start * token_bytes)
+                first, end = max(start, firsts[layer]), min(n, start + bt)
+                if first >= end:
+                    continue
+                b = start // bt - firsts[layer] // bt  # the layer's blocks begin at the one holding its start
+                buf = bytearray((end - first) * token_bytes)
+                f.seek((first - firsts[layer]) * token_bytes)
                 f.readinto(buf)
                 if crc32(buf) != kv["files"][layer]["block_crc32"][b]:
                     raise SessionDamagedError(
-                        f"session file {root / kv['files'][layer]['path']} failed its checksum at block {b} (bytes "
-                        f"{start * token_bytes}..{(start + t) * token_bytes}); save the session again or delete {root}")
-                cache.import_kv(layer, start, torch.frombuffer(buf, dtype=dtype).view(2, t, *heads_dim))
+                        f"session file {root / kv['files'][layer]['path']} failed its checksum at block {b} (positions "
+                        f"{first}..{end}); save the session again or delete {root}")
+                cache.import_kv(layer, first, torch.frombuffer(buf, dtype=dtype).view(2, end - first, *heads_dim))
         cache.finish_import(n)
     finally:
         for f in handles:
             f.close()
     if "extra" in body["files"]:
         cache.load_extra_state(read_tensors(root, body["files"]["extra"]))
-    return n * token_bytes * len(handles)
+    return sum(n - first for first in firsts) * token_bytes
+
+
+def _layer_starts(root: Path, files: list[dict], cache: KVCache, n: int) -> list[int]:
+    """Each layer file's first position, checked against what the cache needs (a sliding-window ring saved its
+    newest positions only: a cache that attends further back cannot take them)."""
+    firsts = [int(entry.get("start", 0)) for entry in files]
+    for layer, first in enumerate(firsts):
+        need = cache.import_start(layer, n)
+        if first > need:
+            raise SessionMismatchError(
+                f"session {root} keeps layer {layer}'s K/V from position {first} only (a sliding-window ring) but this "
+                f"cache ({cache.kind}) reads it from {need}; load it with the kv settings it was saved with")
+    return firsts
 
 
 def read_tensors(root: Path, entry: dict) -> dict[str, torch.Tensor]:

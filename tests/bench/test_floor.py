@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
-from tierkv.bench.floor import Rates, floor_ms, kv_bytes_per_token, weight_bytes
+from tierkv.bench.floor import Rates, floor_ms, kv_bytes, kv_bytes_per_token, weight_bytes
 from tierkv.bench.hf import build_hf, param_bytes
 from tierkv.bench.systems import DecodeSpec
 from tierkv.models.shapes import shape_config
@@ -19,6 +20,18 @@ def test_weight_bytes_match_transformers_model():
     assert param_bytes(model)[0] == weight_bytes(cfg, torch.float32)
     assert weight_bytes(shape_config("llama3.1-8b"), torch.bfloat16) == 2 * 8_030_261_248
     assert kv_bytes_per_token(shape_config("llama3.1-8b"), torch.bfloat16) == 128 * 1024
+
+
+def test_sliding_window_layers_count_their_window_only():
+    """Gemma 3 270M's shape (18 layers, every sixth global, window 512, one KV head of 256): a token adds the
+    three global layers' K/V, a sixth of an all-global model's; the windows are a fixed 15 x 512 positions."""
+    cfg = replace(shape_config("llama-tiny"), num_layers=18, num_kv_heads=1, head_dim=256,
+                  layer_windows=tuple(None if i % 6 == 5 else 512 for i in range(18)))
+    per_layer = 2 * 256 * 2  # K and V of one token in bf16
+    assert cfg.full_attention_layers == 3 and cfg.kv_bytes_per_token == 3 * per_layer
+    assert kv_bytes_per_token(cfg, torch.bfloat16) == 3 * per_layer
+    assert kv_bytes(cfg, torch.bfloat16, 32768) == (3 * 32768 + 15 * 512) * per_layer
+    assert kv_bytes(cfg, torch.bfloat16, 100) == 18 * 100 * per_layer  # windows not yet full
 
 
 def test_floor_parts_use_the_rate_of_each_pair():

@@ -40,14 +40,28 @@ def snapshot(path: Path) -> dict:
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
-@pytest.mark.parametrize("version", [0, 2])
+def test_a_format_1_session_still_loads(tmp_path):
+    """Format 1 (no per-layer "start": every layer from position 0) reads as before."""
+    doc = saved_session(tmp_path / "s")
+    doc["format_version"] = 1
+    for entry in doc["body"]["kv"]["files"]:
+        assert entry.pop("start") == 0
+    rewrite_manifest(tmp_path / "s", doc)
+    body = read_manifest(tmp_path / "s")
+    cache = DenseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, capacity=8)
+    restore_kv(tmp_path / "s", body, cache)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(cache.export_kv(0, 0, 40)[0], torch.randn(40, HKV, D, generator=g))
+
+
+@pytest.mark.parametrize("version", [0, 3])
 def test_another_format_version_is_refused_and_left_as_it_is(tmp_path, version):
     doc = saved_session(tmp_path / "s")
-    assert doc["format"] == "tierkv-session" and doc["format_version"] == 1  # the version is stored
+    assert doc["format"] == "tierkv-session" and doc["format_version"] == 2  # the version is stored
     doc["format_version"] = version
     rewrite_manifest(tmp_path / "s", doc)
     before = snapshot(tmp_path / "s")
-    with pytest.raises(SessionError, match=f"version {version}; this tierkv reads 'tierkv-session' version 1") as e:
+    with pytest.raises(SessionError, match=f"version {version}; this tierkv reads 'tierkv-session' version 2") as e:
         read_manifest(tmp_path / "s")
     assert "\n" not in str(e.value) and not isinstance(e.value, SessionDamagedError)
     assert snapshot(tmp_path / "s") == before

@@ -69,7 +69,7 @@ def test_same_tokens_with_every_step_sparse(runs):
 class _WholeLayerCache(FastSparseKVCache):
     """The sparse cache with the whole-layer attention CUDA takes (one causal call per layer), on any device."""
 
-    def attends_whole_layer(self) -> bool:
+    def attends_whole_layer(self, layer: int) -> bool:
         return self.staging is not None
 
 

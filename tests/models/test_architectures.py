@@ -8,7 +8,6 @@ import torch
 
 import tierkv
 from tierkv.engine import eager_step, prefill
-from tierkv.errors import ConfigError
 from tierkv.kv.cache import DenseKVCache
 from tierkv.kv.static import StaticKVCache
 from tests.conftest import save_random_checkpoint
@@ -96,11 +95,3 @@ def test_decode_past_the_window_matches_transformers(cache_kind, folders, refere
     diff = (torch.stack(rows) - reference("gemma3")[39:len(ids) - 1]).abs().max().item()
     print(f"{cache_kind.__name__} decode vs transformers: max abs diff {diff:.2e}")
     assert diff < 1e-3
-
-
-def test_windowed_models_refuse_the_tiered_caches(folders):
-    llm = _load(folders["mistral_window"], attention="sparse")
-    with pytest.raises(ConfigError, match="sliding-window models run with the all-on-device cache"):
-        llm.generate("hello", max_new_tokens=2)
-    with pytest.raises(ConfigError, match="drop kv budgets"):
-        llm.chat()

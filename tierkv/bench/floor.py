@@ -61,8 +61,21 @@ def streamed_weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """K and V bytes one token adds across all layers."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    """K and V bytes one more token adds: the full-attention layers' (sliding-window layers keep a fixed window,
+    `window_kv_bytes`)."""
+    return 2 * cfg.full_attention_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def window_kv_bytes(cfg: ModelConfig, dtype: torch.dtype, context: int) -> int:
+    """K and V bytes the sliding-window layers hold at `context` tokens: min(window, context) each."""
+    per = 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    windows = (cfg.binding_window(i) for i in range(cfg.num_layers))
+    return sum(min(w, context) * per for w in windows if w is not None)
+
+
+def kv_bytes(cfg: ModelConfig, dtype: torch.dtype, context: int) -> int:
+    """K and V bytes a cache holds at `context` tokens (what full attention reads per decode token)."""
+    return kv_bytes_per_token(cfg, dtype) * context + window_kv_bytes(cfg, dtype, context)
 
 
 def floor_ms(bytes_per_token: dict[str, float], rates: Rates) -> tuple[float, dict]:

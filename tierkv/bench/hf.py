@@ -13,7 +13,7 @@ import torch
 
 from tierkv.bench.clock import StepClock
 from tierkv.bench.common import now, sync
-from tierkv.bench.floor import kv_bytes_per_token
+from tierkv.bench.floor import kv_bytes
 from tierkv.bench.systems import DecodeSpec, Row, free_memory, peak_memory, random_ids
 from tierkv.config import format_size
 from tierkv.models.config import ModelConfig
@@ -109,7 +109,7 @@ def run_hf(system: str, model, hf_cfg, cfg: ModelConfig, context: int, spec: Dec
     if model is None:
         row.status, row.reason = "unavailable", hf_cfg  # hf_cfg carries the reason here
         return row
-    kv_total = kv_bytes_per_token(cfg, spec.dtype) * (context + spec.warmup + spec.steps + 5)
+    kv_total = kv_bytes(cfg, spec.dtype, context + spec.warmup + spec.steps + 5)
     weights, _ = param_bytes(model)
     if system == "hf-offloaded":
         if spec.device.type != "cuda":
@@ -142,7 +142,7 @@ def run_accelerate(cfg: ModelConfig, context: int, spec: DecodeSpec, weights: in
     if importlib.util.find_spec("accelerate") is None:
         row.status, row.reason = "unavailable", "accelerate is not installed (pip install accelerate)"
         return row
-    kv_total = kv_bytes_per_token(cfg, spec.dtype) * (context + spec.warmup + spec.steps + 5)
+    kv_total = kv_bytes(cfg, spec.dtype, context + spec.warmup + spec.steps + 5)
     room = spec.gpu_budget - kv_total - spec.reserve
     if room <= 0:
         row.status, row.reason = "cannot_run", f"the KV cache alone ({format_size(kv_total)}) fills the GPU budget"

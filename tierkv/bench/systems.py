@@ -20,6 +20,7 @@ from tierkv.bench.clock import StepClock
 from tierkv.config import TierConfig, format_size
 from tierkv.errors import TierKVError
 from tierkv.kv.layout import ChunkLayout
+from tierkv.kv.window_ring import rings_nbytes
 from tierkv.models.config import ModelConfig
 
 # tierkv-sparse decodes as users get it (on CUDA the graph-captured fast sparse cache); tierkv-sparse-eager is the
@@ -124,12 +125,16 @@ def kv_budget(spec: DecodeSpec, cfg: ModelConfig, weights: int, context: int) ->
         kv = spec.gpu_budget - weights - spec.reserve
         return (kv if kv > 0 else None), (f"gpu budget {format_size(spec.gpu_budget)} - weights {format_size(weights)}"
                                           f" - reserve {format_size(spec.reserve)}")
-    lay = ChunkLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, spec.chunk_size, spec.dtype)
+    full = cfg.full_attention_layers  # sliding-window layers keep rings on the device instead (kv/window_split.py)
+    lay = ChunkLayout(full, cfg.num_kv_heads, cfg.head_dim, spec.chunk_size, spec.dtype)
     tc = TierConfig()
-    fixed = (cfg.num_layers * (1 + lay.sink_chunks(tc.sink_tokens) + lay.window_chunks(tc.window_tokens)) + 6) \
+    fixed = (full * (1 + lay.sink_chunks(tc.sink_tokens) + lay.window_chunks(tc.window_tokens)) + 6) \
         * lay.chunk_bytes
-    total = lay.chunk_bytes * cfg.num_layers * (context // spec.chunk_size + 1)
-    return fixed + total // 4, "no GPU budget: sinks, window and buffers + a quarter of the context's KV"
+    total = lay.chunk_bytes * full * (context // spec.chunk_size + 1)
+    sliding = tuple(w for w in map(cfg.binding_window, range(cfg.num_layers)) if w is not None)
+    rings = rings_nbytes(sliding, cfg.num_kv_heads, cfg.head_dim, spec.dtype) if sliding else 0
+    return fixed + total // 4 + rings, ("no GPU budget: sinks, window and buffers + a quarter of the context's KV"
+                                        + (" + the sliding-window rings" if rings else ""))
 
 
 def tier_config(system: str, spec: DecodeSpec, kv_gpu: int) -> TierConfig:

@@ -101,8 +101,8 @@ class KVCache(GraphHooks, PickPrefetchHooks, SessionState, ABC):
         needs `activation_bytes` more device memory for it. None here: prefill goes slice after slice."""
         return False
 
-    def attends_whole_layer(self) -> bool:
-        """Within a layer-major prefill: whether the model should append every slice of a layer first and then
+    def attends_whole_layer(self, layer: int) -> bool:
+        """Within a layer-major prefill: whether the model should append every slice of `layer` first and then
         call `attend_layer` once with the whole prompt's queries (one causal attention call per layer)."""
         return False
 
@@ -120,8 +120,10 @@ def copy_state(src: KVCache, dst: KVCache, block_tokens: int = 1024) -> None:
     n = src.seq_len
     dst.begin_import(n)
     for start in range(0, n, block_tokens):
-        for layer in range(src.num_layers):
-            dst.import_kv(layer, start, src.export_kv(layer, start, min(n, start + block_tokens)))
+        for layer in range(src.num_layers):  # what src holds (a sliding-window ring: its newest positions)
+            first, end = max(start, src.export_start(layer)), min(n, start + block_tokens)
+            if first < end:
+                dst.import_kv(layer, first, src.export_kv(layer, first, end))
     dst.finish_import(n)
     dst.load_extra_state(src.extra_state())
 

@@ -11,6 +11,9 @@ The rule (README, "Cache paths"):
   decisions, so its decode runs eagerly).
 - full attention, no budgets: everything on the compute device; the static cache (graph-capturable, fixed
   capacity) on CUDA with graphs on, the growable dense cache otherwise.
+A model with sliding-window layers (Gemma 3, Mistral, Qwen2 with use_sliding_window) gets, in place of a sparse or
+tiered cache, kv/window_split.py's: its window layers in rings on the device, only the full-attention layers in the
+sparse or tiered cache (the dense and static caches apply windows themselves).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from tierkv.config import TierConfig
 from tierkv.errors import ConfigError
 from tierkv.kv.cache import KVCache
-from tierkv.models.config import ModelConfig, refuse_windowed_tiers
+from tierkv.models.config import ModelConfig
 
 USES = ("generate", "chat", "score")
 
@@ -62,12 +65,14 @@ def choose(req: CacheRequest) -> CacheChoice:
     if req.use not in USES:
         raise ConfigError(f"cache use {req.use!r} is unknown; use one of {', '.join(USES)}")
     tier, cap = req.tier, req.captures
+    rings = ("; sliding-window layers in rings on the device, only the full-attention layers in this cache"
+             if req.model.has_windows else "")
     if tier.sparse_attention:
         how = "captured in a CUDA graph" if cap else "run eagerly (no CUDA graph: CPU or graph=False)"
-        return CacheChoice("sparse", cap, f"attention='sparse': the graph-capturable sparse cache, decode {how}")
+        return CacheChoice("sparse", cap, f"attention='sparse': the graph-capturable sparse cache, decode {how}{rings}")
     if tier.has_budgets:
         return CacheChoice("tiered", False, "full attention with kv_gpu_budget/cpu_budget/disk_dir: exact attention "
-                                            "over tiers, decode eager (chunk moves are host decisions)")
+                                            f"over tiers, decode eager (chunk moves are host decisions){rings}")
     if cap:
         return CacheChoice("static", True, "full attention, no budgets, CUDA graphs on: fixed-capacity cache on the "
                                            "device, decode captured")
@@ -86,28 +91,55 @@ def capacity_class(need: int, limit: int) -> int:
 def build_cache(req: CacheRequest, rope) -> tuple[KVCache, CacheChoice]:
     """A fresh cache for req (rope: the model's RoPE tables, for the sparse shadows) and the choice it came from."""
     choice = choose(req)
-    c, tier = req.model, req.tier
+    c = req.model
     capacity = capacity_class(req.capacity, c.max_position_embeddings + 1)
-    shape = (c.num_layers, c.num_kv_heads, c.head_dim)
     where = {"device": req.device, "dtype": req.dtype}
-    if choice.kind in ("sparse", "tiered"):
-        refuse_windowed_tiers(c)
-    if choice.kind == "sparse":
-        from tierkv.kv.fast_sparse import FastSparseKVCache
-
-        cache: KVCache = FastSparseKVCache(*shape, **where, config=tier, capacity=capacity, rope=rope,
-                                           chunk_cache=tier.gpu_chunk_cache, prefetch=tier.prefetch_picks)
-    elif choice.kind == "tiered":
-        from tierkv.kv.tiered import TieredKVCache
-
-        cache = TieredKVCache(*shape, **where, config=tier)
+    if choice.kind in ("sparse", "tiered") and c.has_windows:
+        cache = _window_split(req, choice, rope, capacity)
+    elif choice.kind in ("sparse", "tiered"):
+        cache = _tiered(req, choice, rope, capacity, c.num_layers, req.tier)
     elif choice.kind == "static":
         from tierkv.kv.static import StaticKVCache
 
-        cache = StaticKVCache(*shape, **where, capacity=capacity, windows=c.layer_windows)
+        cache = StaticKVCache(c.num_layers, c.num_kv_heads, c.head_dim, **where, capacity=capacity,
+                              windows=c.layer_windows)
     else:
         from tierkv.kv.cache import DenseKVCache
 
-        cache = DenseKVCache(*shape, **where, capacity=req.capacity, windows=c.layer_windows)
+        cache = DenseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, **where, capacity=req.capacity,
+                             windows=c.layer_windows)
     cache.record_path(choice.as_dict())
     return cache, choice
+
+
+def _tiered(req: CacheRequest, choice: CacheChoice, rope, capacity: int, num_layers: int, tier: TierConfig) -> KVCache:
+    """The sparse or tiered cache of `choice` for num_layers layers under `tier`."""
+    c = req.model
+    shape = (num_layers, c.num_kv_heads, c.head_dim)
+    where = {"device": req.device, "dtype": req.dtype}
+    if choice.kind == "sparse":
+        from tierkv.kv.fast_sparse import FastSparseKVCache
+
+        return FastSparseKVCache(*shape, **where, config=tier, capacity=capacity, rope=rope,
+                                 chunk_cache=tier.gpu_chunk_cache, prefetch=tier.prefetch_picks)
+    from tierkv.kv.tiered import TieredKVCache
+
+    return TieredKVCache(*shape, **where, config=tier)
+
+
+def _window_split(req: CacheRequest, choice: CacheChoice, rope, capacity: int) -> KVCache:
+    """Sliding-window layers in rings on the device, the full-attention layers alone in the sparse or tiered cache
+    (kv/window_split.py), whose kv_gpu_budget is what the rings leave."""
+    from tierkv.kv.window_ring import rings_nbytes
+    from tierkv.kv.window_split import WindowSplitKVCache, ring_budget
+
+    c = req.model
+    windows = tuple(c.binding_window(i) for i in range(c.num_layers))  # a window as long as the context: tiers
+    sliding = tuple(w for w in windows if w is not None)
+    if not sliding:
+        return _tiered(req, choice, rope, capacity, c.num_layers, req.tier)
+    ring_bytes = rings_nbytes(sliding, c.num_kv_heads, c.head_dim, req.dtype)
+    full = c.num_layers - len(sliding)
+    inner = _tiered(req, choice, rope, capacity, full, ring_budget(req.tier, ring_bytes)) if full else None
+    return WindowSplitKVCache(windows, inner, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, device=req.device,
+                              dtype=req.dtype, capacity=capacity)

@@ -75,6 +75,19 @@ class SessionState:
         """Forget every position >= num_tokens (<= seq_len), also K/V appended but not advanced. Mutates."""
         raise NotImplementedError(f"{type(self).__name__} cannot be truncated")
 
+    def can_truncate(self, num_tokens: int) -> bool:
+        """Whether truncate(num_tokens) keeps what the next query reads (a sliding-window ring forgets its oldest
+        positions: rolling back past them means prefilling again)."""
+        return 0 <= num_tokens <= self.seq_len
+
+    def export_start(self, layer: int) -> int:
+        """The first position of layer that export_kv gives (a sliding-window ring holds only its newest ones)."""
+        return 0
+
+    def import_start(self, layer: int, num_tokens: int) -> int:
+        """The first position of layer an import of num_tokens must bring: earlier ones are never attended again."""
+        return 0
+
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Tensors besides K/V that a session must save (none here). Subclasses add theirs. Does not mutate."""
         return {}

@@ -60,7 +60,7 @@ class LayerPrefillSteps:
         self._n["layer_prefills"] = self._n.get("layer_prefills", 0) + 1
         return True
 
-    def attends_whole_layer(self) -> bool:
+    def attends_whole_layer(self, layer: int) -> bool:
         # on CUDA one fused causal GQA call per layer runs at about twice the FLOP rate of per-slice spans
         # (bench/staged_attention.py); the CPU keeps the sliced spans, bit-equal to the sliced prefill (tests)
         return self.staging is not None and self.device.type == "cuda"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tierkv.errors import ConfigError, UnsupportedModelError
+from tierkv.errors import UnsupportedModelError
 from tierkv.models.arch import LLAMA, Architecture, architecture_from_hf
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral", "qwen3", "gemma3_text")
@@ -92,19 +92,22 @@ class ModelConfig:
             return self
         return replace(self, rope_theta=self.sliding_rope_theta, rope_scaling=dict(self.sliding_rope_scaling))
 
+    def binding_window(self, layer: int) -> int | None:
+        """Layer's window where it is shorter than the context (a longer one never drops a key), else None: what
+        the caches keep per layer (a ring of the window, or every position)."""
+        w = self.window(layer)
+        return w if w is not None and w < self.max_position_embeddings else None
+
+    @property
+    def full_attention_layers(self) -> int:
+        """Layers that keep every earlier token (the rest keep only their window)."""
+        return sum(self.binding_window(i) is None for i in range(self.num_layers))
+
     @property
     def kv_bytes_per_token(self) -> int:
-        """K+V bytes per token over all layers at 2 bytes per element."""
-        return self.num_layers * self.num_kv_heads * self.head_dim * 2 * 2
-
-
-def refuse_windowed_tiers(cfg: ModelConfig) -> None:
-    """Raise ConfigError for a model with sliding-window layers: only the all-on-device caches (DenseKVCache,
-    StaticKVCache) apply windows today; the tiered and sparse caches would attend past them. Call where a tiered or
-    sparse cache is about to be built."""
-    if cfg.has_windows:
-        raise ConfigError(f"model {cfg.name or cfg.model_type!r} has sliding-window layers; sliding-window models run "
-                          "with the all-on-device cache for now; drop kv budgets / attention=sparse")
+        """K+V bytes one more token adds, at 2 bytes per element: the full-attention layers' only (a sliding-window
+        layer keeps a fixed window, tierkv/kv/window_ring.py)."""
+        return self.full_attention_layers * self.num_kv_heads * self.head_dim * 2 * 2
 
 
 def _layer_windows(hf: Any) -> tuple[int | None, ...]:

@@ -101,7 +101,7 @@ class LlamaModel:
         n = ids.shape[0]
         h, x = self._embed(ids)  # (T, hidden) each
         for i in range(len(self.layers)):
-            if cache.attends_whole_layer():
+            if cache.attends_whole_layer(i):
                 self._layer_whole(i, h, x, positions, cache, slice_len)
             else:
                 for s in range(0, n, slice_len):

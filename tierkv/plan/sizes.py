@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tierkv.kv.window_ring import ROLLBACK_ROOM
 from tierkv.models.config import ModelConfig
 
 # The sparse cache keeps decode keys exact until this many sealed tokens pile up beyond the shadow
@@ -50,7 +51,7 @@ def layer_windows(cfg: ModelConfig, windows: tuple[int | None, ...] | None) -> t
     windows (ModelConfig.window: Mistral, Qwen2/3 with use_sliding_window, Gemma 3)."""
     if windows is not None:
         return tuple(windows)
-    return tuple(cfg.window(i) for i in range(cfg.num_layers))
+    return tuple(cfg.binding_window(i) for i in range(cfg.num_layers))
 
 
 def kv_token_bytes_per_layer(cfg: ModelConfig, elem_bytes: int) -> int:
@@ -59,9 +60,10 @@ def kv_token_bytes_per_layer(cfg: ModelConfig, elem_bytes: int) -> int:
 
 
 def window_kv_bytes(cfg: ModelConfig, elem_bytes: int, windows: tuple[int | None, ...], context: int) -> int:
-    """GPU bytes of the K/V rings of the sliding-window layers: min(window, context) tokens each."""
+    """GPU bytes of the K/V rings of the sliding-window layers (kv/window_ring.py): min(window + the rings' rollback
+    room, context) tokens each."""
     per = kv_token_bytes_per_layer(cfg, elem_bytes)
-    return sum(min(w, context) * per for w in windows if w is not None)
+    return sum(min(w + ROLLBACK_ROOM, context) * per for w in windows if w is not None)
 
 
 @dataclass(frozen=True)
