@@ -190,7 +190,7 @@ class Chat:
             self.messages = [*msgs, {"role": "assistant", "content": text}]
 
     def _step(self):
-        if self.cache.path["captured"]:
+        if self.cache.path["captured"] and self.llm.weights_capturable:
             from tierkv.graph import GraphStep
 
             if self._graph is None or self._graph.cache is not self.cache:  # once per cache (capacity class)

@@ -22,6 +22,8 @@ from tierkv.models.llama import LlamaModel
 from tierkv.models.shapes import SHAPES, shape_config
 from tierkv.models.names import context_limit, find_model
 from tierkv.models.weights import TensorSource, resolve_model
+from tierkv.weights.disk import safetensors_index
+from tierkv.weights.store import LayerPlacer, parse_placement
 from tierkv.oom import guard_memory
 from tierkv.inputs import require_text
 from tierkv.sample import Sampler
@@ -86,6 +88,7 @@ class LLM:
         # in the same capacity class reuses both (kv/factory.capacity_class), so a graph is captured once
         self._kept: dict[str, tuple[KVCache, object]] = {}
         self.graph = graph
+        self.plan = None  # the planner's Plan when load() was given gpu_budget
 
     # --- caches -------------------------------------------------------------------------------
     def cache_request(self, capacity: int, use: str = "generate", tier: TierConfig | None = None) -> CacheRequest:
@@ -96,7 +99,7 @@ class LLM:
     @property
     def uses_graph(self) -> bool:
         """Whether one-shot generation replays a captured CUDA graph (the factory's choice for this LLM)."""
-        return choose(self.cache_request(1)).captured
+        return choose(self.cache_request(1)).captured and self.weights_capturable
 
     def call_cache(self, need: int, use: str) -> KVCache:
         """A cache for one generate/score call of `need` positions: the kept one of its capacity class, emptied
@@ -114,10 +117,16 @@ class LLM:
             self._kept[use] = (cache, None)
         return cache
 
+    @property
+    def weights_capturable(self) -> bool:
+        """Whether the layer weights allow a captured decode step: resident, or streamed from pinned memory (disk
+        reads and CPU-computed layers wait on the host, so their decode runs eagerly)."""
+        return self.model.weights is None or self.model.weights.capturable
+
     def decode_step(self, cache: KVCache, use: str, graph: bool) -> DecodeStep:
         """The decode step for a call's cache: its kept graph step when graph and the factory captures, captured
         at most once per kept cache (tierkv/graph.py recaptures only when the cache reallocated what it reads)."""
-        if not (graph and cache.path["captured"]):
+        if not (graph and cache.path["captured"] and self.weights_capturable):
             return eager_step(self.model, cache)
         kept = self._kept.get(use)
         if kept is None or kept[0] is not cache:
@@ -182,6 +191,8 @@ class LLM:
             logits.sum().item()  # wait for prefill so its time is not billed to decode
             stats.prefill_s = time.perf_counter() - t0
             step = self.decode_step(cache, "generate", graph=max_new > 1)
+            if self.model.weights is not None:  # weight traffic of the decode steps only
+                self.model.weights.reset_stats()
             yield from generate_ids(step, logits, len(ids), max_new, self.stop_ids, stats,
                                     sampler=Sampler(cfg, self.device, ids))
             if stats.stop_reason == "max_new_tokens" and max_new < cfg.max_new_tokens:
@@ -189,6 +200,8 @@ class LLM:
         finally:
             stats.extra["peak_memory"] = peak_memory(self.device)
             stats.extra["kv"] = cache.stats()
+            if self.model.weights is not None:
+                stats.extra["weights"] = weight_stats(self, stats)
             self.end_call(cache)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
@@ -282,6 +295,13 @@ class LLM:
         for cache in list(self._caches):
             self._release(cache)
 
+    def unload(self) -> None:
+        """close(), and release the weight streamer (its thread, spill file and pinned blocks). The LLM is unusable
+        afterwards."""
+        self.close()
+        if self.model.weights is not None:
+            self.model.weights.close()
+
     def __enter__(self) -> "LLM":
         return self
 
@@ -301,27 +321,38 @@ def _stop_ids(tokenizer, hf_cfg) -> list[int]:
 
 def load(model: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, graph: bool = True, progress: bool = False,
-         ctx_size: int | None = None, **tier_settings) -> LLM:
+         ctx_size: int | None = None, gpu_budget: int | str | None = None, placement=None,
+         **tier_settings) -> LLM:
     """Load a model folder, a .gguf file, a built-in shape with random weights, a Hugging Face id found in the
     local Hugging Face cache, or the default model (None or its name, see tierkv.models.names).
 
     graph=False keeps decode eager on CUDA (the reference path). ctx_size caps the context (prompt + reply).
     tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
+    gpu_budget ('12GiB' or bytes) covers everything on the compute device: the planner (tierkv/plan/) decides
+    at load which layers stay resident, stream from pinned host memory or disk (disk_dir), or run on the CPU,
+    and kv_gpu_budget and the attention mode follow from its plan unless given (`llm.plan` holds it).
+    placement overrides where layers go (tierkv.weights.store.parse_placement: 'host=3,7 disk=5 cpu=9', one
+    place per layer, or {layer: place}); with gpu_budget too, it replaces only the plan's layer placement.
     Blocks while weights load; a GGUF is converted once into the cache directory.
     """
     context_limit(ctx_size, 1 << 62)  # a malformed ctx_size is refused before the weights load
-    llm = _load(find_model(model), device, dtype, graph, progress, tier_settings)
+    offload = Offload(gpu_budget, placement, ctx_size)
+    llm = _load(find_model(model), device, dtype, graph, progress, tier_settings, offload)
     llm.context_size = context_limit(ctx_size, llm.cfg.max_position_embeddings)
     return llm
 
 
-def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, tier_settings: dict) -> LLM:
+def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, tier_settings: dict,
+          offload: "Offload") -> LLM:
     tier = TierConfig(**tier_settings)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if isinstance(model, str) and model in SHAPES:
-        llm = _load_shape(model, dev, dt, tier)
-        llm.graph = graph
+        cfg = shape_config(model)
+        tier, placer = offload.prepare(cfg, dev, dt, tier, tier_settings, index=None)
+        net = random_model(cfg, dev, dt, placer=placer, progress=progress)
+        llm = LLM(net, _ByteTokenizer(cfg.vocab_size), tier, source=f"shape:{model}", graph=graph)
+        llm.plan = offload.plan
         return llm
     from transformers import AutoConfig, AutoTokenizer
 
@@ -330,8 +361,80 @@ def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, 
     cfg = ModelConfig.from_hf(hf_cfg, name=str(model or "SmolLM2-135M-Instruct"))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     src = TensorSource(folder)
-    net = build_model(cfg, lambda name: src.get(name, dev, dt), progress=progress)
-    return LLM(net, tokenizer, tier, source=str(folder), stop_ids=_stop_ids(tokenizer, hf_cfg), graph=graph)
+    tier, placer = offload.prepare(cfg, dev, dt, tier, tier_settings, index=src)
+    net = build_model(cfg, lambda name: src.get(name, dev, dt), progress=progress, placer=placer,
+                      get_at=lambda name, at: src.get(name, at, dt))
+    llm = LLM(net, tokenizer, tier, source=str(folder), stop_ids=_stop_ids(tokenizer, hf_cfg), graph=graph)
+    llm.plan = offload.plan
+    return llm
+
+
+class Offload:
+    """What load() was asked about weight placement (gpu_budget, placement) and what it decided."""
+
+    def __init__(self, gpu_budget, placement, ctx_size: int | None) -> None:
+        self.gpu_budget, self.placement, self.ctx_size = gpu_budget, placement, ctx_size
+        self.plan = None  # the planner's Plan when gpu_budget was given
+
+    def prepare(self, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, tier: TierConfig, given: dict,
+                index: TensorSource | None) -> tuple[TierConfig, LayerPlacer | None]:
+        """(the tier settings with the plan's kv_gpu_budget and attention unless given, the layer placer or None
+        when every layer stays resident). Plans before any weight loads, so a bad budget costs no load time."""
+        places = None
+        if self.gpu_budget is not None:
+            from tierkv.plan.load import plan_for_load  # the planner sits above llm's imports of models
+
+            context = min(self.ctx_size or cfg.max_position_embeddings, cfg.max_position_embeddings)
+            lp = plan_for_load(cfg, dt, dev, context, self.gpu_budget, given.get("cpu_budget"), tier.disk_dir,
+                               given.get("attention"), given.get("token_budget"))
+            self.plan, places = lp.plan, lp.placement
+            changes = {}
+            if "kv_gpu_budget" not in given:
+                changes["kv_gpu_budget"] = lp.kv_gpu_budget
+            if "attention" not in given:
+                changes["attention"] = lp.plan.attention
+            tier = tier.replace(**changes)
+        if self.placement is not None:
+            places = parse_placement(self.placement, cfg.num_layers)
+        if places is None or all(p == "gpu" for p in places):
+            return tier, None
+        stored = safetensors_index(index.files()) if index is not None else None
+        return tier, LayerPlacer(places, dev, dt, slots=_slots(places), index=stored, spill_dir=tier.disk_dir)
+
+
+def _slots(places: tuple[str, ...]) -> int:
+    """Staging slots: 3 when two streamed layers are neighbours around the ring (a copy must run while the next
+    streamed layer waits), else 2 (the planner's rule)."""
+    streamed = [p in ("host", "disk") for p in places]
+    n = len(streamed)
+    return 3 if any(streamed[i] and streamed[(i + 1) % n] for i in range(n)) and sum(streamed) > 1 else 2
+
+
+def weight_stats(llm: LLM, stats: GenStats) -> dict:
+    """Weight traffic of the last call's decode steps: placement, bytes streamed per token, achieved GB/s, time
+    waiting on weights. A captured decode step does not count its own copies, so there the bytes are the
+    streamed layers' (each is copied once a token) and GB/s is bytes over the decode time."""
+    ws = llm.model.weights.stats()
+    steps = max(stats.new_tokens - 1, 0)
+    out = {k: ws[k] for k in ("placement", "counts", "bytes", "device_bytes", "capturable")}
+    st = ws.get("streamer")
+    if st is None or not steps:
+        return out
+    graph = llm.uses_graph
+    per_token = ws["streamed_bytes_per_token"] if graph else st["bytes"] / steps
+    out.update(streamer_mode=st["mode"], slots=st["slots"], pinned_host_bytes=st["host_bytes"],
+               decode="graph" if graph else "eager", streamed_bytes_per_token=per_token)
+    if graph:
+        out["achieved_gbps"] = per_token * steps / stats.decode_s / 1e9 if stats.decode_s else None
+        out["achieved_gbps_from"] = "streamed bytes / decode time (a lower bound: copies overlap compute)"
+    else:
+        out["achieved_gbps"] = st["bytes"] / st["copy_s"] / 1e9 if st["copy_s"] else None
+        out["achieved_gbps_from"] = "streamed bytes / time the copies took"
+        out["wait_ms_per_token"] = 1e3 * st["wait_s"] / steps
+        out["disk_bytes_per_token"] = st["disk_bytes"] / steps
+    if "disk" in ws:
+        out["disk"] = ws["disk"]
+    return out
 
 
 class _ByteTokenizer:
@@ -350,6 +453,4 @@ class _ByteTokenizer:
         return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
 
 
-def _load_shape(name: str, dev: torch.device, dt: torch.dtype, tier: TierConfig) -> LLM:
-    cfg = shape_config(name)
-    return LLM(random_model(cfg, dev, dt), _ByteTokenizer(cfg.vocab_size), tier, source=f"shape:{name}")
+

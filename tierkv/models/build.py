@@ -11,18 +11,31 @@ from tqdm import tqdm
 
 from tierkv.models.config import ModelConfig
 from tierkv.models.llama import LayerWeights, LlamaModel
+from tierkv.weights.store import LayerPlacer
 
 GetTensor = Callable[[str], torch.Tensor]
 
 
-def build_model(cfg: ModelConfig, get: GetTensor, *, progress: bool = False) -> LlamaModel:
-    """Fetch each tensor by its HF name through `get` (already cast and on the device) and fuse projections."""
+def build_model(cfg: ModelConfig, get: GetTensor, *, progress: bool = False, placer: LayerPlacer | None = None,
+                get_at: Callable[[str, torch.device], torch.Tensor] | None = None) -> LlamaModel:
+    """Fetch each tensor by its HF name through `get` (already cast and on the device) and fuse projections.
+    With a placer (tierkv/weights/store.py), layer i's tensors load through get_at(name, placer.device_for(i))
+    and are placed (packed, spilled) as each layer loads, so host memory holds one unplaced layer at a time."""
     bar = tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=not (progress and sys.stderr.isatty()),
                leave=False)
-    layers = [_layer(cfg, get, i) for i in bar]
+    layers = []
+    for i in bar:
+        if placer is None:
+            layers.append(_layer(cfg, get, i))
+        else:
+            g = placer.getter(i, get_at, lambda fn, i=i: _layer(cfg, fn, i))
+            layers.append(placer.place(i, _layer(cfg, g, i)))
     embed = get("model.embed_tokens.weight")
     lm_head = embed if cfg.tie_word_embeddings else get("lm_head.weight")
-    return LlamaModel(cfg, embed, layers, _norm(cfg, get, "model.norm.weight"), lm_head)
+    model = LlamaModel(cfg, embed, layers, _norm(cfg, get, "model.norm.weight"), lm_head)
+    if placer is not None:
+        model.attach_weights(placer.finish(layers))
+    return model
 
 
 def _norm(cfg: ModelConfig, get: GetTensor, name: str) -> torch.Tensor:
@@ -51,26 +64,41 @@ def _layer(cfg: ModelConfig, get: GetTensor, i: int) -> LayerWeights:
     )
 
 
-def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> LlamaModel:
-    """A model of cfg's shape with random weights made directly on the device (for benchmarks)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0, *,
+                 placer: LayerPlacer | None = None, progress: bool = False) -> LlamaModel:
+    """A model of cfg's shape with random weights made directly on the device (for benchmarks); with a placer,
+    layers that do not stay resident are made in host memory and placed (packed, spilled) one at a time."""
+    gens = {}
     d, hd = cfg.hidden_size, cfg.head_dim
 
-    def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+    def rand(*shape: int, std: float = 0.02, at: torch.device | str = device) -> torch.Tensor:
+        at = torch.device(at)
+        if at not in gens:
+            gens[at] = torch.Generator(device=at).manual_seed(seed)
+        return (torch.randn(*shape, generator=gens[at], device=at, dtype=torch.float32) * std).to(dtype)
 
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, device=device, dtype=dtype)
+    def ones(n: int, at: torch.device | str = device) -> torch.Tensor:
+        return torch.ones(n, device=at, dtype=dtype)
 
     qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
     a = cfg.arch
-    layers = [LayerWeights(
-        input_norm=ones(d), qkv_proj=rand(qkv_rows, d), qkv_bias=rand(qkv_rows) if cfg.attention_bias else None,
-        o_proj=rand(d, cfg.num_heads * hd), pre_mlp_norm=ones(d),
-        gate_up_proj=rand(2 * cfg.intermediate_size, d), down_proj=rand(d, cfg.intermediate_size),
-        q_norm=ones(hd) if a.qk_norm else None, k_norm=ones(hd) if a.qk_norm else None,
-        attn_out_norm=ones(d) if a.sandwich_norms else None, mlp_out_norm=ones(d) if a.sandwich_norms else None,
-    ) for _ in range(cfg.num_layers)]
+
+    def layer(at) -> LayerWeights:
+        return LayerWeights(
+            input_norm=ones(d, at), qkv_proj=rand(qkv_rows, d, at=at),
+            qkv_bias=rand(qkv_rows, at=at) if cfg.attention_bias else None,
+            o_proj=rand(d, cfg.num_heads * hd, at=at), pre_mlp_norm=ones(d, at),
+            gate_up_proj=rand(2 * cfg.intermediate_size, d, at=at), down_proj=rand(d, cfg.intermediate_size, at=at),
+            q_norm=ones(hd, at) if a.qk_norm else None, k_norm=ones(hd, at) if a.qk_norm else None,
+            attn_out_norm=ones(d, at) if a.sandwich_norms else None,
+            mlp_out_norm=ones(d, at) if a.sandwich_norms else None)
+
+    bar = tqdm(range(cfg.num_layers), desc="making layers", unit="layer",
+               disable=not (progress and placer is not None and sys.stderr.isatty()), leave=False)
+    layers = [layer(device) if placer is None else placer.place(i, layer(placer.device_for(i))) for i in bar]
     embed = rand(cfg.vocab_size, d, std=1.0)
     lm_head = embed if cfg.tie_word_embeddings else rand(cfg.vocab_size, d)
-    return LlamaModel(cfg, embed, layers, ones(d), lm_head)
+    model = LlamaModel(cfg, embed, layers, ones(d), lm_head)
+    if placer is not None:
+        model.attach_weights(placer.finish(layers))
+    return model
