@@ -9,6 +9,9 @@ into staging buffers, CPU layers compute from their own host block.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +161,22 @@ def test_parse_placement_forms():
     with pytest.raises(ConfigError, match="2 entries for 3 layers"):
         parse_placement("gpu,gpu", 3)
 
+
+
+def test_cli_run_places_layers_and_reports_weights():
+    r = subprocess.run([sys.executable, "-m", "tierkv", "run", "--device", "cpu", "--placement", "host=3,9 disk=5 cpu=7",
+                        "--stats", "-n", "3", "--raw", "The capital of France is"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    stats = json.loads(next(line for line in lines if line.startswith("{")))
+    assert stats["weights"]["counts"] == {"gpu": 26, "host": 2, "disk": 1, "cpu": 1}
+    assert stats["weights"]["streamed_bytes_per_token"] == 3 * stats["weights"]["bytes"]["cpu"]
+    assert any(line.startswith("weights: layers 26 gpu, 2 host, 1 disk, 1 cpu") for line in lines)
+
+
+def test_cli_bad_gpu_budget_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "tierkv", "run", "--device", "cpu", "--gpu-budget", "twelve", "hi"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and r.stderr.strip() == ("error: gpu_budget='twelve' is not a size; use e.g. '512MiB', "
+                                                      "'24GiB' or '1.5GB'")

@@ -116,6 +116,22 @@ def _report(llm, show_stats: bool) -> None:
     if s["stop_reason"] == "context_full":
         click.echo(f"note: the reply stopped at the end of the context ({llm.context_size} tokens); shorten the "
                    f"prompt for a longer reply", err=True)
+    w = s.get("weights")
+    if w:
+        click.echo(weights_line(w), err=True)
     click.echo(f"prompt {s['prompt_tokens']} tok | prefill {s['prefill_tok_s']:.1f} tok/s | "
                f"decode {s['decode_tok_s']:.1f} tok/s ({s['decode_ms_per_token']:.2f} ms/tok, {s['new_tokens']} tok) | "
                f"peak memory {format_size(s['peak_memory'])} ({llm.device.type})", err=True)
+
+
+def weights_line(w: dict) -> str:
+    """One line on the layer weights: where the layers are and, when some stream, what that cost per token."""
+    counts = ", ".join(f"{n} {where}" for where, n in w["counts"].items() if n)
+    line = f"weights: layers {counts} ({format_size(w['device_bytes'])} on the device)"
+    if w.get("streamed_bytes_per_token") is not None:
+        gbps = w.get("achieved_gbps")
+        line += (f" | streamed {format_size(w['streamed_bytes_per_token'])}/tok"
+                 + (f" at {gbps:.1f} GB/s" if gbps else "")
+                 + (f", waited {w['wait_ms_per_token']:.2f} ms/tok" if "wait_ms_per_token" in w else "")
+                 + f" ({w['decode']} decode)")
+    return line
