@@ -91,11 +91,12 @@ class LlamaModel:
             w = self.fetch_layer(i)
             h, x = self._layer(i, h, x, positions, cache, predict, w)
             self.release_layer(i)
-        self._end_pass()
         cache.advance(ids.shape[0])
         if last_only:
             x = x[-1:]
-        return F.linear(x, self.lm_head).float()  # (T, vocab)
+        logits = F.linear(x, self.lm_head).float()  # (T, vocab)
+        self._end_pass()  # after lm_head, so the next token's first weight copy overlaps it
+        return logits
 
     def forward_by_layer(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slice_len: int,
                          on_layer=None) -> torch.Tensor:
@@ -115,9 +116,10 @@ class LlamaModel:
             self.release_layer(i)
             if on_layer is not None:
                 on_layer(i)
-        self._end_pass()
         cache.advance(n)
-        return F.linear(x[-1:], self.lm_head).float()
+        logits = F.linear(x[-1:], self.lm_head).float()
+        self._end_pass()
+        return logits
 
     # --- where each layer's weights come from (tierkv/weights/store.py when some are not resident) -----------
     def attach_weights(self, store) -> None:

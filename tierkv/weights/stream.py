@@ -5,9 +5,9 @@ Order of events for the streamed layers of one token, in plan order p = 0..k-1, 
 - `fetch(layer)` makes the compute stream wait for the copy of that layer (an event, no host sync) and queues the
   copies of the next `slots - 1` streamed layers (wrapping into the next token), each after the compute stream
   released the slot it overwrites;
-- `release(layer)` records, on the compute stream, that the slot may be overwritten.
+- `release(layer)` records, on the compute stream, that the slot may be overwritten, and queues the copy of the
+  layer that slot takes next, so the last release of a token starts the next token's first copy.
 Slots are static per plan position, so one token's sequence of copies and waits can be captured in a CUDA graph.
-With k % slots != 0 the token boundary reuses a slot twice in a row (a short stall): choose slots dividing k.
 
 Host blocks are pinned (exact size, tierkv/io/pinned.py) when pinning works. When it does not (locked-memory
 limits), blocks stay in pageable memory and each copy goes through a ring of pinned staging buffers, with a host
@@ -20,8 +20,9 @@ CUDA graphs. A token is bracketed by `begin_token()` / `end_token()`. Eagerly, b
 wait for the work queued so far (a replayed graph that used the slots included). While a graph is captured, the
 copies are captured with it: the copy stream joins the capture at begin_token; a wait on an event recorded before
 the capture (the slots the previous token prefetched) is left out, since a replay starts only after the previous
-replay, its tail copies included, finished on the same stream; end_token joins the prefetch copies of the next
-token back, so the graph ends when they land. Each token's sequence of fetches, copies and releases is the same,
+replay, its tail copies included, finished on the same stream (an eager pass likewise ends waiting for its copies);
+end_token joins the prefetch copies of the next token back, so the graph ends when they land (after lm_head, which
+they overlap). Each token's sequence of fetches, copies and releases is the same,
 so one captured token replays correctly for every token. Disk reads and pageable staging wait on the host and
 cannot be captured (`capturable` is False then).
 """
@@ -148,12 +149,18 @@ class WeightStreamer:
         self.copy_stream.wait_stream(current)  # eager: after replayed graphs; captured: joins the capture
 
     def end_token(self) -> None:
-        """End a pass: inside a capture, join the prefetch copies of the next token back into the graph."""
-        if self.copy_stream is not None and self._capturing:
-            current = torch.cuda.current_stream(self.device)
+        """End a pass: the work queued after it waits for the copies queued so far (the next token's prefetch
+        included). Inside a capture this joins the copy stream back into the graph; eagerly it makes the next
+        pass, which may be a capture, start with the slots it expects already written."""
+        if self.copy_stream is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        if self._capturing:
             for s in self._captured["ready"]:
                 current.wait_event(self.ready[s])
             self._capturing = False
+        else:
+            current.wait_stream(self.copy_stream)
 
     def fetch(self, layer: int) -> dict[str, torch.Tensor]:
         """Layer `layer`'s tensors in its device slot, ready for work queued after this call on the current stream;
@@ -186,6 +193,9 @@ class WeightStreamer:
                 self._captured["free"].add(s)
         self.slot_layer[s] = None
         self.fetched[s] = False
+        p = self.position[layer]
+        for ahead in range(1, len(self.slots)):  # the freed slot takes its next layer now (next token's, at the end)
+            self._queue((p + ahead) % len(self.order), must=False)
 
     def _queue(self, p: int, must: bool) -> None:
         """Start the copy of plan position p into its slot unless it is there or the slot is still in use."""
