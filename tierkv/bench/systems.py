@@ -162,7 +162,8 @@ def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -
     if sparse:
         row.settings["token_budget"] = spec.token_budget
     if kv is None:
-        row.status, row.reason = "cannot_run", f"weights leave no GPU room for KV ({how}); weight offload is not built yet"
+        row.status, row.reason = "cannot_run", (f"weights leave no GPU room for KV ({how}); drop --kv-gpu-budget so "
+                                                 f"the planner offloads weights under --gpu-budget")
         return row
     graph = llm.graph
     try:

@@ -133,5 +133,7 @@ def weights_line(w: dict) -> str:
         line += (f" | streamed {format_size(w['streamed_bytes_per_token'])}/tok"
                  + (f" at {gbps:.1f} GB/s" if gbps else "")
                  + (f", waited {w['wait_ms_per_token']:.2f} ms/tok" if "wait_ms_per_token" in w else "")
-                 + f" ({w['decode']} decode)")
+                 + f" ({w['decode']} decode"
+                 + ("" if w["streamer_mode"] in ("pinned", "cpu") else f", {w['streamer_mode']}: pinning failed")
+                 + ")")
     return line

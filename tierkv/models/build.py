@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from typing import Callable
@@ -64,38 +65,40 @@ def _layer(cfg: ModelConfig, get: GetTensor, i: int) -> LayerWeights:
     )
 
 
+def _moved_to(layer: LayerWeights, device: torch.device) -> LayerWeights:
+    return LayerWeights(**{f.name: None if getattr(layer, f.name) is None else getattr(layer, f.name).to(device)
+                           for f in dataclasses.fields(layer)})
+
+
 def random_model(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0, *,
                  placer: LayerPlacer | None = None, progress: bool = False) -> LlamaModel:
     """A model of cfg's shape with random weights made directly on the device (for benchmarks); with a placer,
-    layers that do not stay resident are made in host memory and placed (packed, spilled) one at a time."""
-    gens = {}
+    layers that do not stay resident are moved to host memory and placed (packed, spilled) one at a time."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     d, hd = cfg.hidden_size, cfg.head_dim
 
-    def rand(*shape: int, std: float = 0.02, at: torch.device | str = device) -> torch.Tensor:
-        at = torch.device(at)
-        if at not in gens:
-            gens[at] = torch.Generator(device=at).manual_seed(seed)
-        return (torch.randn(*shape, generator=gens[at], device=at, dtype=torch.float32) * std).to(dtype)
+    def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
 
-    def ones(n: int, at: torch.device | str = device) -> torch.Tensor:
-        return torch.ones(n, device=at, dtype=dtype)
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, device=device, dtype=dtype)
 
     qkv_rows = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
     a = cfg.arch
 
-    def layer(at) -> LayerWeights:
+    def layer() -> LayerWeights:
         return LayerWeights(
-            input_norm=ones(d, at), qkv_proj=rand(qkv_rows, d, at=at),
-            qkv_bias=rand(qkv_rows, at=at) if cfg.attention_bias else None,
-            o_proj=rand(d, cfg.num_heads * hd, at=at), pre_mlp_norm=ones(d, at),
-            gate_up_proj=rand(2 * cfg.intermediate_size, d, at=at), down_proj=rand(d, cfg.intermediate_size, at=at),
-            q_norm=ones(hd, at) if a.qk_norm else None, k_norm=ones(hd, at) if a.qk_norm else None,
-            attn_out_norm=ones(d, at) if a.sandwich_norms else None,
-            mlp_out_norm=ones(d, at) if a.sandwich_norms else None)
+            input_norm=ones(d), qkv_proj=rand(qkv_rows, d), qkv_bias=rand(qkv_rows) if cfg.attention_bias else None,
+            o_proj=rand(d, cfg.num_heads * hd), pre_mlp_norm=ones(d),
+            gate_up_proj=rand(2 * cfg.intermediate_size, d), down_proj=rand(d, cfg.intermediate_size),
+            q_norm=ones(hd) if a.qk_norm else None, k_norm=ones(hd) if a.qk_norm else None,
+            attn_out_norm=ones(d) if a.sandwich_norms else None, mlp_out_norm=ones(d) if a.sandwich_norms else None)
 
     bar = tqdm(range(cfg.num_layers), desc="making layers", unit="layer",
                disable=not (progress and placer is not None and sys.stderr.isatty()), leave=False)
-    layers = [layer(device) if placer is None else placer.place(i, layer(placer.device_for(i))) for i in bar]
+    # every layer is drawn on the device from one generator (the same weights whatever the placement, and fast),
+    # then moved where the placer wants it, one layer at a time
+    layers = [layer() if placer is None else placer.place(i, _moved_to(layer(), placer.device_for(i))) for i in bar]
     embed = rand(cfg.vocab_size, d, std=1.0)
     lm_head = embed if cfg.tie_word_embeddings else rand(cfg.vocab_size, d)
     model = LlamaModel(cfg, embed, layers, ones(d), lm_head)

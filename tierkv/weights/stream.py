@@ -215,22 +215,26 @@ class WeightStreamer:
             t0 = time.perf_counter()
             buf = self.disk.acquire(layer)  # waits (host) for the read the disk thread started ahead
             self._n["wait_s"] += time.perf_counter() - t0
-            done = self._copy(buf[:nbytes], self.slots[s][:nbytes], s)
+            self._copy(buf[:nbytes], self.slots[s][:nbytes], s)
+            done = None
+            if self.copy_stream is not None:  # its own event: ready[s] is recorded again by the slot's next copy
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
             self.disk.release(layer, done)
             self._n["disk_copies"] += 1
             self._n["disk_bytes"] += nbytes
         self._n["copies"] += 1
         self._n["bytes"] += nbytes
 
-    def _copy(self, src: torch.Tensor, dst: torch.Tensor, s: int):
-        """Queue src -> dst (slot s) and return the event of the copy (None on the CPU, where it is done)."""
+    def _copy(self, src: torch.Tensor, dst: torch.Tensor, s: int) -> None:
+        """Queue src -> dst (slot s) on the copy stream (on the CPU: copy now)."""
         if self.copy_stream is None:
             t0 = time.perf_counter()
             dst.copy_(src)
             dt = time.perf_counter() - t0
             self._n["copy_s"] += dt
             self._n["wait_s"] += dt  # synchronous: the compute waits for all of it
-            return None
+            return
         with torch.cuda.stream(self.copy_stream):
             if not self._capturing or s in self._captured["free"]:
                 self.copy_stream.wait_event(self.free[s])
@@ -254,7 +258,6 @@ class WeightStreamer:
             self.ready[s].record(self.copy_stream)
             if self._capturing:
                 self._captured["ready"].add(s)
-            return self.ready[s]
 
     def _drain(self) -> None:
         if self.copy_stream is not None:
