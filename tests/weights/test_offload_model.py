@@ -164,8 +164,8 @@ def test_parse_placement_forms():
 
 
 def test_cli_run_places_layers_and_reports_weights():
-    r = subprocess.run([sys.executable, "-m", "tierkv", "run", "--device", "cpu", "--placement", "host=3,9 disk=5 cpu=7",
-                        "--stats", "-n", "3", "--raw", "The capital of France is"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "tierkv", "run", "--device", "cpu",
+                        "--placement", "host=3,9 disk=5 cpu=7", "--stats", "-n", "3", "--raw", "The capital of France is"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()

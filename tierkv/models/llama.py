@@ -137,6 +137,7 @@ class LlamaModel:
             self.weights.release(i)
 
     def resident(self, i: int) -> bool:
+        """Whether layer i's weights are always on the device (not streamed, not on the CPU)."""
         return self.weights is None or self.weights.resident(i)
 
     def _begin_pass(self) -> None:
@@ -165,7 +166,8 @@ class LlamaModel:
         eps, layer = self.cfg.rms_norm_eps, self.layers[i] if w is None else w
         attn = self._out_norm(self._attention(i, layer, x, positions, cache), layer.attn_out_norm)
         h, x = self._norm(h, attn, layer.pre_mlp_norm, eps)
-        if predict and i + 1 < len(self.layers) and self.resident(i + 1):  # the cache may prefetch layer i+1's picks during this MLP
+        # the cache may prefetch layer i+1's picks during this MLP (from its resident weights only)
+        if predict and i + 1 < len(self.layers) and self.resident(i + 1):
             cache.predicted_query(i + 1, lambda j=i + 1, r=h: self._predicted_query(j, r, positions))
         nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
         return self._norm(h, self._out_norm(self._mlp(layer, x), layer.mlp_out_norm), nxt, eps)

@@ -103,7 +103,8 @@ class WeightStreamer:
         self.order = sorted({*layers, *disk_layout})
         self.position = {layer: p for p, layer in enumerate(self.order)}
         # a value is a layer's tensors, or what pack() made of them already (packed while loading)
-        packed = {i: t if isinstance(t, tuple) else pack(t, pin=cuda and pinning_available()) for i, t in layers.items()}
+        pin = cuda and pinning_available()
+        packed = {i: t if isinstance(t, tuple) else pack(t, pin=pin) for i, t in layers.items()}
         self.layout = {**{i: p[0] for i, p in packed.items()}, **disk_layout}
         self.host = {i: p[1] for i, p in packed.items()}
         self.disk = disk
