@@ -330,7 +330,8 @@ def load(model: str | Path | None = None, device: str | torch.device | None = No
     tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
     gpu_budget ('12GiB' or bytes) covers everything on the compute device: the planner (tierkv/plan/) decides
     at load which layers stay resident, stream from pinned host memory or disk (disk_dir), or run on the CPU,
-    and kv_gpu_budget and the attention mode follow from its plan unless given (`llm.plan` holds it).
+    and kv_gpu_budget and the attention mode follow from its plan unless given (`llm.plan` holds it). The plan is
+    made for ctx_size tokens (default: the model's whole context).
     placement overrides where layers go (tierkv.weights.store.parse_placement: 'host=3,7 disk=5 cpu=9', one
     place per layer, or {layer: place}); with gpu_budget too, it replaces only the plan's layer placement.
     Blocks while weights load; a GGUF is converted once into the cache directory.
