@@ -117,3 +117,13 @@ def sampling_from_flags(flags: dict, max_new_tokens: int):
     options = {name: flags.pop(name) for name in SAMPLING_FLAGS}
     options["stop"] = tuple(options["stop"])
     return SamplingConfig(max_new_tokens=max_new_tokens if given_n is None else given_n, **options), given_n is not None
+
+
+def plan_note(llm) -> str | None:
+    """One line on the plan a --gpu-budget load followed (None without one), for stderr."""
+    plan = getattr(llm, "plan", None)
+    if plan is None:
+        return None
+    where = ", ".join(f"{plan.count(p)} {p}" for p in ("gpu", "host", "disk", "cpu") if plan.count(p))
+    return (f"plan: layers {where}; attention {plan.attention}; predicted {plan.timing.ms_per_token:.2f} ms/token "
+            f"({plan.timing.bound}-bound); `tierkv plan` explains it")

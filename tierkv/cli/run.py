@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from tierkv.cli.common import MODEL_HELP, model_options, sampling_from_flags, sampling_options, tier_settings
+from tierkv.cli.common import MODEL_HELP, model_options, plan_note, sampling_from_flags, sampling_options, tier_settings
 from tierkv.config import format_size
 from tierkv.errors import ConfigError, ContextTooLongError
 from tierkv.inputs import decode_utf8, read_text_file, require_text
@@ -75,6 +75,8 @@ def command(args, model, prompt_opt, prompt_file, system, raw, show_stats, devic
     import tierkv
 
     llm = tierkv.load(model, device=device, dtype=dtype, graph=not no_graph, progress=True, ctx_size=ctx_size, **tier)
+    if plan_note(llm):
+        click.echo(plan_note(llm), err=True)
     try:
         kwargs = _prompt_kwargs(llm, text, system, raw)
         if given_n:
