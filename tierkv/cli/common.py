@@ -54,7 +54,8 @@ def model_options(fn):
 
 # load() keywords that are not TierConfig fields: weight placement
 LOAD_FLAGS = ("gpu_budget", "placement")
-TIER_FLAGS = (*LOAD_FLAGS, "kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk", "attention", "token_budget",
+TIER_FLAGS = (*LOAD_FLAGS, "kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk", "attention",
+              "token_budget",
               "rank", "score_rank", "sink_tokens", "window_tokens", "gpu_chunk_cache",
               "prefetch_picks")
 
