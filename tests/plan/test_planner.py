@@ -179,3 +179,13 @@ def test_probe_document_sets_link_disk_cpu():
     assert "NVIDIA H200" in bw.source["link"]
     with pytest.raises(ConfigError):
         bandwidths_from_probe({"results": [{"name": "x"}]}, "bad.json")
+
+
+def test_probe_cpu_rate_is_the_measured_cpu_gemv():
+    from tierkv.bench.io import cpu_gemv_entries
+
+    got, skipped = cpu_gemv_entries([1 << 20, 4 << 20], repeats=2)
+    assert [e["name"] for e in got] == ["cpu_gemv"] and got[0]["size"] == 4 << 20 and not skipped
+    assert got[0]["gbps"]["median"] > 0
+    doc = {"results": [*got, {"name": "host_to_host", "size": 4 << 20, "gbps": {"median": 1e6}}]}
+    assert bandwidths_from_probe(doc, "x.json").cpu == pytest.approx(got[0]["gbps"]["median"] * 1e9)
