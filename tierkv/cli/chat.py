@@ -71,7 +71,7 @@ def command(model_arg, model, context_file, session_dir, system, overflow, no_hi
         history = not (no_history or os.environ.get(NO_HISTORY_ENV, "") not in ("", "0"))
         _repl(llm, chat, Repl(session_dir, gen, history, show_stats))
     finally:
-        llm.close()
+        llm.unload()  # caches, and the weight streamer's thread and spill file
 
 
 def _say(text: str) -> None:

@@ -86,7 +86,7 @@ def command(args, model, prompt_opt, prompt_file, system, raw, show_stats, devic
             sys.stdout.flush()
         click.echo("")
     finally:
-        llm.close()
+        llm.unload()  # caches, and the weight streamer's thread and spill file
     _report(llm, show_stats)
 
 

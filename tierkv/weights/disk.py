@@ -13,6 +13,7 @@ import json
 import os
 import struct
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,8 @@ class SpillFile:
         self.file = open_file(self.path, self.choice, self._kvikio)
         if self.choice.name == "posix":  # reads go through the open descriptor: no file is left behind, even on a crash
             Path(self.path).unlink()
+        else:  # kvikio may reopen by path: removed on close, or when this object goes away
+            weakref.finalize(self, Path(self.path).unlink, missing_ok=True)
         self.end = 0
 
     def append(self, block: torch.Tensor) -> list[Extent]:
