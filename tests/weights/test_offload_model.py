@@ -64,10 +64,11 @@ def layer_prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("placement, kinds", [
-    ("host=1,2,9,20", {"host": 4}),  # 1 and 2 are neighbours: 3 slots
-    ("disk=3,17", {"disk": 2}),
-    ("cpu=5,28", {"cpu": 2}),
+    # the mixed case covers the three kinds in one load; each kind alone is in the slow suite
     ("host=0,29 disk=10 cpu=11", {"host": 2, "disk": 1, "cpu": 1}),  # 29 precedes 0 around the ring: 3 slots
+    pytest.param("host=1,2,9,20", {"host": 4}, marks=pytest.mark.slow),  # 1 and 2 are neighbours: 3 slots
+    pytest.param("disk=3,17", {"disk": 2}, marks=pytest.mark.slow),
+    pytest.param("cpu=5,28", {"cpu": 2}, marks=pytest.mark.slow),
 ])
 def test_offloaded_layers_give_the_resident_output(reference, placement, kinds):
     llm = tierkv.load(device="cpu", prefill_chunk=PREFILL, placement=placement)
@@ -163,6 +164,7 @@ def test_parse_placement_forms():
 
 
 
+@pytest.mark.slow  # a second model load in a subprocess
 def test_cli_run_places_layers_and_reports_weights():
     r = subprocess.run([sys.executable, "-m", "tierkv", "run", "--device", "cpu",
                         "--placement", "host=3,9 disk=5 cpu=7", "--stats", "-n", "3", "--raw", "The capital of France is"], capture_output=True, text=True,
