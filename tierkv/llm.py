@@ -22,8 +22,7 @@ from tierkv.models.llama import LlamaModel
 from tierkv.models.shapes import SHAPES, shape_config
 from tierkv.models.names import context_limit, find_model
 from tierkv.models.weights import TensorSource, resolve_model
-from tierkv.weights.disk import safetensors_index
-from tierkv.weights.store import LayerPlacer, parse_placement
+from tierkv.plan.load import Offload, weight_stats
 from tierkv.oom import guard_memory
 from tierkv.inputs import require_text
 from tierkv.sample import Sampler
@@ -368,74 +367,6 @@ def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, 
     llm = LLM(net, tokenizer, tier, source=str(folder), stop_ids=_stop_ids(tokenizer, hf_cfg), graph=graph)
     llm.plan = offload.plan
     return llm
-
-
-class Offload:
-    """What load() was asked about weight placement (gpu_budget, placement) and what it decided."""
-
-    def __init__(self, gpu_budget, placement, ctx_size: int | None) -> None:
-        self.gpu_budget, self.placement, self.ctx_size = gpu_budget, placement, ctx_size
-        self.plan = None  # the planner's Plan when gpu_budget was given
-
-    def prepare(self, cfg: ModelConfig, dev: torch.device, dt: torch.dtype, tier: TierConfig, given: dict,
-                index: TensorSource | None) -> tuple[TierConfig, LayerPlacer | None]:
-        """(the tier settings with the plan's kv_gpu_budget and attention unless given, the layer placer or None
-        when every layer stays resident). Plans before any weight loads, so a bad budget costs no load time."""
-        places = None
-        if self.gpu_budget is not None:
-            from tierkv.plan.load import plan_for_load  # the planner sits above llm's imports of models
-
-            context = min(self.ctx_size or cfg.max_position_embeddings, cfg.max_position_embeddings)
-            lp = plan_for_load(cfg, dt, dev, context, self.gpu_budget, given.get("cpu_budget"), tier.disk_dir,
-                               given.get("attention"), given.get("token_budget"))
-            self.plan, places = lp.plan, lp.placement
-            changes = {}
-            if "kv_gpu_budget" not in given:
-                changes["kv_gpu_budget"] = lp.kv_gpu_budget
-            if "attention" not in given:
-                changes["attention"] = lp.plan.attention
-            tier = tier.replace(**changes)
-        if self.placement is not None:
-            places = parse_placement(self.placement, cfg.num_layers)
-        if places is None or all(p == "gpu" for p in places):
-            return tier, None
-        stored = safetensors_index(index.files()) if index is not None else None
-        return tier, LayerPlacer(places, dev, dt, slots=_slots(places), index=stored, spill_dir=tier.disk_dir)
-
-
-def _slots(places: tuple[str, ...]) -> int:
-    """Staging slots: 3 when two streamed layers are neighbours around the ring (a copy must run while the next
-    streamed layer waits), else 2 (the planner's rule)."""
-    streamed = [p in ("host", "disk") for p in places]
-    n = len(streamed)
-    return 3 if any(streamed[i] and streamed[(i + 1) % n] for i in range(n)) and sum(streamed) > 1 else 2
-
-
-def weight_stats(llm: LLM, stats: GenStats) -> dict:
-    """Weight traffic of the last call's decode steps: placement, bytes streamed per token, achieved GB/s, time
-    waiting on weights. A captured decode step does not count its own copies, so there the bytes are the
-    streamed layers' (each is copied once a token) and GB/s is bytes over the decode time."""
-    ws = llm.model.weights.stats()
-    steps = max(stats.new_tokens - 1, 0)
-    out = {k: ws[k] for k in ("placement", "counts", "bytes", "device_bytes", "capturable")}
-    st = ws.get("streamer")
-    if st is None or not steps:
-        return out
-    graph = llm.uses_graph
-    per_token = ws["streamed_bytes_per_token"] if graph else st["bytes"] / steps
-    out.update(streamer_mode=st["mode"], slots=st["slots"], pinned_host_bytes=st["host_bytes"],
-               decode="graph" if graph else "eager", streamed_bytes_per_token=per_token)
-    if graph:
-        out["achieved_gbps"] = per_token * steps / stats.decode_s / 1e9 if stats.decode_s else None
-        out["achieved_gbps_from"] = "streamed bytes / decode time (a lower bound: copies overlap compute)"
-    else:
-        out["achieved_gbps"] = st["bytes"] / st["copy_s"] / 1e9 if st["copy_s"] else None
-        out["achieved_gbps_from"] = "streamed bytes / time the copies took"
-        out["wait_ms_per_token"] = 1e3 * st["wait_s"] / steps
-        out["disk_bytes_per_token"] = st["disk_bytes"] / steps
-    if "disk" in ws:
-        out["disk"] = ws["disk"]
-    return out
 
 
 class _ByteTokenizer:
