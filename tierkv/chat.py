@@ -199,7 +199,7 @@ class Chat:
         return n
 
     def _step(self):
-        if self.cache.path["captured"]:
+        if self.cache.path["captured"] and self.llm.weights_capturable:
             from tierkv.graph import GraphStep
 
             if self._graph is None or self._graph.cache is not self.cache:  # once per cache (capacity class)

@@ -23,6 +23,7 @@ from tierkv.models.llama import LlamaModel
 from tierkv.models.shapes import SHAPES, shape_config
 from tierkv.models.names import context_limit, find_model
 from tierkv.models.weights import TensorSource, resolve_model
+from tierkv.plan.load import Offload, weight_stats
 from tierkv.oom import guard_memory
 from tierkv.inputs import require_text
 from tierkv.sample import Sampler
@@ -87,6 +88,7 @@ class LLM:
         # in the same capacity class reuses both (kv/factory.capacity_class), so a graph is captured once
         self._kept: dict[str, tuple[KVCache, object]] = {}
         self.graph = graph
+        self.plan = None  # the planner's Plan when load() was given gpu_budget
 
     # --- caches -------------------------------------------------------------------------------
     def cache_request(self, capacity: int, use: str = "generate", tier: TierConfig | None = None) -> CacheRequest:
@@ -97,7 +99,7 @@ class LLM:
     @property
     def uses_graph(self) -> bool:
         """Whether one-shot generation replays a captured CUDA graph (the factory's choice for this LLM)."""
-        return choose(self.cache_request(1)).captured
+        return choose(self.cache_request(1)).captured and self.weights_capturable
 
     def call_cache(self, need: int, use: str) -> KVCache:
         """A cache for one generate/score call of `need` positions: the kept one of its capacity class, emptied
@@ -115,10 +117,16 @@ class LLM:
             self._kept[use] = (cache, None)
         return cache
 
+    @property
+    def weights_capturable(self) -> bool:
+        """Whether the layer weights allow a captured decode step: resident, or streamed from pinned memory (disk
+        reads and CPU-computed layers wait on the host, so their decode runs eagerly)."""
+        return self.model.weights is None or self.model.weights.capturable
+
     def decode_step(self, cache: KVCache, use: str, graph: bool) -> DecodeStep:
         """The decode step for a call's cache: its kept graph step when graph and the factory captures, captured
         at most once per kept cache (tierkv/graph.py recaptures only when the cache reallocated what it reads)."""
-        if not (graph and cache.path["captured"]):
+        if not (graph and cache.path["captured"] and self.weights_capturable):
             return eager_step(self.model, cache)
         kept = self._kept.get(use)
         if kept is None or kept[0] is not cache:
@@ -183,6 +191,8 @@ class LLM:
             logits.sum().item()  # wait for prefill so its time is not billed to decode
             stats.prefill_s = time.perf_counter() - t0
             step = self.decode_step(cache, "generate", graph=max_new > 1)
+            if self.model.weights is not None:  # weight traffic of the decode steps only
+                self.model.weights.reset_stats()
             yield from generate_ids(step, logits, len(ids), max_new, self.stop_ids, stats,
                                     sampler=Sampler(cfg, self.device, ids))
             if stats.stop_reason == "max_new_tokens" and max_new < cfg.max_new_tokens:
@@ -190,6 +200,8 @@ class LLM:
         finally:
             stats.extra["peak_memory"] = peak_memory(self.device)
             stats.extra["kv"] = cache.stats()
+            if self.model.weights is not None:
+                stats.extra["weights"] = weight_stats(self, stats)
             self.end_call(cache)
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
@@ -296,6 +308,13 @@ class LLM:
         for cache in list(self._caches):
             self._release(cache)
 
+    def unload(self) -> None:
+        """close(), and release the weight streamer (its thread, spill file and pinned blocks). The LLM is unusable
+        afterwards."""
+        self.close()
+        if self.model.weights is not None:
+            self.model.weights.close()
+
     def __enter__(self) -> "LLM":
         return self
 
@@ -315,30 +334,42 @@ def _stop_ids(tokenizer, hf_cfg) -> list[int]:
 
 def load(model: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, graph: bool = True, progress: bool = False,
-         ctx_size: int | None = None, warm_up: bool = True, **tier_settings) -> LLM:
+         ctx_size: int | None = None, gpu_budget: int | str | None = None, placement=None,
+         warm_up: bool = True, **tier_settings) -> LLM:
     """Load a model folder, a .gguf file, a built-in shape with random weights, a Hugging Face id found in the
     local Hugging Face cache, or the default model (None or its name, see tierkv.models.names).
 
     graph=False keeps decode eager on CUDA (the reference path). ctx_size caps the context (prompt + reply).
     On CUDA a short throwaway call warms the decode kernels (LLM.warm_up) unless warm_up=False.
     tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
+    gpu_budget ('12GiB' or bytes) covers everything on the compute device: the planner (tierkv/plan/) decides
+    at load which layers stay resident, stream from pinned host memory or disk (disk_dir), or run on the CPU,
+    and kv_gpu_budget and the attention mode follow from its plan unless given (`llm.plan` holds it). The plan is
+    made for ctx_size tokens (default: the model's whole context).
+    placement overrides where layers go (tierkv.weights.store.parse_placement: 'host=3,7 disk=5 cpu=9', one
+    place per layer, or {layer: place}); with gpu_budget too, it replaces only the plan's layer placement.
     Blocks while weights load; a GGUF is converted once into the cache directory.
     """
     context_limit(ctx_size, 1 << 62)  # a malformed ctx_size is refused before the weights load
-    llm = _load(find_model(model), device, dtype, graph, progress, tier_settings)
+    offload = Offload(gpu_budget, placement, ctx_size)
+    llm = _load(find_model(model), device, dtype, graph, progress, tier_settings, offload)
     llm.context_size = context_limit(ctx_size, llm.cfg.max_position_embeddings)
     if warm_up and llm.device.type == "cuda":
         llm.warm_up()
     return llm
 
 
-def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, tier_settings: dict) -> LLM:
+def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, tier_settings: dict,
+          offload: "Offload") -> LLM:
     tier = TierConfig(**tier_settings)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if isinstance(model, str) and model in SHAPES:
-        llm = _load_shape(model, dev, dt, tier)
-        llm.graph = graph
+        cfg = shape_config(model)
+        tier, placer = offload.prepare(cfg, dev, dt, tier, tier_settings, index=None)
+        net = random_model(cfg, dev, dt, placer=placer, progress=progress)
+        llm = LLM(net, _ByteTokenizer(cfg.vocab_size), tier, source=f"shape:{model}", graph=graph)
+        llm.plan = offload.plan
         return llm
     from transformers import AutoConfig, AutoTokenizer
 
@@ -347,8 +378,12 @@ def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, 
     cfg = ModelConfig.from_hf(hf_cfg, name=str(model or "SmolLM2-135M-Instruct"))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     src = TensorSource(folder)
-    net = build_model(cfg, lambda name: src.get(name, dev, dt), progress=progress)
-    return LLM(net, tokenizer, tier, source=str(folder), stop_ids=_stop_ids(tokenizer, hf_cfg), graph=graph)
+    tier, placer = offload.prepare(cfg, dev, dt, tier, tier_settings, index=src)
+    net = build_model(cfg, lambda name: src.get(name, dev, dt), progress=progress, placer=placer,
+                      get_at=lambda name, at: src.get(name, at, dt))
+    llm = LLM(net, tokenizer, tier, source=str(folder), stop_ids=_stop_ids(tokenizer, hf_cfg), graph=graph)
+    llm.plan = offload.plan
+    return llm
 
 
 class _ByteTokenizer:
@@ -367,6 +402,4 @@ class _ByteTokenizer:
         return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
 
 
-def _load_shape(name: str, dev: torch.device, dt: torch.dtype, tier: TierConfig) -> LLM:
-    cfg = shape_config(name)
-    return LLM(random_model(cfg, dev, dt), _ByteTokenizer(cfg.vocab_size), tier, source=f"shape:{name}")
+

@@ -144,3 +144,20 @@ def test_decode_table_counts_the_graph_caches_gpu_sources_as_device_hits():
            "floor_ms": 6.0, "measured_over_floor": 1.4}
     line = next(ln for ln in decode_table({"rows": [row]}).splitlines() if ln.startswith("32K"))
     assert " 70/30/0 " in line
+
+
+@pytest.mark.slow  # loads SmolLM2 and streams half its layers on 2 shared cores
+def test_bench_decode_under_gpu_budget_follows_the_plan(tmp_path):
+    from tierkv.models.weights import resolve_model
+
+    out = tmp_path / "offload.json"
+    r = tierkv("bench", "decode", str(resolve_model(None)), "--context", "1K", "--gpu-budget", "700MiB",
+               "--systems", "tierkv-exact", "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["status"] == "ok" and positive(row["plan_ms"]) and positive(row["weights_bound_ms"])
+    counts = row["weights"]["counts"]
+    assert counts["host"] > 0 and counts == row["settings"]["plan"]["counts"]
+    assert row["weights"]["streamed_bytes_per_token"] == row["weights"]["bytes"]["host"]  # each host layer once
+    assert row["settings"]["kv_gpu_budget_from"].startswith("the plan under gpu budget")
+    assert "plan ms" in r.stdout and "w-bound ms" in r.stdout

@@ -54,7 +54,7 @@ def test_plan_table_and_errors(tmp_path, monkeypatch):
     one_line_error(tierkv("plan", "llama3.1-8b", "--gpu-budget", "12GiB", "--cpu-budget", "1000TiB"),
                    "cpu_budget=1000.00 TiB is more than")
     one_line_error(tierkv("plan", "llama3.1-8b", "--gpu-budget", "1GiB", "--cpu-budget", "4GiB",
-                          "--context", "131072"), "does not fit", "gpu_budget=2.70 GiB")
+                          "--context", "131072"), "does not fit", "gpu_budget=2.76 GiB")
     one_line_error(tierkv("plan", "no-such-model", "--gpu-budget", "12GiB", "--cpu-budget", "4GiB"),
                    "no-such-model", "llama3.1-8b")
 

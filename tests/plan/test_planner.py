@@ -7,6 +7,8 @@ Shared numbers (Llama-3.1-8B: hidden 4096, 32 heads, 8 KV heads, head_dim 128, i
   embedding E = lm_head = 2 * 128256 * 4096 = 1,050,673,152; final norm 8,192
   activations = 2 * 2048 * (4*4096 + 6144 + 3*14336) + 8 * 128256 = 268,435,456 + 1,026,048 = 269,461,504
   workspace = 268,435,456
+  full attention's tiered cache holds on the GPU, besides its pool, per layer an open chunk and 2 sink + 4 window
+  chunks, and two batches of 128 chunks: (32 * 7 + 256) * 131,072 (chunk of 32 tokens x 4,096 B) = 62,914,560
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def test_llama8b_128k_on_24gib_keeps_every_layer_and_goes_sparse():
     # 17,669,738,560 B / 2.5e12 B/s = 7.0679 ms; link 271,929,280 / 52e9 = 5.23 ms: HBM binds
     assert p.timing.ms_per_token == pytest.approx(7.067895424, rel=1e-9)
     assert p.timing.bound == "hbm"
-    # full: KV 16 GiB, 9,171,384,320 on the GPU, 8,008,484,864 over the link = 154.01 ms: sparse chosen
-    assert "full (exact) predicts 154.01" in p.reasons[0]
+    # full: KV 16 GiB; the GPU room 21,449,553,920 + 2,731,671,552 (no shadows) - 62,914,560 (tiered fixed)
+    #   - 15,009,841,152 = 9,108,469,760 on the GPU, 8,071,399,424 over the link = 155.22 ms: sparse chosen
+    assert "full (exact) predicts 155.22" in p.reasons[0]
     assert sum(p.gpu.values()) <= 24 * GiB
 
 
@@ -97,27 +100,28 @@ def test_qwen7b_32k_on_12gib():
 
 def test_budget_too_small_names_the_minimum_and_the_minimum_fits():
     # smallest GPU: full attention (no shadows) with every layer streamed through 3 slots:
-    #   1,050,681,344 + 269,461,504 + 268,435,456 + 3 L 1,308,672,000 = 2,897,250,304
+    #   1,050,681,344 + 269,461,504 + 268,435,456 + tiered fixed 62,914,560 + 3 L 1,308,672,000 = 2,960,164,864
     # host then holds 32 L + E + all KV 131072 * 131,072 = 13,959,168,000 + 1,050,673,152 + 17,179,869,184
     with pytest.raises(PlanDoesNotFitError) as err:
         plan8b(131072, 2 * GiB)
-    assert err.value.min_gpu_budget == 2_897_250_304
+    assert err.value.min_gpu_budget == 2_960_164_864
     assert err.value.min_cpu_budget == 32_189_710_336
     assert isinstance(err.value, BudgetError) and "\n" not in str(err.value)
-    assert "gpu_budget=2.70 GiB" in str(err.value)
-    ok = plan8b(131072, 2_897_250_304, 32_189_710_336)
+    assert "gpu_budget=2.76 GiB" in str(err.value)
+    ok = plan8b(131072, 2_960_164_864, 32_189_710_336)
     assert ok.count("gpu") == 0 and ok.staging_slots == 3 and ok.attention == "full"
-    for gpu, cpu in ((2_897_250_304 - 1, 32_189_710_336), (2_897_250_304, 32_189_710_336 - 1)):
+    for gpu, cpu in ((2_960_164_864 - 1, 32_189_710_336), (2_960_164_864, 32_189_710_336 - 1)):
         with pytest.raises(PlanDoesNotFitError):
             plan8b(131072, gpu, cpu)
 
 
 def test_cpu_budget_too_small_names_the_cpu_minimum():
-    # 24 GiB, full attention: 9,171,384,320 of the 17,179,869,184 KV bytes on the GPU, the rest must be on the host
+    # 24 GiB, full attention: 9,108,469,760 of the 17,179,869,184 KV bytes on the GPU (see the 24 GiB case), the
+    # rest must be on the host
     with pytest.raises(PlanDoesNotFitError) as err:
         plan8b(131072, 24 * GiB, 2 * GiB)
-    assert err.value.min_cpu_budget == 17_179_869_184 - 9_171_384_320
-    assert "cpu_budget=7.46 GiB" in str(err.value)
+    assert err.value.min_cpu_budget == 17_179_869_184 - 9_108_469_760
+    assert "cpu_budget=7.52 GiB" in str(err.value)
 
 
 @pytest.mark.parametrize("n", [1, 7, 28, 32, 64])
@@ -151,8 +155,10 @@ def test_sliding_window_layers_keep_only_their_window():
                                     layer_windows=(None, 64)))
     per = 2 * 2 * 16 * 4
     assert both.gpu["kv_pool"] == 2 * 4096 * per
-    # the window layer's ring: its 64 tokens and the rollback room (kv/window_ring.py)
-    assert windowed.gpu["kv_pool"] == 4096 * per and windowed.gpu["kv_fixed"] == (64 + ROLLBACK_ROOM) * per
+    # the window layer's ring (its 64 tokens and the rollback room, kv/window_ring.py) and the tiered cache's
+    # chunks of the full layer: (1 * 7 + 2 * 128) chunks of 32 * per
+    assert windowed.gpu["kv_pool"] == 4096 * per
+    assert windowed.gpu["kv_fixed"] == (64 + ROLLBACK_ROOM) * per + 263 * 32 * per
 
 
 def test_disk_layers_when_host_is_short():
@@ -176,3 +182,13 @@ def test_probe_document_sets_link_disk_cpu():
     assert "NVIDIA H200" in bw.source["link"]
     with pytest.raises(ConfigError):
         bandwidths_from_probe({"results": [{"name": "x"}]}, "bad.json")
+
+
+def test_probe_cpu_rate_is_the_measured_cpu_gemv():
+    from tierkv.bench.io import cpu_gemv_entries
+
+    got, skipped = cpu_gemv_entries([1 << 20, 4 << 20], repeats=2)
+    assert [e["name"] for e in got] == ["cpu_gemv"] and got[0]["size"] == 4 << 20 and not skipped
+    assert got[0]["gbps"]["median"] > 0
+    doc = {"results": [*got, {"name": "host_to_host", "size": 4 << 20, "gbps": {"median": 1e6}}]}
+    assert bandwidths_from_probe(doc, "x.json").cpu == pytest.approx(got[0]["gbps"]["median"] * 1e9)

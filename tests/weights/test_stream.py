@@ -63,3 +63,29 @@ def test_fetch_before_release_is_refused():
     st.fetch(1)
     with pytest.raises(RuntimeError, match="release it first"):
         st.fetch(2)  # slot 0 still holds layer 0
+
+
+def test_an_odd_count_still_prefetches_across_the_token_boundary():
+    # 3 streamed layers in 2 slots: the last release of a token frees slot 0 and queues the next token's first layer
+    layers = {i: layer(i) for i in (2, 5, 8)}
+    st = WeightStreamer(layers, "cpu", slots=2)
+    for token in range(2):
+        st.begin_token()
+        for i in (2, 5, 8):
+            got = st.fetch(i)
+            assert all(torch.equal(got[n], x) for n, x in layers[i].items())
+            st.release(i)
+        st.end_token()
+        assert st.slot_layer == [0, None]  # layer 2 (plan position 0) is already in slot 0
+        assert st.stats()["copies"] == 3 * token + 4
+
+
+def test_a_pass_cut_short_starts_over_at_the_next_begin():
+    layers = {i: layer(i) for i in (0, 1, 2, 3)}
+    st = WeightStreamer(layers, "cpu", slots=2)
+    st.begin_token()
+    st.fetch(0)  # an error in layer 0: no release
+    st.begin_token()
+    for i in range(4):
+        assert torch.equal(st.fetch(i)["wq"], layers[i]["wq"])
+        st.release(i)

@@ -98,6 +98,9 @@ def _tierkv_family(spec, cfg, contexts, total_steps, record, log) -> None:
         return
     import tierkv
 
+    if spec.gpu_budget is not None and spec.kv_gpu_budget is None:
+        _offload_family(spec, contexts, systems, total_steps, record, log)
+        return
     log(f"loading {spec.model} for tierkv")
     llm = tierkv.load(spec.model, device=spec.device, dtype=spec.dtype)
     if spec.model in SHAPES:  # random weights: any length is as good as another
@@ -109,6 +112,42 @@ def _tierkv_family(spec, cfg, contexts, total_steps, record, log) -> None:
             record(_guard(s, c, lambda m=llm, s=s, c=c: run_tierkv(m, s, c, spec, weights)))
     del llm
     free_memory(spec.device)
+
+
+def _offload_family(spec, contexts, systems, total_steps, record, log) -> None:
+    """Under --gpu-budget: one load per (context, system), since the plan (which layers stay resident, the KV
+    split) depends on both the context and the attention mode; the row carries the plan's predicted ms/token."""
+    import tierkv
+
+    for c in contexts:
+        for s in systems:
+            attention = "sparse" if s.startswith("tierkv-sparse") else "full"
+            log(f"loading {spec.model} under gpu budget {format_size(spec.gpu_budget)} for {s} at {format_context(c)}")
+            extra = {"token_budget": spec.token_budget} if attention == "sparse" else {}
+            try:
+                llm = tierkv.load(spec.model, device=spec.device, dtype=spec.dtype, gpu_budget=spec.gpu_budget,
+                                  ctx_size=c + total_steps + 8, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
+                                  attention=attention, chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk,
+                                  progress=True, **extra)
+            except TierKVError as e:
+                record(Row(s, c, status="cannot_run", reason=str(e)))
+                continue
+            if spec.model in SHAPES:
+                llm.cfg = dataclasses.replace(llm.cfg, max_position_embeddings=c + total_steps + 8)
+            log(f"plan: {llm.plan.count('gpu')} resident, {llm.plan.count('host')} host, {llm.plan.count('disk')} "
+                f"disk, {llm.plan.count('cpu')} cpu layers; predicted {llm.plan.timing.ms_per_token:.2f} ms/token")
+            row = _guard(s, c, lambda m=llm, s=s, c=c: run_tierkv(m, s, c, spec, weight_bytes(m.cfg, spec.dtype)))
+            record(row)
+            if row.decode_ms:
+                log(f"{s} at {format_context(c)}: {row.decode_ms['median']:.2f} ms/token measured, plan "
+                    f"{row.plan_ms:.2f}, weights bound {_fmt_ms(row.weights_bound_ms)}")
+            llm.unload()
+            del llm
+            free_memory(spec.device)
+
+
+def _fmt_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f} ms"
 
 
 def _hf_family(spec, cfg, contexts, total_steps, record) -> None:
@@ -178,6 +217,10 @@ def finish_row(row: Row, rates: Rates, cfg: ModelConfig, spec: DecodeSpec) -> No
             row.copy_hidden_note = "nothing crossed the host link or disk during the measured steps"
     else:
         row.copy_hidden_note = "not measured for this system"
+    w = row.weights or {}
+    if w.get("streamed_bytes_per_token") is not None:
+        gpu_read = streamed_weight_bytes(cfg, spec.dtype) - w["bytes"]["cpu"]
+        row.weights_bound_ms = 1e3 * max(w["streamed_bytes_per_token"] / rates.h2d, gpu_read / rates.hbm)
     if spec.gpu_budget is not None and row.memory_kind == "cuda" and row.peak_memory_bytes is not None:
         row.within_budget = row.peak_memory_bytes <= spec.gpu_budget
         if not row.within_budget:

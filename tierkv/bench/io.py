@@ -87,6 +87,20 @@ def copy_entries(device: torch.device, sizes: list[int], repeats: int) -> tuple[
     return res, []
 
 
+def cpu_gemv_entries(sizes: list[int], repeats: int) -> tuple[list[dict], list[dict]]:
+    """Matrix-vector products on the CPU over bf16 weights of each size (4 MiB or more), all threads: the rate of a
+    CPU-computed layer (the planner's `cpu` bandwidth)."""
+    out = []
+    for n in (n for n in sizes if n >= 4 * 1024**2):
+        cols = 4096
+        w = torch.ones(n // (2 * cols), cols, dtype=torch.bfloat16)
+        x = torch.ones(cols, dtype=torch.bfloat16)
+        out.append(entry("cpu_gemv", w.numel() * 2, time_wall(lambda w=w: w @ x, torch.device("cpu"), repeats),
+                         path=f"bf16 ({w.shape[0]}, {cols}) @ vector, {torch.get_num_threads()} threads"))
+    skipped = [] if out else [{"name": "cpu_gemv", "reason": "no size of 4 MiB or more"}]
+    return out, skipped
+
+
 def scatter_entries(device: torch.device, repeats: int, pool_bytes: int) -> tuple[list[dict], list[dict]]:
     """Scattered 64-KiB chunk reads from a pinned pool (plain memory on the CPU): (results, skipped)."""
     cuda = device.type == "cuda"
@@ -159,7 +173,8 @@ def run_io(device: torch.device, sizes: list[int], repeats: int, disk_dir: str |
     for label, part in (("copies", lambda: copy_entries(device, sizes, repeats)),
                         ("scattered reads", lambda: scatter_entries(device, repeats,
                                                                     256 * 1024**2 if device.type == "cuda" else 64 * 1024**2)),
-                        ("disk", lambda: disk_entries(device, sizes, repeats, disk_dir))):
+                        ("disk", lambda: disk_entries(device, sizes, repeats, disk_dir)),
+                        ("CPU matrix-vector", lambda: cpu_gemv_entries(sizes, repeats))):
         progress(label)
         got, skip = part()
         results += got

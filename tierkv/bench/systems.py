@@ -76,6 +76,9 @@ class Row:
     copy_hidden_share: float | None = None
     copy_hidden_note: str | None = None
     floor_ms: float | None = None
+    plan_ms: float | None = None  # the planner's predicted ms/token (tierkv under --gpu-budget)
+    weights_bound_ms: float | None = None  # max(streamed weights / measured link, GPU-read weights / measured HBM)
+    weights: dict | None = None  # llm.stats["weights"]: placement, streamed bytes, GB/s, waits
     floor_parts_ms: dict | None = None
     measured_over_floor: float | None = None
     settings: dict = field(default_factory=dict)
@@ -117,10 +120,14 @@ def sparse_unavailable() -> str | None:
     return None
 
 
-def kv_budget(spec: DecodeSpec, cfg: ModelConfig, weights: int, context: int) -> tuple[int | None, str]:
-    """(kv_gpu_budget bytes or None when the weights leave no room, how it was chosen)."""
+def kv_budget(spec: DecodeSpec, cfg: ModelConfig, weights: int, context: int,
+              planned: int | None = None) -> tuple[int | None, str]:
+    """(kv_gpu_budget bytes or None when the weights leave no room, how it was chosen). planned: the plan's, when
+    the model was loaded under --gpu-budget (weights offload)."""
     if spec.kv_gpu_budget is not None:
         return spec.kv_gpu_budget, "given (--kv-gpu-budget)"
+    if planned is not None:
+        return planned, f"the plan under gpu budget {format_size(spec.gpu_budget)}"
     if spec.gpu_budget is not None:
         kv = spec.gpu_budget - weights - spec.reserve
         return (kv if kv > 0 else None), (f"gpu budget {format_size(spec.gpu_budget)} - weights {format_size(weights)}"
@@ -153,13 +160,15 @@ def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -
     if sparse and (why := sparse_unavailable()):
         row.status, row.reason = "unavailable", why
         return row
-    kv, how = kv_budget(spec, llm.cfg, weights, context)
+    plan = getattr(llm, "plan", None)
+    kv, how = kv_budget(spec, llm.cfg, weights, context, None if plan is None else llm.tier.kv_gpu_budget)
     row.settings = {"kv_gpu_budget": kv, "kv_gpu_budget_from": how, "cpu_budget": spec.cpu_budget,
                     "disk_dir": spec.disk_dir, "chunk_size": spec.chunk_size}
     if sparse:
         row.settings["token_budget"] = spec.token_budget
     if kv is None:
-        row.status, row.reason = "cannot_run", f"weights leave no GPU room for KV ({how}); weight offload is not built yet"
+        row.status, row.reason = "cannot_run", (f"weights leave no GPU room for KV ({how}); drop --kv-gpu-budget so "
+                                                 f"the planner offloads weights under --gpu-budget")
         return row
     graph = llm.graph
     try:
@@ -167,6 +176,12 @@ def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -
         llm.graph = graph and system != "tierkv-sparse-eager"
         row.settings["decode"] = "graph" if llm.uses_graph else "eager"
         _measure_tierkv(llm, row, spec)
+        if plan is not None:
+            row.plan_ms = plan.timing.ms_per_token
+            row.settings["plan"] = {"attention": plan.attention, "bound": plan.timing.bound,
+                                    "counts": {p: plan.count(p) for p in ("gpu", "host", "disk", "cpu")},
+                                    "staging_slots": plan.staging_slots, "gpu_bytes": dict(plan.gpu)}
+        row.weights = llm.stats.get("weights")
     except torch.cuda.OutOfMemoryError as e:
         row.status, row.reason = "oom", str(e).splitlines()[0][:200]
     except TierKVError as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from tierkv.cli.common import MODEL_HELP, model_options, sampling_from_flags, sampling_options, tier_settings
+from tierkv.cli.common import MODEL_HELP, model_options, plan_note, sampling_from_flags, sampling_options, tier_settings
 from tierkv.config import format_size
 from tierkv.errors import ConfigError, TierKVError
 from tierkv.inputs import read_text_file
@@ -55,6 +55,8 @@ def command(model_arg, model, context_file, session_dir, system, overflow, no_hi
 
     llm = tierkv.load(model or model_arg, device=device, dtype=dtype, graph=not no_graph, progress=True,
                       ctx_size=ctx_size, **tier)
+    if plan_note(llm):
+        click.echo(plan_note(llm), err=True)
     gen = {"sampling": sampling, "overflow": overflow}
     try:
         if session_dir and (Path(session_dir) / "session.json").exists():
@@ -69,7 +71,7 @@ def command(model_arg, model, context_file, session_dir, system, overflow, no_hi
         history = not (no_history or os.environ.get(NO_HISTORY_ENV, "") not in ("", "0"))
         _repl(llm, chat, Repl(session_dir, gen, history, show_stats))
     finally:
-        llm.close()
+        llm.unload()  # caches, and the weight streamer's thread and spill file
 
 
 def _say(text: str) -> None:

@@ -17,7 +17,15 @@ def model_options(fn):
         click.option("--ctx-size", type=int, default=None,
                      help="Cap the context (prompt + reply) at N tokens (default: the model's)."),
         click.option("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu)."),
-        click.option("--kv-gpu-budget", default=None, help="KV cache bytes on the GPU, e.g. 2GiB (default: no limit)."),
+        click.option("--gpu-budget", default=None,
+                     help="The whole GPU budget (weights, KV, staging, activations), e.g. 12GiB: the planner decides "
+                          "which layers stay resident, stream from host memory or disk, or run on the CPU "
+                          "(see `tierkv plan`); --kv-gpu-budget follows from it unless given."),
+        click.option("--placement", default=None,
+                     help="Force layer placement, e.g. 'host=3,7 disk=5 cpu=9' (others resident; places gpu, host, "
+                          "disk, cpu). Disk layers are read from the checkpoint or a spill file in --disk-dir."),
+        click.option("--kv-gpu-budget", default=None,
+                     help="KV cache bytes on the GPU, e.g. 2GiB (default: from --gpu-budget, else no limit)."),
         click.option("--cpu-budget", default=None, help="KV cache bytes in pinned CPU memory, e.g. 16GiB."),
         click.option("--disk-dir", default=None, help="Directory for the disk tier (an NVMe path)."),
         click.option("--chunk-size", type=int, default=None, help="Tokens per KV chunk (default: TierConfig's)."),
@@ -44,7 +52,10 @@ def model_options(fn):
     return fn
 
 
-TIER_FLAGS = ("kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk", "attention", "token_budget",
+# load() keywords that are not TierConfig fields: weight placement
+LOAD_FLAGS = ("gpu_budget", "placement")
+TIER_FLAGS = (*LOAD_FLAGS, "kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk", "attention",
+              "token_budget",
               "rank", "score_rank", "sink_tokens", "window_tokens", "gpu_chunk_cache",
               "prefetch_picks")
 
@@ -64,7 +75,8 @@ def parse_token_budget(value: str | None) -> int | float | None:
 
 
 def tier_settings(flags: dict) -> dict:
-    """The TierConfig keyword arguments among parsed flags (removed from `flags`); unset flags keep defaults."""
+    """The tierkv.load keyword arguments among parsed flags (TierConfig fields, gpu_budget, placement; removed
+    from `flags`); unset flags keep defaults."""
     out = {name: flags.pop(name) for name in TIER_FLAGS if name in flags}
     if "token_budget" in out:
         out["token_budget"] = parse_token_budget(out["token_budget"])
@@ -106,3 +118,13 @@ def sampling_from_flags(flags: dict, max_new_tokens: int):
     options = {name: flags.pop(name) for name in SAMPLING_FLAGS}
     options["stop"] = tuple(options["stop"])
     return SamplingConfig(max_new_tokens=max_new_tokens if given_n is None else given_n, **options), given_n is not None
+
+
+def plan_note(llm) -> str | None:
+    """One line on the plan a --gpu-budget load followed (None without one), for stderr."""
+    plan = getattr(llm, "plan", None)
+    if plan is None:
+        return None
+    where = ", ".join(f"{plan.count(p)} {p}" for p in ("gpu", "host", "disk", "cpu") if plan.count(p))
+    return (f"plan: layers {where}; attention {plan.attention}; predicted {plan.timing.ms_per_token:.2f} ms/token "
+            f"({plan.timing.bound}-bound); `tierkv plan` explains it")

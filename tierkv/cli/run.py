@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from tierkv.cli.common import MODEL_HELP, model_options, sampling_from_flags, sampling_options, tier_settings
+from tierkv.cli.common import MODEL_HELP, model_options, plan_note, sampling_from_flags, sampling_options, tier_settings
 from tierkv.config import format_size
 from tierkv.errors import ConfigError, ContextTooLongError
 from tierkv.inputs import decode_utf8, read_text_file, require_text
@@ -75,6 +75,8 @@ def command(args, model, prompt_opt, prompt_file, system, raw, show_stats, devic
     import tierkv
 
     llm = tierkv.load(model, device=device, dtype=dtype, graph=not no_graph, progress=True, ctx_size=ctx_size, **tier)
+    if plan_note(llm):
+        click.echo(plan_note(llm), err=True)
     try:
         kwargs = _prompt_kwargs(llm, text, system, raw)
         if given_n:
@@ -84,7 +86,7 @@ def command(args, model, prompt_opt, prompt_file, system, raw, show_stats, devic
             sys.stdout.flush()
         click.echo("")
     finally:
-        llm.close()
+        llm.unload()  # caches, and the weight streamer's thread and spill file
     _report(llm, show_stats)
 
 
@@ -116,6 +118,24 @@ def _report(llm, show_stats: bool) -> None:
     if s["stop_reason"] == "context_full":
         click.echo(f"note: the reply stopped at the end of the context ({llm.context_size} tokens); shorten the "
                    f"prompt for a longer reply", err=True)
+    w = s.get("weights")
+    if w:
+        click.echo(weights_line(w), err=True)
     click.echo(f"prompt {s['prompt_tokens']} tok | prefill {s['prefill_tok_s']:.1f} tok/s | "
                f"decode {s['decode_tok_s']:.1f} tok/s ({s['decode_ms_per_token']:.2f} ms/tok, {s['new_tokens']} tok) | "
                f"peak memory {format_size(s['peak_memory'])} ({llm.device.type})", err=True)
+
+
+def weights_line(w: dict) -> str:
+    """One line on the layer weights: where the layers are and, when some stream, what that cost per token."""
+    counts = ", ".join(f"{n} {where}" for where, n in w["counts"].items() if n)
+    line = f"weights: layers {counts} ({format_size(w['device_bytes'])} on the device)"
+    if w.get("streamed_bytes_per_token") is not None:
+        gbps = w.get("achieved_gbps")
+        line += (f" | streamed {format_size(w['streamed_bytes_per_token'])}/tok"
+                 + (f" at {gbps:.1f} GB/s" if gbps else "")
+                 + (f", waited {w['wait_ms_per_token']:.2f} ms/tok" if "wait_ms_per_token" in w else "")
+                 + f" ({w['decode']} decode"
+                 + ("" if w["streamer_mode"] in ("pinned", "cpu") else f", {w['streamer_mode']}: pinning failed")
+                 + ")")
+    return line

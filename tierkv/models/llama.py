@@ -18,6 +18,7 @@ from tierkv.kernels import dispatch
 from tierkv.kv.cache import KVCache
 from tierkv.models.config import ModelConfig
 from tierkv.models.rope import Rope
+from tierkv.weights.linear import linear
 
 
 @dataclass
@@ -58,6 +59,7 @@ class LlamaModel:
         self.cfg = cfg
         self.embed_tokens, self.layers, self.norm, self.lm_head = embed_tokens, layers, norm, lm_head
         self.device, self.dtype = embed_tokens.device, embed_tokens.dtype
+        self.weights = None  # a tierkv.weights.store.LayerStore when some layers are not resident (attach_weights)
         length = min(cfg.max_position_embeddings, 4096)
         # `rope` is the full-attention layers' table (the sparse caches rebuild key shadows with it); sliding
         # layers use their own where the config gives them another base (Gemma 3: 10K against 1M)
@@ -84,12 +86,17 @@ class LlamaModel:
         """ids (T,) and positions (T,) on the device -> logits (T or 1, vocab) in float32."""
         h, x = self._embed(ids)
         predict = ids.shape[0] == 1 and cache.prefetches_picks  # kv/interface.PickPrefetchHooks
+        self._begin_pass()
         for i in range(len(self.layers)):
-            h, x = self._layer(i, h, x, positions, cache, predict)
+            w = self.fetch_layer(i)
+            h, x = self._layer(i, h, x, positions, cache, predict, w)
+            self.release_layer(i)
         cache.advance(ids.shape[0])
         if last_only:
             x = x[-1:]
-        return F.linear(x, self.lm_head).float()  # (T, vocab)
+        logits = F.linear(x, self.lm_head).float()  # (T, vocab)
+        self._end_pass()  # after lm_head, so the next token's first weight copy overlaps it
+        return logits
 
     def forward_by_layer(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slice_len: int,
                          on_layer=None) -> torch.Tensor:
@@ -100,24 +107,56 @@ class LlamaModel:
         on_layer(i) is called after each layer (progress)."""
         n = ids.shape[0]
         h, x = self._embed(ids)  # (T, hidden) each
+        self._begin_pass()
         for i in range(len(self.layers)):
+            w = self.fetch_layer(i)  # once per layer: a streamed layer is copied once for the whole prompt
             if cache.attends_whole_layer(i):
-                self._layer_whole(i, h, x, positions, cache, slice_len)
+                self._layer_whole(i, h, x, positions, cache, slice_len, w)
             else:
                 for s in range(0, n, slice_len):
                     e = min(n, s + slice_len)
-                    h[s:e], x[s:e] = self._layer(i, h[s:e], x[s:e], positions[s:e], cache, False)
+                    h[s:e], x[s:e] = self._layer(i, h[s:e], x[s:e], positions[s:e], cache, False, w)
+            self.release_layer(i)
             if on_layer is not None:
                 on_layer(i)
         cache.advance(n)
-        return F.linear(x[-1:], self.lm_head).float()
+        logits = F.linear(x[-1:], self.lm_head).float()
+        self._end_pass()
+        return logits
+
+    # --- where each layer's weights come from (tierkv/weights/store.py when some are not resident) -----------
+    def attach_weights(self, store) -> None:
+        """Take layer weights from `store` (a LayerStore): streamed layers are fetched into device slots, CPU
+        layers compute where their weights are."""
+        self.weights = store
+
+    def fetch_layer(self, i: int) -> LayerWeights:
+        """Layer i's weights, ready for work queued after this call (a streamed layer: in its slot)."""
+        return self.layers[i] if self.weights is None else self.weights.fetch(i)
+
+    def release_layer(self, i: int) -> None:
+        """Work queued so far is the last use of layer i's weights in this pass."""
+        if self.weights is not None:
+            self.weights.release(i)
+
+    def resident(self, i: int) -> bool:
+        """Whether layer i's weights are always on the device (not streamed, not on the CPU)."""
+        return self.weights is None or self.weights.resident(i)
+
+    def _begin_pass(self) -> None:
+        if self.weights is not None:
+            self.weights.begin_pass()
+
+    def _end_pass(self) -> None:
+        if self.weights is not None:
+            self.weights.end_pass()
 
     def _layer_whole(self, i: int, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                     slice_len: int) -> None:
-        """Layer i over the whole prompt with one attention call: every slice's projections are appended and its
-        queries kept, the cache attends them all at once (`attend_layer`), then each slice runs the rest of the
-        layer. Updates h and x (T, hidden) in place."""
-        c, w, n = self.cfg, self.layers[i], x.shape[0]
+                     slice_len: int, w: LayerWeights) -> None:
+        """Layer i (weights w) over the whole prompt with one attention call: every slice's projections are
+        appended and its queries kept, the cache attends them all at once (`attend_layer`), then each slice runs
+        the rest of the layer. Updates h and x (T, hidden) in place."""
+        c, n = self.cfg, x.shape[0]
         q_all = torch.empty(n, c.num_heads, c.head_dim, device=x.device, dtype=x.dtype)
         for s in range(0, n, slice_len):
             e = min(n, s + slice_len)
@@ -128,8 +167,8 @@ class LlamaModel:
         del q_all
         for s in range(0, n, slice_len):
             e = min(n, s + slice_len)
-            attn = F.linear(out[s:e].reshape(e - s, c.num_heads * c.head_dim), w.o_proj)
-            h[s:e], x[s:e] = self._after_attention(i, h[s:e], attn, positions[s:e], cache, False)
+            attn = linear(out[s:e].reshape(e - s, c.num_heads * c.head_dim), w.o_proj)
+            h[s:e], x[s:e] = self._after_attention(i, h[s:e], attn, positions[s:e], cache, False, w)
 
     def layer_prefill_bytes(self, n: int) -> int:
         """Device bytes forward_by_layer needs for n tokens beyond the cache's: the residual stream (h and x) and,
@@ -145,19 +184,22 @@ class LlamaModel:
         return self._norm(emb, None, self.layers[0].input_norm, self.cfg.rms_norm_eps)
 
     def _layer(self, i: int, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-               predict: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder layer i on residual h and its normed input x -> (residual, next layer's normed input)."""
-        attn = self._attention(i, self.layers[i], x, positions, cache)
-        return self._after_attention(i, h, attn, positions, cache, predict)
+               predict: bool, w: LayerWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layer i on residual h and its normed input x -> (residual, next layer's normed input).
+        w: layer i's weights as fetch_layer gave them (default: the resident ones)."""
+        w = self.layers[i] if w is None else w
+        attn = self._attention(i, w, x, positions, cache)
+        return self._after_attention(i, h, attn, positions, cache, predict, w)
 
     def _after_attention(self, i: int, h: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
-                         cache: KVCache, predict: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i after its attention (attn: the o_proj output): sandwich norm, residual, MLP -> (residual, next
-        layer's normed input)."""
-        eps, layer = self.cfg.rms_norm_eps, self.layers[i]
+                         cache: KVCache, predict: bool, layer: LayerWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i after its attention (attn: the o_proj output), with its weights `layer`: sandwich norm,
+        residual, MLP -> (residual, next layer's normed input)."""
+        eps = self.cfg.rms_norm_eps
         attn = self._out_norm(attn, layer.attn_out_norm)
         h, x = self._norm(h, attn, layer.pre_mlp_norm, eps)
-        if predict and i + 1 < len(self.layers):  # the cache may prefetch layer i+1's picks during this MLP
+        # the cache may prefetch layer i+1's picks during this MLP (from its resident weights only)
+        if predict and i + 1 < len(self.layers) and self.resident(i + 1):
             cache.predicted_query(i + 1, lambda j=i + 1, r=h: self._predicted_query(j, r, positions))
         nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
         return self._norm(h, self._out_norm(self._mlp(layer, x), layer.mlp_out_norm), nxt, eps)
@@ -171,7 +213,7 @@ class LlamaModel:
         """Layer i's q (T, Hq, D) rotated and scaled, k (T, Hkv, D) rotated, pre-RoPE k and v (T, Hkv, D)."""
         c = self.cfg
         t = x.shape[0]
-        qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # (T, (Hq + 2 Hkv) D)
+        qkv = linear(x, w.qkv_proj, w.qkv_bias)  # (T, (Hq + 2 Hkv) D)
         if w.q_norm is not None:
             qkv = self._qk_norm(qkv, w)
         rope = self.layer_rope[i]
@@ -195,7 +237,7 @@ class LlamaModel:
         q, k, k_pre, v = self._qkv(i, w, x, positions)
         cache.append(i, k, v, k_pre)
         out = cache.attend(i, q)  # (T, Hq, D)
-        return F.linear(out.reshape(x.shape[0], c.num_heads * c.head_dim), w.o_proj)
+        return linear(out.reshape(x.shape[0], c.num_heads * c.head_dim), w.o_proj)
 
     def _predicted_query(self, i: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Layer i's query as if its input were residual h (the residual before layer i-1's MLP): (1, Hq, D)."""
@@ -204,4 +246,4 @@ class LlamaModel:
         return self._qkv(i, w, x, positions)[0]
 
     def _mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._act(F.linear(x, w.gate_up_proj)), w.down_proj)
+        return linear(self._act(linear(x, w.gate_up_proj)), w.down_proj)

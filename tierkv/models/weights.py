@@ -161,6 +161,10 @@ class TensorSource:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def files(self) -> list[Path]:
+        """The safetensors files holding the tensors."""
+        return sorted(set(self._where.values()))
+
     def get(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """Load one tensor, cast and moved. Blocks on the disk read."""
         if name not in self._where:

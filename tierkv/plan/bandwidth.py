@@ -88,15 +88,16 @@ def largest_size_rates(doc: dict) -> dict[str, float]:
 
 def bandwidths_from_probe(doc: dict, where: str, gpu_name: str | None = None) -> Bandwidths:
     """Defaults overwritten by what an io document measured: link from host_to_device_pinned, disk from
-    disk_to_host, cpu from host_to_host (a one-thread memcpy: it understates a multi-threaded GEMV, so CPU layers
-    are chosen only where they clearly win). The io probe has no GEMV rate; hbm stays the default."""
+    disk_to_host, cpu from cpu_gemv (bf16 matrix-vector products on all CPU threads: what a CPU-computed layer
+    does), else host_to_host (a one-thread memcpy, in probes made before cpu_gemv existed). The io probe has no
+    GPU GEMV rate; hbm stays the default."""
     try:
         rates = largest_size_rates(doc)
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{where} is not a `tierkv bench io` result ({e}); rerun `tierkv bench io`") from None
     base = default_bandwidths(gpu_name)
     picked = {"link": rates.get("host_to_device_pinned"), "disk": rates.get("disk_to_host"),
-              "cpu": rates.get("host_to_host")}
+              "cpu": rates.get("cpu_gemv") or rates.get("host_to_host")}
     got = {k: v for k, v in picked.items() if v}
     label = f"probe {where} ({doc.get('device') or 'unknown device'})"
     return replace(base, **got, source={**base.source, **{k: label for k in got}})

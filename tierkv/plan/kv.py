@@ -18,6 +18,10 @@ from tierkv.plan.sizes import (capacity_tokens, kv_token_bytes_per_layer, layer_
                                sparse_gpu_bytes_per_layer, window_kv_bytes)
 
 
+# TieredOptions.batch_tokens (tierkv/kv/tiered.py): offloaded chunks stream through two GPU batches of this size
+TIERED_BATCH_TOKENS = 4096
+
+
 @dataclass(frozen=True)
 class KVPlan:
     """Bytes of the KV cache in each tier and bytes per decode token on each path."""
@@ -44,9 +48,26 @@ def kv_fixed_gpu_bytes(inp: PlanInputs, mode: str) -> int:
     """GPU bytes of KV parts every plan in this mode holds: window rings, and in sparse mode the shadows, index,
     key ring and outlier flags of each full-attention layer."""
     fixed = _window_bytes(inp)
+    if mode == "full":
+        fixed += tiered_fixed_gpu_bytes(inp)
     if mode == "sparse":
         fixed += _full_layers(inp) * sparse_gpu_bytes_per_layer(inp.model, inp.elem_bytes, inp.context, inp.sparse)
     return fixed
+
+
+def _chunks(tokens: int, chunk: int) -> int:
+    return -(-tokens // chunk)
+
+
+def tiered_fixed_gpu_bytes(inp: PlanInputs) -> int:
+    """GPU bytes the exact tiered cache (tierkv/kv/tiered.py) holds under any kv_gpu_budget: per full-attention
+    layer its open chunk and its pinned sink and window chunks, and two batches of TIERED_BATCH_TOKENS streaming
+    through its work buffers."""
+    sp = inp.sparse
+    chunk_bytes = sp.chunk_size * kv_token_bytes_per_layer(inp.model, inp.elem_bytes)
+    per_layer = 1 + _chunks(sp.sink_tokens, sp.chunk_size) + _chunks(sp.window_tokens, sp.chunk_size)
+    batch = max(1, TIERED_BATCH_TOKENS // sp.chunk_size)
+    return (_full_layers(inp) * per_layer + 2 * batch) * chunk_bytes
 
 
 def kv_total_bytes(inp: PlanInputs) -> int:
