@@ -54,7 +54,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_prompt_longer_than_context(tmp_path, smol_folder):
-    from tests.conftest import save_random_checkpoint
+    from tests.helpers import save_random_checkpoint
 
     folder = save_random_checkpoint(tmp_path, "llama31", smol_folder, max_positions=128)
     _one_line_error(tierkv("run", str(folder), "word " * 300, "--raw"), "prompt has 3", "context is 128 tokens")

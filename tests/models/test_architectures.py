@@ -11,7 +11,7 @@ from tierkv.engine import eager_step, prefill
 from tierkv.errors import ConfigError
 from tierkv.kv.cache import DenseKVCache
 from tierkv.kv.static import StaticKVCache
-from tests.conftest import save_random_checkpoint
+from tests.helpers import save_random_checkpoint
 
 WINDOWS = {"qwen3": (), "gemma3": (64, None, 64), "mistral_window": (64, 64, 64), "qwen2_window": (None, 64, 64)}
 
