@@ -20,11 +20,13 @@ def device(request) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """Every test that runs the real model (the `smol` fixture, directly or through another fixture) is `slow`, so
+    `pytest -m "not slow"` is the fast local loop; `cuda` tests are skipped without a GPU."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "cuda" in item.keywords:
+        if "smol" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        if skip is not None and "cuda" in item.keywords:
             item.add_marker(skip)
 
 
