@@ -76,3 +76,20 @@ def test_no_test_or_bench_script_imports_a_test_module_or_a_conftest():
                     if last.startswith("test_") or last == "conftest":
                         bad.append(f"{rel}.py imports {name}")
     assert not bad, "; ".join(sorted(set(bad)))
+
+
+def test_no_two_modules_import_each_other():
+    """A pair of modules that import each other (at the top or inside a function) shares pieces that belong in a
+    third, lower module. A package and its own submodules are exempt (the package re-exports them)."""
+    mods = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    imports = {}
+    for name, path in mods.items():
+        pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = {n for node in ast.walk(ast.parse(path.read_text())) for n in _imported_names(node, pkg)}
+        imports[name] = found & mods.keys() - {name}
+    both = {tuple(sorted((a, b))) for a in imports for b in imports[a] if a in imports[b]}
+    bad = [f"{a} <-> {b}" for a, b in sorted(both) if not b.startswith(a + ".")]
+    assert not bad, "; ".join(bad)
