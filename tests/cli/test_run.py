@@ -14,6 +14,7 @@ def tierkv(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_run_default_model_answers_paris():
     r = tierkv("run", "What is the capital of France?", "--max-new-tokens", "24")
     assert r.returncode == 0, r.stderr

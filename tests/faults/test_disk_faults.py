@@ -186,6 +186,7 @@ DISK_FULL_MID_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_disk_full_mid_decode_is_one_error_and_every_committed_token_stays_readable(tmp_path):
     """Extends tests/io/test_disk_store.py's store-level disk-full test to the cache: the chunk that found the disk
     full goes back where it was, so the cache still holds (and attends to) every committed token afterwards."""
