@@ -50,6 +50,7 @@ def test_tiered_save_and_load_match_dense(smol, convo, tmp_path):
     tiered.close()
 
 
+@pytest.mark.slow
 def test_killed_save_leaves_previous_save_loadable(tmp_path):
     llm = tierkv.load("llama-tiny", device="cpu", dtype="fp32")
     chat = llm.chat(context="some context " * 40, max_new_tokens=5)
