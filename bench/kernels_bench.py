@@ -77,7 +77,7 @@ def cases(dev: str):
 def select_cases(dev: str, g: torch.Generator, m: int):
     """chunk_topk's tail at 32K, 128K and 256K tokens: the group-reduce kernel + torch.topk ('unfused', before)
     against the two-launch fused select ('fused'). Yields (name, bytes read, fn(impl), impls)."""
-    from tierkv.kernels.chunk_topk_triton import _group_best_triton, select_top_chunks_triton
+    from tierkv.kernels.chunk_topk_triton import group_best_triton, select_top_chunks_triton
 
     for c in SELECT_CHUNKS:
         red = torch.randn(HKV, HQ // HKV, c, generator=g, device=dev) * 3  # (Hkv, G, C) chunk log-masses
@@ -87,7 +87,7 @@ def select_cases(dev: str, g: torch.Generator, m: int):
         def fn(impl, red=red, parts=parts, end=end):
             if impl == "fused":
                 return select_top_chunks_triton(red, end, m, SINK_CHUNKS, "mass", parts)
-            return torch.topk(_group_best_triton(red, end, SINK_CHUNKS, "mass", parts), m, dim=-1)
+            return torch.topk(group_best_triton(red, end, SINK_CHUNKS, "mass", parts), m, dim=-1)
 
         yield f"select_top_chunks_C{c}", (red.numel() + parts.numel()) * 4, fn, ("unfused", "fused")
 

@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 import torch  # noqa: E402
 
 import tierkv  # noqa: E402
-from tests.conftest import save_random_checkpoint  # noqa: E402
-from tests.models.test_parity import _hf_logits, _our_logits  # noqa: E402
+from tests.helpers import hf_logits, our_logits, save_random_checkpoint  # noqa: E402
 from tierkv.models.weights import default_model_path, resolve_model  # noqa: E402
 
 
@@ -39,7 +38,7 @@ def main() -> None:
     rows = []
 
     def record(name: str, model, folder: Path, n: int) -> None:
-        ours, ref = _our_logits(model, ids[:n]), _hf_logits(folder, ids[:n], a.device)
+        ours, ref = our_logits(model, ids[:n]), hf_logits(folder, ids[:n], a.device)
         rows.append({"model": name, "tokens": n, "max_abs_diff": (ours - ref).abs().max().item(),
                      "logit_scale": ref.abs().max().item(),
                      "top1_agreement": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()})

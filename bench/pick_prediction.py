@@ -13,7 +13,6 @@ Ends with one JSON line (device, date, command).
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
@@ -21,53 +20,47 @@ import tierkv.kv.fast_sparse as fast_sparse
 from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import prefill
-from tierkv.kernels import chunk_topk
 
 
-def predicted_top(model, cache, layer: int, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Layer `layer`'s chunk ranking (Hkv, K) for a query made from residual h (1, hidden). Does not mutate."""
-    c, w = model.cfg, model.layers[layer]
-    _, x = model._norm(h, None, w.input_norm, c.rms_norm_eps)
-    q, _, _ = model._rope(torch.nn.functional.linear(x, w.qkv_proj, w.qkv_bias), model.rope.cos, model.rope.sin,
-                          positions, c.num_heads, c.num_kv_heads)
-    total, _, window_start, _, _, _ = cache._step
-    ix = cache.index[layer]
-    top, _ = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, cache.max_picks, cache.chunk,
-                        1.0 / math.sqrt(cache.d), cache.sink_chunks, cache.sp.reduce, row_scale=ix.row_scale)
-    return top
+class PredictionRecorder(fast_sparse.FastSparseKVCache):
+    """The graph cache, taking the query the model predicts for layer i+1 after layer i's attention (the pick
+    prefetch hook, kv/interface.PickPrefetchHooks) and noting that query's chunk ranking instead of prefetching."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.attended: list = []  # this step's attended picks per layer so far (a set of chunk ids per head)
+        self.predicted: dict = {}  # layer -> the predicted query's ranking (Hkv, K), this step
+
+    @property
+    def prefetches_picks(self) -> bool:
+        return True
+
+    def predicted_query(self, layer: int, make_q) -> None:
+        if self.fitted and len(self.attended) == layer:  # every earlier layer attended sparsely in this step
+            self.predicted[layer] = self.rank_chunks(layer, make_q())[0]
 
 
-def decode_recording(model, cache, token: torch.Tensor, steps: int) -> list[list[tuple]]:
-    """Greedy eager decode; per step and layer (actual attended picks as a set per head, predicted top)."""
-    actual: list = []
+def decode_recording(model, cache: PredictionRecorder, token: torch.Tensor, steps: int) -> list[list[tuple]]:
+    """Greedy eager decode; per sparse step and layer (actual attended picks as a set per head, predicted top)."""
     entries = fast_sparse.sparse_entries
 
     def recording(top, score, n_picks, *rest, **kw):  # the cache's own entry builder, noting attended picks
         out = entries(top, score, n_picks, *rest, **kw)
         picked = out[1][:, -top.shape[1]:] > 0
-        actual.append([set(top[h][picked[h]].tolist()) for h in range(top.shape[0])])
+        cache.attended.append([set(top[h][picked[h]].tolist()) for h in range(top.shape[0])])
         return out
 
     fast_sparse.sparse_entries = recording
     model.rope.ensure(cache.capacity + 1)  # (what the engine's decode step does for the positions it reaches)
-    c, runs = model.cfg, []
+    layers, runs = model.cfg.num_layers, []
     try:
         for _ in range(steps):
-            actual.clear()
-            preds = {}
-            positions = cache.pos.clone()
-            h, x = model._norm(model.embed_tokens[token], None, model.layers[0].input_norm, c.rms_norm_eps)
-            for i, layer in enumerate(model.layers):
-                h, x = model._norm(h, model._attention(i, layer, x, positions, cache), layer.pre_mlp_norm,
-                                   c.rms_norm_eps)
-                if i + 1 < c.num_layers and cache.fitted:
-                    preds[i + 1] = predicted_top(model, cache, i + 1, h, positions)
-                nxt = model.layers[i + 1].input_norm if i + 1 < c.num_layers else model.norm
-                h, x = model._norm(h, model._mlp(layer, x), nxt, c.rms_norm_eps)
-            cache.advance(1)
-            token = torch.nn.functional.linear(x, model.lm_head).argmax(-1)
-            if len(actual) == c.num_layers and len(preds) == c.num_layers - 1:  # sparse, fitted before it began
-                runs.append([(actual[i], preds.get(i)) for i in range(c.num_layers)])
+            cache.attended.clear()
+            cache.predicted.clear()
+            token = model.forward(token, cache.pos.clone(), cache).argmax(-1)
+            actual, preds = cache.attended, cache.predicted
+            if len(actual) == layers and len(preds) == layers - 1:  # sparse, fitted before it began
+                runs.append([(actual[i], preds.get(i)) for i in range(layers)])
     finally:
         fast_sparse.sparse_entries = entries
     return runs
@@ -116,9 +109,8 @@ def main() -> None:
         model = random_model(shape_config(args.model), torch.device("cuda"), torch.bfloat16)
         ids = random_ids(args.context, model.cfg.vocab_size, 0)
     c = model.cfg
-    cache = fast_sparse.FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device,
-                                          dtype=model.dtype, config=tier, capacity=len(ids) + args.steps + 1,
-                                          rope=model.rope)
+    cache = PredictionRecorder(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
+                               config=tier, capacity=len(ids) + args.steps + 1, rope=model.rope)
     with torch.no_grad():
         logits = prefill(model, torch.tensor(ids, device=model.device), cache, tier.prefill_chunk)
         runs = decode_recording(model, cache, logits[-1:].argmax(-1), args.steps)

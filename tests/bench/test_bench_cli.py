@@ -27,6 +27,7 @@ def last_json_line(stdout: str) -> dict:
     return line
 
 
+@pytest.mark.slow
 def test_bench_io_json(tmp_path):
     out = tmp_path / "io.json"
     r = tierkv("bench", "io", "--json", str(out), "--sizes", "64KiB,1MiB", "--repeats", "3",
@@ -53,6 +54,7 @@ def test_bench_io_json(tmp_path):
     assert not list((tmp_path / "disk").iterdir())  # the read file is removed
 
 
+@pytest.mark.slow
 def test_bench_decode_json_and_one_line_errors(tmp_path):
     out = tmp_path / "decode.json"
     r = tierkv("bench", "decode", "llama-tiny", "--context", "1K,2K", "--json", str(out), "--steps", "4",
@@ -108,6 +110,7 @@ def test_parse_contexts_and_sizes():
             parse_contexts(bad)
 
 
+@pytest.mark.slow
 def test_decode_reports_each_finished_row_as_it_goes():
     import torch
 
@@ -123,6 +126,7 @@ def test_decode_reports_each_finished_row_as_it_goes():
     assert "partial" not in doc and [r["system"] for r in doc["rows"]] == ["tierkv-exact", "hf-offloaded"]
 
 
+@pytest.mark.slow
 def test_decode_append_keeps_earlier_rows(tmp_path):
     out = tmp_path / "d.json"
     common = ("bench", "decode", "llama-tiny", "--context", "1K", "--json", str(out), "--steps", "2", "--warmup", "1",

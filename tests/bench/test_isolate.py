@@ -4,6 +4,8 @@ out-of-memory killer does) becomes an 'oom' row for the pair it was on, and a fr
 import os
 import signal
 
+import pytest
+
 from tierkv.bench.isolate import isolated_rows, send_row
 from tierkv.bench.systems import Row
 
@@ -16,6 +18,7 @@ def _worker(conn, pairs, die_on):
     conn.close()
 
 
+@pytest.mark.slow
 def test_rows_come_back_in_order():
     pairs = [("a", 1), ("b", 1), ("a", 2)]
     rows = list(isolated_rows(pairs, _worker, (None,)))
@@ -24,6 +27,7 @@ def test_rows_come_back_in_order():
     assert len({r.settings["pid"] for r in rows}) == 1 and rows[0].settings["pid"] != os.getpid()
 
 
+@pytest.mark.slow
 def test_a_killed_child_becomes_an_oom_row_and_the_rest_still_run():
     pairs = [("a", 1), ("b", 1), ("a", 2), ("b", 2)]
     rows = list(isolated_rows(pairs, _worker, (("b", 1),)))

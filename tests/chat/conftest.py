@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.chat.helpers import CONTEXT, MAX_NEW, SYSTEM, TURNS
 from tierkv.chat_template import render
-
-SYSTEM = "You are a terse assistant."
-CONTEXT = "Notes: the project is called tierkv. Its mascot is a blue heron named Ada."
-TURNS = ["What is the mascot?", "What is its name?", "Thanks, bye."]
-MAX_NEW = 6
 
 
 @pytest.fixture(scope="session")

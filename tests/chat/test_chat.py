@@ -3,7 +3,7 @@ conversation (greedy). Also reset, streaming, rollback where the cache and the t
 
 import pytest
 
-from tests.chat.conftest import CONTEXT, MAX_NEW, SYSTEM, TURNS
+from tests.chat.helpers import CONTEXT, MAX_NEW, SYSTEM, TURNS
 from tierkv.chat import Chat, ChatClosedError
 from tierkv.config import TierConfig
 from tierkv.errors import BudgetError

@@ -4,12 +4,15 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def chat_cli(*args: str, stdin: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tierkv", "chat", *args], capture_output=True, text=True,
                           input=stdin, timeout=300)
 
 
+@pytest.mark.slow
 def test_repl_two_turns_save_exit_then_resume(smol_folder, tmp_path):
     session, context = tmp_path / "sess", tmp_path / "notes.txt"
     context.write_text("The launch code is 4417.")

@@ -6,29 +6,16 @@ import copy
 import json
 import shutil
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import tierkv
-from tests.chat.conftest import MAX_NEW, TURNS
+from tests.chat.helpers import MAX_NEW, TURNS, worker
 from tierkv.chat import Chat
 from tierkv.config import TierConfig
 from tierkv.llm import LLM
 from tierkv.session import SessionDamagedError, SessionError, SessionMismatchError
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def worker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(Path(__file__).with_name("worker.py")), *args], capture_output=True,
-                       text=True, timeout=300, cwd=ROOT)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r
 
 
 def test_resume_in_new_process_equals_uninterrupted(convo, smol_folder):
@@ -63,6 +50,7 @@ def test_tiered_save_and_load_match_dense(smol, convo, tmp_path):
     tiered.close()
 
 
+@pytest.mark.slow
 def test_killed_save_leaves_previous_save_loadable(tmp_path):
     llm = tierkv.load("llama-tiny", device="cpu", dtype="fp32")
     chat = llm.chat(context="some context " * 40, max_new_tokens=5)

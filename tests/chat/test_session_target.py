@@ -100,6 +100,7 @@ print("saved after", chat.stats["turns"], "turns")
 """
 
 
+@pytest.mark.slow
 def test_full_disk_mid_save_leaves_no_temp_and_a_later_save_works(tmp_path):
     target = tmp_path / "s"
     r = subprocess.run([sys.executable, "-c", WRITE_LIMIT, str(target)], capture_output=True, text=True, timeout=120,
@@ -110,6 +111,7 @@ def test_full_disk_mid_save_leaves_no_temp_and_a_later_save_works(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s"]  # the failed save's temp directory is gone
 
 
+@pytest.mark.slow
 def test_repl_survives_a_failed_save(tmp_path):
     blocker = tmp_path / "plain-file"
     blocker.write_text("x")

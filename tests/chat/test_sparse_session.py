@@ -11,7 +11,7 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
-from tests.chat.test_session import worker
+from tests.chat.helpers import worker
 from tests.chat.worker import state_digest
 from tierkv.chat import Chat
 from tierkv.config import TierConfig

@@ -14,6 +14,7 @@ def tierkv(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_run_default_model_answers_paris():
     r = tierkv("run", "What is the capital of France?", "--max-new-tokens", "24")
     assert r.returncode == 0, r.stderr
@@ -22,6 +23,7 @@ def test_run_default_model_answers_paris():
     assert "prompt" in stats and "decode" in stats and "peak memory" in stats
 
 
+@pytest.mark.slow
 def test_info_prints_facts():
     r = tierkv("info")
     assert r.returncode == 0, r.stderr
@@ -38,14 +40,17 @@ def _one_line_error(r, *fragments):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_missing_path(tmp_path):
     _one_line_error(tierkv("run", str(tmp_path / "missing"), "hi"), "does not exist")
 
 
+@pytest.mark.slow
 def test_folder_that_is_not_a_model(tmp_path):
     _one_line_error(tierkv("run", str(tmp_path), "hi"), "not a model folder")
 
 
+@pytest.mark.slow
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], '
                                           '"n_embd": 8, "n_layer": 1, "n_head": 2, "vocab_size": 10}')
@@ -53,13 +58,15 @@ def test_unsupported_architecture(tmp_path):
     _one_line_error(tierkv("run", str(tmp_path), "hi"), "GPT2LMHeadModel", "not supported")
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_context(tmp_path, smol_folder):
-    from tests.conftest import save_random_checkpoint
+    from tests.helpers import save_random_checkpoint
 
     folder = save_random_checkpoint(tmp_path, "llama31", smol_folder, max_positions=128)
     _one_line_error(tierkv("run", str(folder), "word " * 300, "--raw"), "prompt has 3", "context is 128 tokens")
 
 
+@pytest.mark.slow
 def test_unknown_device():
     _one_line_error(tierkv("run", "--device", "tpu", "hi"), "'tpu'")
 
@@ -73,6 +80,7 @@ def test_prompt_file_that_is_a_directory(tmp_path):
     _one_line_error(tierkv("run", "--prompt-file", str(tmp_path)), "is a directory")
 
 
+@pytest.mark.slow
 def test_prompt_file_may_be_a_pipe(tmp_path):
     """bash's <(...) hands over a FIFO: it is read like a file."""
     import os

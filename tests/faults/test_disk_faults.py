@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
@@ -52,12 +51,14 @@ def run_with_fault(llm, disk_dir, fault, at: int = 10) -> tuple[list[int], Excep
     return got, None
 
 
+@pytest.mark.slow
 def test_run_dir_removed_mid_run_keeps_tokens_and_leaves_nothing(tmp_path, reference):
     got, err = run_with_fault(tiered(tmp_path), tmp_path, shutil.rmtree)
     assert err is None and got == reference  # the open file outlives its name: reads and writes go on
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_run_dir_replaced_by_a_file_keeps_tokens_and_the_file(tmp_path, reference):
     def replace(run_dir):
         shutil.rmtree(run_dir)
@@ -86,6 +87,7 @@ def test_removed_run_dir_still_grows_and_reads_back(tmp_path):
     store.close()
 
 
+@pytest.mark.slow
 def test_disk_dir_that_is_a_file_is_one_clear_error_and_the_llm_stays_usable(tmp_path, reference):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("keep me")
@@ -98,6 +100,7 @@ def test_disk_dir_that_is_a_file_is_one_clear_error_and_the_llm_stays_usable(tmp
     assert list(llm.stream_ids(PROMPT, max_new_tokens=NEW)) == reference
 
 
+@pytest.mark.slow
 def test_truncated_file_is_a_short_read_error_and_the_llm_stays_usable(tmp_path, reference):
     llm = tiered(tmp_path)
     got, err = run_with_fault(llm, tmp_path, lambda d: os.truncate(d / "kv.bin", 4096 * 3))
@@ -123,6 +126,7 @@ def test_truncated_file_leaves_the_chunks_before_the_cut_readable(tmp_path):
     store.close()
 
 
+@pytest.mark.slow
 def test_flipped_byte_mid_run_is_an_integrity_error_never_wrong_tokens(tmp_path, reference):
     def flip(run_dir):
         with open(run_dir / "kv.bin", "r+b") as f:  # the first slot after the 4 KiB header
@@ -186,6 +190,7 @@ DISK_FULL_MID_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_disk_full_mid_decode_is_one_error_and_every_committed_token_stays_readable(tmp_path):
     """Extends tests/io/test_disk_store.py's store-level disk-full test to the cache: the chunk that found the disk
     full goes back where it was, so the cache still holds (and attends to) every committed token afterwards."""

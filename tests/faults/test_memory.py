@@ -28,6 +28,7 @@ LOW_MEMLOCK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_failed_pin_falls_back_first_and_stops_when_growing_naming_the_limit():
     res = subprocess.run([sys.executable, "-c", LOW_MEMLOCK], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr

@@ -4,8 +4,7 @@ without it, while hits really come from the cache (their host copies are poisone
 import pytest
 import torch
 
-from tests.kernels.kutil import TOL, max_diff
-from tests.kernels.test_kernels_shadow_attention import make_case
+from tests.kernels.kutil import TOL, make_case, max_diff
 from tierkv.kernels.chunk_cache import chunk_cache_assign_torch, chunk_cache_fill_torch
 from tierkv.kernels.shadow_attention import shadow_paged_attention_torch
 

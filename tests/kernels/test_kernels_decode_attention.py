@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.kernels.kutil import TOL, max_diff, randn
+from tests.kernels.kutil import TOL, make_pool, max_diff, randn
 from tierkv.kernels import decode_attention_torch, merge_partials, merge_partials_torch, paged_decode_attention_torch
 
 SHAPES = [(8, 2, 16), (9, 3, 8), (4, 4, 32)]  # (Hq, Hkv, D)
@@ -70,17 +70,6 @@ def test_merge_partials_all_empty():
     outs, lses = torch.zeros(3, 4, 8), torch.full((3, 4), float("-inf"))
     out, lse = merge_partials_torch(outs, lses)
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
-
-
-def make_pool(gen, hkv, d, chunk, num_slots, m, dtype, device="cpu"):
-    k_pool = randn(gen, num_slots, chunk, hkv, d, dtype=dtype, device=device)  # (num_slots, chunk, Hkv, D)
-    v_pool = randn(gen, num_slots, chunk, hkv, d, dtype=dtype, device=device)
-    slots = torch.stack([torch.randperm(num_slots, generator=gen)[:m] for _ in range(hkv)]).to(device)  # (Hkv, m)
-    lengths = torch.full((hkv, m), chunk, dtype=torch.int32)
-    lengths[:, -1] = torch.randint(1, chunk, (hkv,), generator=gen)  # an open (partial) chunk
-    if m > 2:
-        lengths[0, 1] = 0  # a skipped pick
-    return k_pool, v_pool, slots, lengths.to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

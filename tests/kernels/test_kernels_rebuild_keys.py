@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.kernels.kutil import TOL, max_diff, randn, rope_tables
+from tests.kernels.kutil import TOL, make_shadow, max_diff, randn, rope_tables
 from tierkv.errors import ConfigError
 from tierkv.kernels import dispatch, implementation, rebuild_keys, rebuild_keys_torch, rope_torch
 
@@ -29,12 +29,6 @@ def naive_keys(coeffs, basis, idx2, cos, sin, d):
             pre = a[t] @ b[:, h * d:(h + 1) * d] if a.dim() == 2 else a[h, t] @ b[h]
             out[i, h] = naive_rope(pre, cos.double(), sin.double(), t)
     return out
-
-
-def make_shadow(gen, layout, hkv, s, r, d, dtype, device="cpu"):
-    if layout == "shared":
-        return randn(gen, s, r, dtype=dtype, device=device), randn(gen, r, hkv * d, dtype=dtype, device=device, scale=0.3)
-    return randn(gen, hkv, s, r, dtype=dtype, device=device), randn(gen, hkv, r, d, dtype=dtype, device=device, scale=0.3)
 
 
 def test_rope_matches_naive(gen):

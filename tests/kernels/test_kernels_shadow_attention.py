@@ -3,24 +3,9 @@
 import pytest
 import torch
 
-from tests.kernels.kutil import TOL, max_diff, randn, rope_tables
-from tests.kernels.test_kernels_decode_attention import make_pool
-from tests.kernels.test_kernels_rebuild_keys import make_shadow
+from tests.kernels.kutil import TOL, make_case, max_diff
 from tierkv.kernels import paged_decode_attention_torch, rebuild_keys_torch
 from tierkv.kernels.shadow_attention import shadow_paged_attention, shadow_paged_attention_torch
-
-
-def make_case(gen, hq, hkv, d, r, chunk, m, layout, dtype, device="cpu"):
-    n_chunks = 23
-    s = n_chunks * chunk
-    k_pool, v_pool, slots, lengths = make_pool(gen, hkv, d, chunk, n_chunks, m, dtype, device)
-    coeffs, basis = make_shadow(gen, layout, hkv, s, r, d, dtype, device)
-    cos, sin = (t.to(device) for t in rope_tables(s, d))
-    chunk_ids = torch.stack([torch.randperm(n_chunks, generator=gen)[:m] for _ in range(hkv)])  # (Hkv, m)
-    chunk_ids[:, 0] = -1  # a sink with exact keys
-    chunk_ids[:, -1] = -1  # the open window chunk, exact
-    q = randn(gen, hq, d, dtype=dtype, device=device)
-    return q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids.to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

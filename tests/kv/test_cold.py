@@ -11,7 +11,7 @@ from tierkv.kv.cold import MISS, ColdChunks
 from tierkv.kv.layout import ChunkId
 from tierkv.kv.tiers.disk import DiskStore
 
-from tests.kv.test_fast_sparse import TIER, fast_cache, filled_decode, greedy, placed_cache, random_8b
+from tests.kv.helpers import TIER, fast_cache, filled_decode, greedy, placed_cache, random_8b
 
 
 def _store(tmp_path, layers=2, n=12, row=16):

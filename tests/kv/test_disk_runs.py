@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tierkv.kv.layout import ChunkId
@@ -62,6 +63,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_sigkilled_run_is_reclaimed_by_the_next_start(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     left = Path(p.stdout.readline().strip())
@@ -79,6 +81,7 @@ def test_sigkilled_run_is_reclaimed_by_the_next_start(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sigterm_during_run_removes_its_disk_files(tmp_path):
     prompt = "hello world " * 80
     cmd = [sys.executable, "-m", "tierkv", "run", "llama-tiny", prompt, "--raw", "--device", "cpu",

@@ -5,45 +5,11 @@ import pytest
 import torch
 
 from tierkv.config import TierConfig
-from tierkv.engine import eager_step, generate_ids, prefill, GenStats
+from tierkv.engine import prefill
 from tierkv.kv.fast_sparse import FastSparseKVCache
 from tierkv.kv.sparse import SparseKVCache, SparseOptions
 
-# small sinks/window and an absolute budget so that decode picks a few of ~45 candidate chunks per head, and a
-# small fold interval so that new keys are folded into the shadows during the run
-TIER = TierConfig(attention="sparse", token_budget=320, sink_tokens=32, window_tokens=64, chunk_size=32)
-OPTS = SparseOptions(fold_tokens=32)
-
-
-def greedy(model, cache, ids, n, step=None):
-    logits = prefill(model, torch.tensor(ids, device=model.device), cache, 512)
-    step = step or eager_step(model, cache)
-    return list(generate_ids(step, logits, len(ids), n, set(), GenStats()))
-
-
-def fast_cache(model, tier, capacity, chunk_cache=False, sparse=OPTS):
-    c = model.cfg
-    return FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
-                             config=tier, capacity=capacity, rope=model.rope, sparse=sparse, chunk_cache=chunk_cache)
-
-
-def placed_cache(model, tier, capacity, place, sparse=OPTS):
-    """A fast cache whose values are all on the host ("host"), half ("half") or all ("all") resident on the
-    compute device too, room for keys and values of every chunk ("all_kv"), or with the chunk cache ("cache"):
-    kv_gpu_budget sized from the cache's own bytes."""
-    if place == "cache":
-        return fast_cache(model, tier, capacity, chunk_cache=True, sparse=sparse)
-    probe = fast_cache(model, tier.replace(kv_gpu_budget=1), capacity, sparse=sparse)
-    base, n, probe_res = probe._device_bytes(), probe.n_chunks, probe.res.n
-    probe.close()
-    assert probe_res == 0  # a budget below the shadows leaves no room for values
-    c = model.cfg
-    per_chunk = c.num_layers * tier.chunk_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
-    # all_kv: 8 chunks to spare for the shadow and index bases, which the fit adds
-    want = {"host": 0, "half": n // 2, "all": n, "all_kv": 2 * n + 9}[place]
-    cache = fast_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity, sparse=sparse)
-    assert cache.res.n == min(want, n)
-    return cache
+from tests.kv.helpers import OPTS, TIER, fast_cache, filled_decode, greedy, placed_cache, random_8b
 
 
 def test_fast_sparse_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
@@ -128,35 +94,6 @@ def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, te
     got = greedy(model, graphed, ids, n, step)
     assert step.replays > 40 and step.eager_steps >= 2  # the fit and the folds ran eagerly, the rest replayed
     assert got == want
-
-
-def random_8b():
-    """Llama-3.1-8B shape with random bf16 weights on CUDA."""
-    from tierkv.models.build import random_model
-    from tierkv.models.shapes import shape_config
-
-    return random_model(shape_config("llama3.1-8b"), torch.device("cuda"), torch.bfloat16)
-
-
-def filled_decode(model, cache, graphed, n=64):
-    """Write 8K synthetic tokens (bench/fast_decode.py's fill) into cache, then decode n greedy tokens by graph
-    replays or eagerly. Returns (tokens, the graph step or None)."""
-    import sys
-    from pathlib import Path
-
-    from tierkv.graph import GraphStep
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-    from fast_decode import fill
-
-    fill(cache, model, 8192, seed=1)
-    tok, out = torch.zeros(1, dtype=torch.long, device="cuda"), []
-    step = GraphStep(model, cache) if graphed else None
-    for _ in range(n):
-        logits = step(tok, cache.seq_len) if graphed else model.forward(tok, cache.pos, cache)
-        tok = logits.argmax(-1).view(1)
-        out.append(int(tok))
-    return out, step
 
 
 @pytest.mark.cuda

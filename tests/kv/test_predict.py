@@ -7,7 +7,7 @@ import torch
 
 from tierkv.kv.fast_sparse import FastSparseKVCache
 
-from tests.kv.test_fast_sparse import OPTS, TIER, fast_cache, filled_decode, greedy, random_8b
+from tests.kv.helpers import OPTS, TIER, fast_cache, filled_decode, greedy, random_8b
 
 
 def prefetching(model, tier, capacity, kv_gpu_budget=None):

@@ -10,7 +10,7 @@ import tierkv
 from tierkv.engine import eager_step, prefill
 from tierkv.kv.cache import DenseKVCache
 from tierkv.kv.static import StaticKVCache
-from tests.conftest import save_random_checkpoint
+from tests.helpers import save_random_checkpoint
 
 WINDOWS = {"qwen3": (), "gemma3": (64, None, 64), "mistral_window": (64, 64, 64), "qwen2_window": (None, 64, 64)}
 

@@ -16,7 +16,7 @@ from tierkv.models.names import find_model, hf_snapshot, local_model
 @pytest.fixture
 def hf_cache(tmp_path, monkeypatch, smol_folder):
     """A Hugging Face hub cache laid out as huggingface_hub writes it, holding a tiny random llama."""
-    from tests.conftest import save_random_checkpoint
+    from tests.helpers import save_random_checkpoint
 
     hub = tmp_path / "hub"
     snap = hub / "models--acme--tiny-llama" / "snapshots" / "0123abcd"

@@ -3,33 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tierkv
-from tierkv.engine import prefill
-from tests.conftest import save_random_checkpoint
-
-
-def _hf_logits(folder, ids, device="cpu") -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids], device=device)).logits[0].float().cpu()
-
-
-def _our_logits(llm, ids, chunk=4096) -> torch.Tensor:
-    cache = llm.new_cache(len(ids))
-    with torch.no_grad():
-        out = prefill(llm.model, torch.tensor(ids, device=llm.device), cache, chunk, all_logits=True)
-    cache.close()
-    return out.cpu()
+from tests.helpers import hf_logits, our_logits, save_random_checkpoint
 
 
 def test_smollm2_logits_match_transformers(smol, smol_folder, text_ids, device):
     ids = text_ids[:300]
     llm = smol if device == "cpu" else tierkv.load(str(smol_folder), device=device, dtype="fp32")
-    diff = (_our_logits(llm, ids) - _hf_logits(smol_folder, ids, device)).abs().max().item()
+    diff = (our_logits(llm, ids) - hf_logits(smol_folder, ids, device)).abs().max().item()
     print(f"SmolLM2 fp32 on {device}: max abs logit diff vs transformers {diff:.2e}")
     assert diff < 1e-3
 
@@ -41,7 +23,7 @@ def test_random_checkpoints_match_transformers(kind, tmp_path, smol_folder, text
     assert (folder / "model.safetensors.index.json").is_file()
     llm = tierkv.load(str(folder), device=device, dtype="fp32")
     ids = text_ids[:200]  # beyond llama31's original 64-position window, so the llama3 scaling matters
-    ours, ref = _our_logits(llm, ids), _hf_logits(folder, ids, device)
+    ours, ref = our_logits(llm, ids), hf_logits(folder, ids, device)
     diff = (ours - ref).abs().max().item()
     print(f"{kind} on {device}: max abs logit diff {diff:.2e} (logit scale {ref.abs().max().item():.2f})")
     assert diff < 1e-3
@@ -50,9 +32,9 @@ def test_random_checkpoints_match_transformers(kind, tmp_path, smol_folder, text
 
 def test_chunked_prefill_matches_one_shot(smol, text_ids):
     ids = text_ids[:300]
-    one = _our_logits(smol, ids, chunk=4096)
+    one = our_logits(smol, ids, chunk=4096)
     for chunk in (64, 97):
-        diff = (_our_logits(smol, ids, chunk=chunk) - one).abs().max().item()
+        diff = (our_logits(smol, ids, chunk=chunk) - one).abs().max().item()
         print(f"chunk {chunk}: max abs diff {diff:.2e}")
         assert diff < 1e-4
 
@@ -62,5 +44,5 @@ def test_greedy_with_cache_equals_recompute(smol, text_ids):
     with_cache = list(smol.stream_ids(prompt, max_new_tokens=32))
     ids = list(prompt)
     for _ in range(32):
-        ids.append(int(_our_logits(smol, ids)[-1].argmax()))
+        ids.append(int(our_logits(smol, ids)[-1].argmax()))
     assert with_cache == ids[len(prompt):]

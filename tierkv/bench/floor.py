@@ -163,7 +163,7 @@ def _copy_rate(device: torch.device, kind: str) -> float:
 
 def _disk_rate(disk_dir: str | None) -> float:
     """One 64 MiB sequential read with the page cache dropped (posix_fadvise), in disk_dir or the cache dir."""
-    from tierkv.bench.iodisk import _drop_cache, _pread, _write_file
+    from tierkv.bench.iodisk import drop_page_cache, pread_all, write_file
     from tierkv.paths import cache_dir
 
     folder = disk_dir or str(cache_dir("bench"))
@@ -172,13 +172,13 @@ def _disk_rate(disk_dir: str | None) -> float:
     os.close(fd_)
     try:
         n = 64 * 1024**2
-        _write_file(path, n)
+        write_file(path, n)
         buf = np.empty(n, dtype=np.uint8)
         fd = os.open(path, os.O_RDONLY)
         try:
-            _drop_cache(fd)
+            drop_page_cache(fd)
             t0 = now()
-            _pread(fd, buf)
+            pread_all(fd, buf)
             return n / (now() - t0)
         finally:
             os.close(fd)

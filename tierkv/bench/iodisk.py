@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tierkv.bench.timing import entry, time_wall
 from tierkv.errors import ConfigError
 
 WRITE_PIECE = 16 * 1024**2
@@ -18,7 +19,6 @@ WRITE_PIECE = 16 * 1024**2
 
 def disk_entries(device: torch.device, sizes: list[int], repeats: int, disk_dir: str | None) -> tuple[list[dict], list[dict]]:
     """Sequential reads of each size from a fresh file in disk_dir: (results, skipped). Removes the file."""
-    from tierkv.bench.io import entry, time_wall
     from tierkv.paths import cache_dir
 
     folder = Path(disk_dir) if disk_dir else cache_dir("bench")
@@ -30,21 +30,21 @@ def disk_entries(device: torch.device, sizes: list[int], repeats: int, disk_dir:
     fd_, path = tempfile.mkstemp(prefix="tierkv-bench-io-", suffix=".bin", dir=folder)
     os.close(fd_)
     try:
-        _write_file(path, top)
+        write_file(path, top)
         fd = os.open(path, os.O_RDONLY)
         info = {"dir": str(folder), "filesystem": filesystem_of(str(folder))}
         info["page_cache"] = _cache_mode(info["filesystem"])
-        drop = lambda: _drop_cache(fd)  # noqa: E731
+        drop = lambda: drop_page_cache(fd)  # noqa: E731
         host = torch.empty(top, dtype=torch.uint8, pin_memory=cuda)
         host.fill_(0)
         hview = host.numpy()
         dev = torch.empty(top, dtype=torch.uint8, device=device) if cuda else None
         res, skipped = [], []
         for n in sizes:
-            res.append(entry("disk_to_host", n, time_wall(lambda n=n: _pread(fd, hview[:n]), device, repeats, drop),
+            res.append(entry("disk_to_host", n, time_wall(lambda n=n: pread_all(fd, hview[:n]), device, repeats, drop),
                              backend="posix", threads=1, **info))
             if cuda:
-                res.append(entry("disk_to_device", n, time_wall(lambda n=n: _pread_to_device(fd, host, dev, n), device,
+                res.append(entry("disk_to_device", n, time_wall(lambda n=n: pread_to_device(fd, host, dev, n), device,
                                                                  repeats, drop),
                                  backend="posix", path="pread into pinned memory, then one copy", threads=1, **info))
         if not cuda:
@@ -57,7 +57,6 @@ def disk_entries(device: torch.device, sizes: list[int], repeats: int, disk_dir:
 
 
 def _kvikio_entries(path, folder, device, sizes, repeats, hview, dev, drop, info) -> tuple[list[dict], list[dict]]:
-    from tierkv.bench.io import entry, time_wall
     from tierkv.io.disk import choose_backend
 
     threads = 4
@@ -88,7 +87,7 @@ def _kvikio_entries(path, folder, device, sizes, repeats, hview, dev, drop, info
     return res, skipped
 
 
-def _write_file(path: str, nbytes: int) -> None:
+def write_file(path: str, nbytes: int) -> None:
     """Fill the file with pseudo-random bytes and fsync it, so its pages are clean and can be dropped."""
     rng = np.random.default_rng(0)
     piece = rng.integers(0, 256, min(nbytes, WRITE_PIECE), dtype=np.uint8)
@@ -101,7 +100,7 @@ def _write_file(path: str, nbytes: int) -> None:
         os.fsync(f.fileno())
 
 
-def _drop_cache(fd: int) -> None:
+def drop_page_cache(fd: int) -> None:
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -114,7 +113,7 @@ def _cache_mode(fs: str) -> str:
     return "cold (posix_fadvise DONTNEED before each read)"
 
 
-def _pread(fd: int, buf: np.ndarray) -> None:
+def pread_all(fd: int, buf: np.ndarray) -> None:
     view, done = memoryview(buf).cast("B"), 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], done)
@@ -123,8 +122,8 @@ def _pread(fd: int, buf: np.ndarray) -> None:
         done += got
 
 
-def _pread_to_device(fd: int, host: torch.Tensor, dev: torch.Tensor, n: int) -> None:
-    _pread(fd, host[:n].numpy())
+def pread_to_device(fd: int, host: torch.Tensor, dev: torch.Tensor, n: int) -> None:
+    pread_all(fd, host[:n].numpy())
     dev[:n].copy_(host[:n], non_blocking=True)
 
 

@@ -252,10 +252,10 @@ def _merge_topk_kernel(cand_ptr, top_ptr, score_ptr, n_cand, k, LOG_N: tl.conste
     _store_picks(_topk_desc(key, LOG_N, LOG_K, False), top_ptr + h * k, score_ptr + h * k, k, K)
 
 
-_FUSED_MAX_K = 256  # larger k (never a chunk budget here) takes `_group_best_triton` + torch top-k
+_FUSED_MAX_K = 256  # larger k (never a chunk budget here) takes `group_best_triton` + torch top-k
 
 
-def _group_best_triton(red: torch.Tensor, select_end: torch.Tensor, first: int, reduce: str,
+def group_best_triton(red: torch.Tensor, select_end: torch.Tensor, first: int, reduce: str,
                        parts: torch.Tensor) -> torch.Tensor:
     """(Hkv, C) fp32 scores of `_group_best`, in one launch (the tail before top-k); red, parts contiguous."""
     hkv, g, c = red.shape
@@ -300,7 +300,7 @@ def select_top_chunks_triton(red: torch.Tensor, select_end: torch.Tensor | int, 
     if k_pad > _FUSED_MAX_K:
         from tierkv.kernels.chunk_topk import topk_lower_id_first
 
-        return topk_lower_id_first(_group_best_triton(red, select_end, first, reduce, parts), k)
+        return topk_lower_id_first(group_best_triton(red, select_end, first, reduce, parts), k)
     block_c, warps, merge_warps = _topk_plan(c, k_pad)
     blocks = triton.cdiv(c, block_c)
     top = torch.empty((hkv, k), device=red.device, dtype=torch.int64)

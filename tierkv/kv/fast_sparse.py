@@ -388,16 +388,21 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
                                total - sealed * c])
         return total, sealed, window_start, picks, fixed_ids, fixed_len
 
+    def rank_chunks(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer's best candidate chunks for query q (1, Hq, D) under this step's plan (made by layer 0's sparse
+        attention of the step): (chunk ids, scores), each (Hkv, K). Does not mutate; graph-safe."""
+        total, _, window_start, *_ = self._step
+        ix = self.index[layer]
+        return chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, self.chunk,
+                          1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce, row_scale=ix.row_scale)
+
     def _attend_sparse(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q (1, Hq, D) -> (1, Hq, D). Graph-safe: fixed shapes, no host sync."""
         c = self.chunk
         if layer == 0:  # the plan and the fixed entries are the same in every layer: once per step
             self._step = self._step_plan()
         total, sealed, window_start, picks, fixed_ids, fixed_len = self._step
-        ix = self.index[layer]
-        top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, c,
-                                1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce,
-                                row_scale=ix.row_scale)  # (Hkv, K)
+        top, score = self.rank_chunks(layer, q)  # (Hkv, K)
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
                                               fixed_ids, fixed_len, c, self.n_chunks, self.read_counts,
                                               (self.res.start, self.n_chunks))

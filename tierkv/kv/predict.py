@@ -11,11 +11,9 @@ are filled on the main stream as without prediction.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from tierkv.kernels import chunk_topk, sparse_entries
+from tierkv.kernels import sparse_entries
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 
 
@@ -57,10 +55,8 @@ class PickPrefetch:
         """Pick layer's chunks for the predicted query q (1, Hq, D) and copy the ones not cached nor resident into
         its chunk cache. Mutates the cache's chunk cache; graph-safe."""
         c = self.cache
-        total, _, window_start, picks, fixed_ids, fixed_len = c._step
-        ix = c.index[layer]
-        top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, c.max_picks, c.chunk,
-                                1.0 / math.sqrt(c.d), c.sink_chunks, c.sp.reduce, row_scale=ix.row_scale)
+        _, _, _, picks, fixed_ids, fixed_len = c._step
+        top, score = c.rank_chunks(layer, q)
         _, lengths, cids = sparse_entries(top, score, picks, c.covered_chunks, c.outlier[layer], fixed_ids,
                                           fixed_len, c.chunk, c.n_chunks)
         f = fixed_ids.shape[0]
