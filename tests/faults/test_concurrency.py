@@ -4,7 +4,6 @@ Saves are last-writer-wins: each save fills its own temp directory and swaps it 
 so the directory always holds one complete save. The writers are real processes looping real saves at once.
 """
 
-import json
 import os
 import subprocess
 import sys

@@ -18,7 +18,7 @@ from tierkv.errors import BudgetError
 from tierkv.kv.cache import DenseKVCache, copy_state
 from tierkv.kv.window_ring import ROLLBACK_ROOM, WindowRings, rings_nbytes
 from tierkv.kv.window_split import WindowSplitKVCache
-from tests.conftest import save_random_checkpoint
+from tests.helpers import save_random_checkpoint
 
 HKV, D = 2, 8
 
