@@ -1,7 +1,12 @@
 """Plots of the fidelity benches: agreement and NLL change vs budget (bench/long_fidelity.py), and the passkey
-grid (bench/passkey.py). matplotlib is the optional `plot` extra (tierkv/bench/plot.pyplot)."""
+grid (bench/passkey_sweep.py). matplotlib is the optional `plot` extra (tierkv/bench/plot.pyplot).
+Redraw from a saved result: python -m tierkv.bench.fidelity_plot RESULT.json OUT.png
+"""
 
 from __future__ import annotations
+
+import json
+import sys
 
 from tierkv.bench.common import format_context
 from tierkv.bench.plot import pyplot
@@ -33,7 +38,7 @@ def plot_fidelity(doc: dict, path: str) -> None:
         ax.set_xscale("log", base=2)
         if ticks:
             ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)], rotation=45, fontsize=7)
-        ax.set_xlabel("tokens attended per step (sinks + window + picks, at the context length)")
+        ax.set_xlabel("tokens attended per step (at the context's length)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_n.axhline(0, color="black", linewidth=0.6)
@@ -82,3 +87,16 @@ def plot_passkey(doc: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    """RESULT.json OUT.png: the plot of a long_fidelity or passkey result."""
+    if len(argv) != 2:
+        sys.exit("usage: python -m tierkv.bench.fidelity_plot RESULT.json OUT.png")
+    with open(argv[0]) as f:
+        doc = json.load(f)
+    (plot_passkey if doc.get("bench") == "passkey" else plot_fidelity)(doc, argv[1])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
