@@ -36,6 +36,7 @@ import tierkv  # noqa: E402
 from sparse_accuracy import load_text  # noqa: E402
 from tierkv.bench.common import emit, parse_contexts, run_record  # noqa: E402
 from tierkv.bench.fidelity import METHODS, context_rows, parse_budget  # noqa: E402
+from tierkv.errors import TierKVError  # noqa: E402
 
 
 def resolve_model(name: str) -> str:
@@ -97,4 +98,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TierKVError as exc:  # a bad argument or a refused setting: one line, no traceback
+        sys.exit(f"error: {exc}")

@@ -28,6 +28,7 @@ from long_fidelity import resolve_model  # noqa: E402
 from tierkv.bench.common import emit, parse_contexts, run_record  # noqa: E402
 from tierkv.bench.fidelity import METHODS  # noqa: E402
 from tierkv.bench.passkey import sweep_rows  # noqa: E402
+from tierkv.errors import TierKVError  # noqa: E402
 
 
 def main() -> None:
@@ -72,4 +73,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TierKVError as exc:  # a bad argument or a refused setting: one line, no traceback
+        sys.exit(f"error: {exc}")
