@@ -45,7 +45,7 @@ class OracleKVCache(DenseKVCache):
         hq, d = q.shape[1], q.shape[2]
         hkv = k.shape[1]
         # q arrives scaled so that D**-0.5 is the score scale (the model folds its own scale into q, as for SDPA)
-        s = torch.einsum("hgd,nhd->hgn", q[0].float().view(hkv, hq // hkv, d), k) * d ** -0.5  # (Hkv, G, n)
+        s = torch.einsum("hgd,nhd->hgn", q[0].float().reshape(hkv, hq // hkv, d), k) * d ** -0.5  # (Hkv, G, n)
         keep = oracle_keep(torch.softmax(s, dim=-1).sum(1), plan)  # (Hkv, n)
         p = torch.softmax(s.masked_fill(~keep[:, None, :], float("-inf")), dim=-1)
         return torch.einsum("hgn,nhd->hgd", p, v).reshape(1, hq, d).to(q.dtype)
