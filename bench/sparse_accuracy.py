@@ -19,6 +19,7 @@ import torch
 
 import tierkv
 from tierkv.bench.common import run_record
+from tierkv.bench.fidelity import compare
 from tierkv.engine import eager_step, prefill
 from tierkv.kv.cache import DenseKVCache, KVCache
 from tierkv.kv.sparse import SparseKVCache, SparseOptions
@@ -48,13 +49,6 @@ def decode_rows(model, cache: KVCache, ids: torch.Tensor, first: torch.Tensor) -
     step = eager_step(model, cache)
     rows = [first] + [step(ids[p:p + 1], p)[-1] for p in range(cache.seq_len, ids.shape[0] - 1)]
     return torch.log_softmax(torch.stack(rows).float(), dim=-1).cpu()
-
-
-def compare(lp: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Top-1 agreement and mean NLL of lp against ref (rows aligned with targets)."""
-    nll, nll_ref = -lp.gather(1, targets[:, None]).mean(), -ref.gather(1, targets[:, None]).mean()
-    return {"agreement": (lp.argmax(-1) == ref.argmax(-1)).float().mean().item(), "nll": nll.item(),
-            "nll_full": nll_ref.item(), "nll_delta": (nll / nll_ref - 1).item()}
 
 
 def sweep(name: str) -> list[dict]:

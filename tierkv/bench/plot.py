@@ -1,4 +1,5 @@
-"""--plot FILE.png: decode ms/token versus context, one line per system, log scale (matplotlib, optional extra)."""
+"""--plot FILE.png: decode ms/token versus context, one line per system, log scale (matplotlib, optional extra);
+`pyplot()` loads matplotlib for the other bench plots."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from tierkv.bench.common import format_context
 from tierkv.errors import ConfigError
 
 
-def plot_decode(doc: dict, path: str) -> None:
-    """Write the plot of a decode document's measured rows to path. Raises ConfigError without matplotlib."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend. Raises ConfigError without matplotlib."""
     try:
         import matplotlib
 
@@ -15,6 +16,12 @@ def plot_decode(doc: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("--plot needs matplotlib; pip install 'tierkv[plot]' (or matplotlib) or drop --plot") from None
+    return plt
+
+
+def plot_decode(doc: dict, path: str) -> None:
+    """Write the plot of a decode document's measured rows to path. Raises ConfigError without matplotlib."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     systems = list(dict.fromkeys(r["system"] for r in doc["rows"]))
     any_over = False
