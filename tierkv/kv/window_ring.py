@@ -100,6 +100,7 @@ class WindowRings:
         """Commit n tokens appended to every ring (the device `pos` is advanced by its owner)."""
         self.seq_len += n
         self.pending = [0] * len(self.pending)
+        self._held = {}  # a slice appended but never attended (a replayed prefill) must not feed the next step
         self.first = [max(f, self.seq_len - self.capacity) for f in self.first]
 
     # ---- rollback and sessions ----------------------------------------------------------------------------------
