@@ -163,7 +163,13 @@ class LLM:
             out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
             return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
         require_text(prompt, "the prompt")
-        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        # the tokenizer's own special tokens (a BOS where the model expects one: Gemma, Llama), once: a prompt that
+        # already starts with the BOS text does not get a second
+        ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and ids[:2] == [bos, bos]:
+            ids = ids[1:]
+        return ids
 
     def check_length(self, n_prompt: int) -> None:
         limit = self.context_size

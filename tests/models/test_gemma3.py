@@ -103,3 +103,10 @@ def test_graph_decode_past_the_window_matches_eager_on_cuda(gguf_path, gemma, dt
         return list(generate_ids(step_factory(llm.model, cache), logits, len(ids), 64, set(), GenStats()))
 
     assert greedy(GraphStep) == greedy(eager_step)
+
+
+def test_a_plain_prompt_gets_one_bos(gemma):
+    bos = gemma.tokenizer.bos_token_id
+    plain = gemma.encode(prompt="The capital of France is")
+    assert plain[0] == bos and plain[1] != bos
+    assert gemma.encode(prompt="<bos>The capital of France is") == plain  # a BOS already typed is not doubled
