@@ -21,7 +21,7 @@ import tierkv
 from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
-from tierkv.kv.fast_sparse import FastSparseKVCache
+from tierkv.kv.caches.sparse import FastSparseKVCache
 
 
 def run(llm, ids, steps, tier) -> dict:

@@ -25,8 +25,8 @@ from tierkv.bench.stages import stage_times
 from tierkv.config import TierConfig, format_size, parse_size
 from tierkv.graph import GraphStep
 from tierkv.kernels.rope import rope_torch
-from tierkv.kv.fast_sparse import FastSparseKVCache
-from tierkv.kv.sparse import SparseOptions
+from tierkv.kv.caches.sparse import FastSparseKVCache
+from tierkv.kv.caches.eager_sparse import SparseOptions
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
 

@@ -33,7 +33,7 @@ from tierkv.bench.common import emit, run_record  # noqa: E402
 from tierkv.config import TierConfig  # noqa: E402
 from tierkv.engine import eager_step, prefill  # noqa: E402
 from tierkv.errors import TierKVError  # noqa: E402
-from tierkv.kv.cache import DenseKVCache  # noqa: E402
+from tierkv.kv.caches.dense import DenseKVCache  # noqa: E402
 
 
 class OracleKVCache(DenseKVCache):

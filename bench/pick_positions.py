@@ -1,6 +1,6 @@
 """Where in the context a sparse decode step's picks fall, on the real default model (SmolLM2, real text:
 pydoc topics, greedy): the share of attended picks in each quarter of the chunks. It is why the GPU-resident
-copies (tierkv/kv/resident.py) hold the last chunks rather than the first.
+copies (tierkv/kv/storage/resident.py) hold the last chunks rather than the first.
 
     python bench/pick_positions.py --context 6144 --steps 32 --out bench/results/x.json
 Ends with one JSON line (machine, date, command).
@@ -14,7 +14,7 @@ import platform
 import torch
 
 import tierkv
-import tierkv.kv.fast_sparse as fast_sparse
+import tierkv.kv.caches.sparse as fast_sparse
 from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill

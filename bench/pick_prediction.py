@@ -17,7 +17,7 @@ import math
 
 import torch
 
-import tierkv.kv.fast_sparse as fast_sparse
+import tierkv.kv.caches.sparse as fast_sparse
 from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import prefill

@@ -22,7 +22,7 @@ from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.graph import GraphStep
-from tierkv.kv.fast_sparse import FastSparseKVCache
+from tierkv.kv.caches.sparse import FastSparseKVCache
 
 
 def main() -> None:

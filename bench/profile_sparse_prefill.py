@@ -23,7 +23,7 @@ from collections import defaultdict
 import torch
 
 import tierkv
-from tierkv.kv.fast_sparse import FastSparseKVCache
+from tierkv.kv.caches.sparse import FastSparseKVCache
 from tierkv.models.llama import LlamaModel
 
 STAGES = {  # (class, method) -> stage name; nested stages are subtracted from their parents below

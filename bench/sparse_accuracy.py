@@ -20,8 +20,8 @@ import torch
 import tierkv
 from tierkv.bench.common import run_record
 from tierkv.engine import eager_step, prefill
-from tierkv.kv.cache import DenseKVCache, KVCache
-from tierkv.kv.sparse import SparseKVCache, SparseOptions
+from tierkv.kv.caches.dense import DenseKVCache, KVCache
+from tierkv.kv.caches.eager_sparse import SparseKVCache, SparseOptions
 
 
 class Recorder(DenseKVCache):

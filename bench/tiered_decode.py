@@ -21,10 +21,10 @@ import torch
 
 from tierkv.config import TierConfig, parse_size
 from tierkv.engine import eager_step
-from tierkv.kv.cache import KVCache
-from tierkv.kv.static import StaticKVCache
-from tierkv.kv.sparse import SparseKVCache
-from tierkv.kv.tiered import TieredKVCache, TieredOptions
+from tierkv.kv.caches.dense import KVCache
+from tierkv.kv.caches.static import StaticKVCache
+from tierkv.kv.caches.eager_sparse import SparseKVCache
+from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
 

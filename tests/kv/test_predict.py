@@ -1,13 +1,13 @@
-"""Prefetch of the next layer's predicted picks (kv/predict.py): it changes no token, its accuracy is measured
+"""Prefetch of the next layer's predicted picks (kv/sparse/predict.py): it changes no token, its accuracy is measured
 (SmolLM2 on real text predicts most picks from the residual one layer early), and what it copies is counted as
 link bytes."""
 
 import pytest
 import torch
 
-from tierkv.kv.fast_sparse import FastSparseKVCache
+from tierkv.kv.caches.sparse import FastSparseKVCache
 
-from tests.kv.test_fast_sparse import OPTS, TIER, fast_cache, filled_decode, greedy, random_8b
+from tests.kv.test_sparse_cache import OPTS, TIER, fast_cache, filled_decode, greedy, random_8b
 
 
 def prefetching(model, tier, capacity, kv_gpu_budget=None):

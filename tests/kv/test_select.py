@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from tierkv.kv.select import merge_picks, plan_selection
-from tierkv.kv.summary import ChunkLandmarks, LowRankIndex, make_scorer
+from tierkv.kv.sparse.select import merge_picks, plan_selection
+from tierkv.kv.sparse.index import ChunkLandmarks, LowRankIndex, make_scorer
 
 HKV, G, D, C = 2, 3, 8, 4
 
@@ -150,7 +150,7 @@ def same_rows(x: LowRankIndex, y: LowRankIndex, rows, at: int = 0) -> None:
 
 def test_low_rank_index_state_round_trips_and_checks_int8():
     from tierkv.errors import ConfigError
-    from tierkv.kv.sparse_state import check_meta, meta, pack_scorer, unpack_scorer
+    from tierkv.kv.sparse.state import check_meta, meta, pack_scorer, unpack_scorer
 
     g = torch.Generator().manual_seed(5)
     keys = torch.randn(30, HKV, D, generator=g)

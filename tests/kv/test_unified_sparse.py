@@ -1,12 +1,12 @@
 """The one sparse cache on every path (kv/factory.py): score() through it gives the eager oracle's log-probs
-(kv/sparse.py), and the LLM keeps one cache per capacity class that a second generate call reuses unchanged (on
-CUDA: with the same captured graph)."""
+(kv/caches/eager_sparse.py), and the LLM keeps one cache per capacity class that a second generate call reuses
+unchanged (on CUDA: with the same captured graph)."""
 
 import pytest
 import torch
 
 from tierkv.engine import eager_step, prefill
-from tierkv.kv.sparse import SparseKVCache
+from tierkv.kv.caches.eager_sparse import SparseKVCache
 from tierkv.llm import LLM
 
 # 2,048 tokens of context, not the 6K of tests/test_sparse_accuracy.py (which already runs score() through this

@@ -19,7 +19,7 @@ import torch
 from tierkv.bench.clock import StepClock
 from tierkv.config import TierConfig, format_size
 from tierkv.errors import TierKVError
-from tierkv.kv.layout import ChunkLayout
+from tierkv.kv.storage.layout import ChunkLayout
 from tierkv.models.config import ModelConfig
 
 # tierkv-sparse decodes as users get it (on CUDA the graph-captured fast sparse cache); tierkv-sparse-eager is the
@@ -110,9 +110,9 @@ def free_memory(device: torch.device) -> None:
 def sparse_unavailable() -> str | None:
     """Why tierkv's sparse cache cannot run here, or None when it imports."""
     try:
-        importlib.import_module("tierkv.kv.sparse")
+        importlib.import_module("tierkv.kv.caches.eager_sparse")
     except Exception as e:  # ImportError, or an error inside the module while it is being written
-        return f"tierkv.kv.sparse does not import ({type(e).__name__}: {str(e)[:120]})"
+        return f"tierkv.kv.caches.eager_sparse does not import ({type(e).__name__}: {str(e)[:120]})"
     return None
 
 

@@ -1,6 +1,6 @@
 """KV cache: the interface the model talks to, the all-on-device cache, and the tiered store."""
 
-from tierkv.kv.cache import DenseKVCache, KVCache, causal_attention
-from tierkv.kv.tiered import TieredKVCache, TieredOptions
+from tierkv.kv.caches.dense import DenseKVCache, KVCache, causal_attention
+from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 __all__ = ["KVCache", "DenseKVCache", "causal_attention", "TieredKVCache", "TieredOptions"]

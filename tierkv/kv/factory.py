@@ -4,9 +4,9 @@
 builds what it chose and records the choice on the cache, so `stats()["path"]` names the path that ran.
 
 The rule (README, "Cache paths"):
-- attention="sparse": the sparse cache (kv/fast_sparse.py) for every use: its decode step is captured in a
+- attention="sparse": the sparse cache (kv/caches/sparse.py) for every use: its decode step is captured in a
   CUDA graph on CUDA with graphs on, and the same code runs eagerly elsewhere. The eager tiered sparse cache
-  (kv/sparse.py) is a test oracle only; this rule never returns it.
+  (kv/caches/eager_sparse.py) is a test oracle only; this rule never returns it.
 - full attention with a budget or a disk_dir: the tiered cache (exact attention; moves chunks with host
   decisions, so its decode runs eagerly).
 - full attention, no budgets: everything on the compute device; the static cache (graph-capturable, fixed
@@ -21,7 +21,7 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.errors import ConfigError
-from tierkv.kv.cache import KVCache
+from tierkv.kv.caches.dense import KVCache
 from tierkv.models.config import ModelConfig, refuse_windowed_tiers
 
 USES = ("generate", "chat", "score")
@@ -78,7 +78,7 @@ def capacity_class(need: int, limit: int) -> int:
     """The capacity a fixed-capacity cache (static, sparse) is built with for `need` positions: the next power of
     quarter-octave (1024, 1280, 1536, 1792, 2048, 2560, ...), at most `limit` (the model's context + 1). Caches and captured graphs are kept per class, so
     calls and turns whose lengths fall in one class reuse them; a chat that outgrows its class moves to the next
-    (its state copied by tierkv/kv/cache.copy_state) and captures once more."""
+    (its state copied by kv/caches/dense.copy_state) and captures once more."""
     step = 1 << max(0, max(need, 1024) - 1).bit_length() - 3  # four classes per octave: at most 25% unused
     return min(-(-max(need, 1024) // step) * step, max(limit, need))
 
@@ -93,20 +93,20 @@ def build_cache(req: CacheRequest, rope) -> tuple[KVCache, CacheChoice]:
     if choice.kind in ("sparse", "tiered"):
         refuse_windowed_tiers(c)
     if choice.kind == "sparse":
-        from tierkv.kv.fast_sparse import FastSparseKVCache
+        from tierkv.kv.caches.sparse import FastSparseKVCache
 
         cache: KVCache = FastSparseKVCache(*shape, **where, config=tier, capacity=capacity, rope=rope,
                                            chunk_cache=tier.gpu_chunk_cache, prefetch=tier.prefetch_picks)
     elif choice.kind == "tiered":
-        from tierkv.kv.tiered import TieredKVCache
+        from tierkv.kv.caches.tiered import TieredKVCache
 
         cache = TieredKVCache(*shape, **where, config=tier)
     elif choice.kind == "static":
-        from tierkv.kv.static import StaticKVCache
+        from tierkv.kv.caches.static import StaticKVCache
 
         cache = StaticKVCache(*shape, **where, capacity=capacity, windows=c.layer_windows)
     else:
-        from tierkv.kv.cache import DenseKVCache
+        from tierkv.kv.caches.dense import DenseKVCache
 
         cache = DenseKVCache(*shape, **where, capacity=req.capacity, windows=c.layer_windows)
     cache.record_path(choice.as_dict())

@@ -1,22 +1,22 @@
 """The sparse graph cache's session state and rollback: K/V export and import across tiers (the disk tier
 included), the shadows, index and unfolded pre-RoPE keys as named tensors, and `truncate`. A mixin of
-FastSparseKVCache (kv/fast_sparse.py): it uses the cache's pool, shadows, index and ring.
+FastSparseKVCache (kv/caches/sparse.py): it uses the cache's pool, shadows, index and ring.
 
-The rule for a cut (as kv/sparse.py's oracle): the fit is kept when the cut leaves every token it was fitted on and
-every folded token; otherwise the cache is unfitted and refits at its next sparse step, with the pre-RoPE keys of
-folded tokens recovered from the stored post-RoPE keys (kv/sparse_state.unrope) and the unfolded ones, exact,
-from the ring. The refit writes the new bases in place, so a captured graph stays valid (`buffers_epoch` moves
-only when a buffer is reallocated: the host pool on a spill, the resident copies).
+The rule for a cut (as the oracle's, kv/caches/eager_sparse.py): the fit is kept when the cut leaves every token it
+was fitted on and every folded token; otherwise the cache is unfitted and refits at its next sparse step, with the
+pre-RoPE keys of folded tokens recovered from the stored post-RoPE keys (kv/sparse/state.unrope) and the unfolded
+ones, exact, from the ring. The refit writes the new bases in place, so a captured graph stays valid
+(`buffers_epoch` moves only when a buffer is reallocated: the host pool on a spill, the resident copies).
 """
 
 from __future__ import annotations
 
 import torch
 
-from tierkv.kv.sparse_state import SCORERS, check_meta, checked, unrope
+from tierkv.kv.sparse.state import SCORERS, check_meta, checked, unrope
 
 # 3: the graph-capturable cache's own layout (shadow and index of every layer fitted together, one fit point);
-# the oracle's sessions (format 2, kv/sparse.py) are refused with check_meta's message
+# the oracle's sessions (format 2, kv/caches/eager_sparse.py) are refused with check_meta's message
 STATE_VERSION = 3
 
 

@@ -1,9 +1,9 @@
 """SparseKVCache: the tiered cache whose decode steps attend only to sinks, the local window and picked chunks.
 
-Prefill attends exactly. At the first sparse step of a layer its key shadow (kv/shadow.py) and score index
-(kv/summary.py) are fitted; each step then picks chunks per KV head (kv/select.py), fetches their values
+Prefill attends exactly. At the first sparse step of a layer its key shadow (kv/sparse/shadow.py) and score index
+(kv/sparse/index.py) are fitted; each step then picks chunks per KV head (kv/sparse/select.py), fetches their values
 through the tier manager and prefetcher, rebuilds their keys from the shadow and attends. Sessions save the
-shadows, indexes and unfolded pre-RoPE keys beside K/V (kv/sparse_state.py); a truncation that cuts into a
+shadows, indexes and unfolded pre-RoPE keys beside K/V (kv/sparse/state.py); a truncation that cuts into a
 layer's fit starts that layer over, refitted at its next sparse step.
 """
 
@@ -16,15 +16,15 @@ from typing import Protocol
 import torch
 
 from tierkv.config import TierConfig
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.manager import EvictionPolicy
-from tierkv.kv.select import SelectionPlan, merge_picks, plan_selection
-from tierkv.kv.shadow import KeyShadow
-from tierkv.kv.sparse_state import check_meta, checked, meta, pack_scorer, pack_shadow, take_tokens, trim_scorer, \
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.placement.manager import EvictionPolicy
+from tierkv.kv.sparse.select import SelectionPlan, merge_picks, plan_selection
+from tierkv.kv.sparse.shadow import KeyShadow
+from tierkv.kv.sparse.state import check_meta, checked, meta, pack_scorer, pack_shadow, take_tokens, trim_scorer, \
     unpack_scorer, unpack_shadow, unrope
-from tierkv.kv.summary import make_scorer
-from tierkv.kv.online_softmax import OnlineSoftmax
-from tierkv.kv.tiered import TieredKVCache, TieredOptions
+from tierkv.kv.sparse.index import make_scorer
+from tierkv.kernels.online_softmax import OnlineSoftmax
+from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 
 class RopeTables(Protocol):
@@ -64,7 +64,7 @@ class SparseKVCache(TieredKVCache):
 
     RoPE for rebuilt keys: pass `rope` (an object with cos/sin (S, D) tables and ensure(n)); without it the
     cache derives cos/sin per position from the (k, k_pre) pairs it is given (mode 'derived' in stats).
-    The runtime never builds it (kv/factory.py picks kv/fast_sparse.py for attention="sparse"): it is the
+    The runtime never builds it (kv/factory.py picks kv/caches/sparse.py for attention="sparse"): it is the
     eager reference that tests compare the sparse cache with.
     """
 

@@ -8,10 +8,10 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.kernels.rope import rope_torch
-from tierkv.kv.cache import DenseKVCache
-from tierkv.kv.select import merge_picks
-from tierkv.kv.sparse import SparseKVCache, SparseOptions
-from tierkv.kv.tiered import TieredKVCache, TieredOptions
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.sparse.select import merge_picks
+from tierkv.kv.caches.eager_sparse import SparseKVCache, SparseOptions
+from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 L, HQ, HKV, D, C = 2, 4, 2, 8, 4
 CB = 2 * C * HKV * D * 4

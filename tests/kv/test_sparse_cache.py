@@ -6,8 +6,8 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.engine import eager_step, generate_ids, prefill, GenStats
-from tierkv.kv.fast_sparse import FastSparseKVCache
-from tierkv.kv.sparse import SparseKVCache, SparseOptions
+from tierkv.kv.caches.sparse import FastSparseKVCache
+from tierkv.kv.caches.eager_sparse import SparseKVCache, SparseOptions
 
 # small sinks/window and an absolute budget so that decode picks a few of ~45 candidate chunks per head, and a
 # small fold interval so that new keys are folded into the shadows during the run
@@ -70,7 +70,7 @@ def test_fast_sparse_is_exact_while_the_budget_covers_the_context(smol, text_ids
     fast = fast_cache(model, tier, 400)
     try:
         c = model.cfg
-        from tierkv.kv.cache import DenseKVCache
+        from tierkv.kv.caches.dense import DenseKVCache
 
         dense = DenseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32)
         assert greedy(model, fast, ids, 24) == greedy(model, dense, ids, 24)
@@ -211,8 +211,8 @@ def test_chunk_cache_and_repeat_tracking_change_no_token_and_the_cache_serves_ev
 def test_long_prefill_slices_stream_the_context_in_spans_with_the_same_attention(smol, monkeypatch):
     """Past EXACT_SPAN keys a prefill slice attends span by span (merged by log-sum-exp) instead of copying and
     widening the whole context at once; the output equals the one-shot attention."""
-    import tierkv.kv.fast_sparse as fs
-    from tierkv.kv.cache import causal_attention
+    import tierkv.kv.caches.sparse as fs
+    from tierkv.kv.caches.dense import causal_attention
 
     model, gen = smol.model, torch.Generator().manual_seed(3)
     c = model.cfg

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from tierkv.config import format_size
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.storage.disk import DiskStore
 
 MISS = -1
 READ_AHEAD = 1  # neighbours on each side of a picked cold chunk that are read ahead

@@ -1,4 +1,4 @@
-"""The sparse graph cache's steps with a disk tier (kv/cold.py holds the chunks and slots): moving the oldest
+"""The sparse graph cache's steps with a disk tier (kv/placement/disk.py holds the chunks and slots): moving the oldest
 chunks to disk after prefill, mapping picks to host rows, and the host work around a graph replay (install reads
 ahead, book the step's picks, undo and redo a replay that missed a chunk on disk). A mixin of FastSparseKVCache:
 it uses the cache's pool, plan and counters.
@@ -11,9 +11,9 @@ import torch
 
 from tierkv.config import format_size
 from tierkv.errors import BudgetError
-from tierkv.kv.cold import COLD_THREADS, MISS, ColdChunks, write_cold
-from tierkv.kv.resident import ResidentChunks
-from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.placement.disk import COLD_THREADS, MISS, ColdChunks, write_cold
+from tierkv.kv.storage.resident import ResidentChunks
+from tierkv.kv.storage.disk import DiskStore
 
 # a replay that missed at most this many picks on disk is replayed again once they are read; more (picks spread
 # evenly, as random weights make them) and the step runs eagerly: later layers would miss again

@@ -12,8 +12,8 @@ import torch
 
 from tierkv.errors import ConfigError
 from tierkv.kernels.rope import rotate_half
-from tierkv.kv.shadow import KeyShadow
-from tierkv.kv.summary import SCORERS, ChunkLandmarks, LowRankIndex
+from tierkv.kv.sparse.shadow import KeyShadow
+from tierkv.kv.sparse.index import SCORERS, ChunkLandmarks, LowRankIndex
 
 STATE_VERSION = 2  # 2: the score index holds int8 coefficients and fp32 row scales
 

@@ -14,7 +14,7 @@ import torch
 from tierkv.kernels import chunk_topk
 from tierkv.kernels.append_token import quantize_rows
 from tierkv.kernels.chunk_topk import select_top_chunks
-from tierkv.kv.shadow import basis_from_gram, fit_basis, grown_capacity
+from tierkv.kv.sparse.shadow import basis_from_gram, fit_basis, grown_capacity
 
 SCORERS = ("lowrank", "lowrank-shared", "mean", "minmax")
 

@@ -1,4 +1,4 @@
-"""The sparse graph cache's disk tier: the oldest chunks on a real disk, host slots caching them (kv/cold.py).
+"""The sparse graph cache's disk tier: the oldest chunks on a real disk, host slots caching them (kv/placement/disk.py).
 Moving chunks to disk changes no token; misses are read before attention uses them; reads ahead are installed
 between steps; a budget too small for the hot chunks is refused."""
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from tierkv.errors import BudgetError
-from tierkv.kv.cold import MISS, ColdChunks
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.placement.disk import MISS, ColdChunks
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.storage.disk import DiskStore
 
-from tests.kv.test_fast_sparse import TIER, fast_cache, filled_decode, greedy, placed_cache, random_8b
+from tests.kv.test_sparse_cache import TIER, fast_cache, filled_decode, greedy, placed_cache, random_8b
 
 
 def _store(tmp_path, layers=2, n=12, row=16):

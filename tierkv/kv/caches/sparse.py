@@ -9,8 +9,8 @@ with picked keys rebuilt from the shadow: no host sync and no host decision, so 
 An optional GPU chunk cache (chunk_cache=True) keeps, per layer and KV head, chunks picked in earlier steps (on
 real text most picks repeat from one step to the next): only missed picks cross the host link, then attention
 reads every pick from the cache (with prefetch=True, predicted picks are copied there a layer ahead:
-kv/predict.py). With a disk_dir and a cpu_budget below the pool, the oldest chunks move to disk after prefill
-(kv/fast_sparse_disk.py, kv/cold.py).
+kv/sparse/predict.py). With a disk_dir and a cpu_budget below the pool, the oldest chunks move to disk after prefill
+(kv/caches/sparse_disk.py, kv/placement/disk.py).
 Fitting the shadows and folding new keys into them happen in the few steps that run eagerly (`needs_eager`).
 """
 
@@ -27,19 +27,19 @@ from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kernels.append_token import append_token
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
-from tierkv.kv.cache import KVCache, causal_attention
-from tierkv.kv.cold import ColdChunks
-from tierkv.kv.fast_sparse_disk import DiskTierSteps, capturing
-from tierkv.kv.fast_sparse_state import SparseSessionState
-from tierkv.kv.layer_prefill import LayerPrefillSteps
-from tierkv.kv.online_softmax import OnlineSoftmax
-from tierkv.kv.predict import PickPrefetch
-from tierkv.kv.resident import ResidentChunks
-from tierkv.kv.select import plan_selection
-from tierkv.kv.shadow import KeyShadow
-from tierkv.kv.sparse import RopeTables, SparseOptions
-from tierkv.kv.summary import LowRankIndex
-from tierkv.kv.tiers.host import check_host_budget, map_pinned
+from tierkv.kv.caches.dense import KVCache, causal_attention
+from tierkv.kv.placement.disk import ColdChunks
+from tierkv.kv.caches.sparse_disk import DiskTierSteps, capturing
+from tierkv.kv.caches.sparse_session import SparseSessionState
+from tierkv.kv.caches.layer_prefill import LayerPrefillSteps
+from tierkv.kernels.online_softmax import OnlineSoftmax
+from tierkv.kv.sparse.predict import PickPrefetch
+from tierkv.kv.storage.resident import ResidentChunks
+from tierkv.kv.sparse.select import plan_selection
+from tierkv.kv.sparse.shadow import KeyShadow
+from tierkv.kv.caches.eager_sparse import RopeTables, SparseOptions
+from tierkv.kv.sparse.index import LowRankIndex
+from tierkv.kv.storage.host import check_host_budget, map_pinned
 
 
 FIT_SLICE = 16384  # tokens per slice when fitting shadows and index (rounded down to whole chunks)
@@ -162,7 +162,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         self.buffers_epoch += 1
 
     def _alloc_resident(self, keys: bool = False) -> None:
-        """GPU copies (tierkv/kv/resident.py) of the values (keys=True: and keys) of as many of the last chunks as
+        """GPU copies (kv/storage/resident.py) of the values (keys=True: and keys) of as many of the last chunks as
         kv_gpu_budget leaves after the shadows, index and ring (no budget: free CUDA memory less AUTO_RESERVE; none
         on the CPU, where the pool already is the compute device's memory, nor beside the chunk cache)."""
         self.buffers_epoch += 1
@@ -433,7 +433,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         return self.prefetch is not None
 
     def predicted_query(self, layer: int, make_q) -> None:
-        """Prefetch `layer`'s likely picks (tierkv/kv/predict.py) for the query make_q() returns, on a captured
+        """Prefetch `layer`'s likely picks (tierkv/kv/sparse/predict.py) for the query make_q() returns, on a captured
         side stream inside a graph; nothing without prefetch, before the fit or in a dense step."""
         if self.prefetch is None or not self.fitted or (not capturing() and self._plan(self.seq_len + 1).dense):
             return
