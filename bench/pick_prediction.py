@@ -17,7 +17,7 @@ import math
 
 import torch
 
-import tierkv.kv.caches.sparse as fast_sparse
+import tierkv.kv.caches.sparse as sparse_kv
 from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import prefill
@@ -40,7 +40,7 @@ def predicted_top(model, cache, layer: int, h: torch.Tensor, positions: torch.Te
 def decode_recording(model, cache, token: torch.Tensor, steps: int) -> list[list[tuple]]:
     """Greedy eager decode; per step and layer (actual attended picks as a set per head, predicted top)."""
     actual: list = []
-    entries = fast_sparse.sparse_entries
+    entries = sparse_kv.sparse_entries
 
     def recording(top, score, n_picks, *rest, **kw):  # the cache's own entry builder, noting attended picks
         out = entries(top, score, n_picks, *rest, **kw)
@@ -48,7 +48,7 @@ def decode_recording(model, cache, token: torch.Tensor, steps: int) -> list[list
         actual.append([set(top[h][picked[h]].tolist()) for h in range(top.shape[0])])
         return out
 
-    fast_sparse.sparse_entries = recording
+    sparse_kv.sparse_entries = recording
     model.rope.ensure(cache.capacity + 1)  # (what the engine's decode step does for the positions it reaches)
     c, runs = model.cfg, []
     try:
@@ -69,7 +69,7 @@ def decode_recording(model, cache, token: torch.Tensor, steps: int) -> list[list
             if len(actual) == c.num_layers and len(preds) == c.num_layers - 1:  # sparse, fitted before it began
                 runs.append([(actual[i], preds.get(i)) for i in range(c.num_layers)])
     finally:
-        fast_sparse.sparse_entries = entries
+        sparse_kv.sparse_entries = entries
     return runs
 
 
@@ -116,9 +116,9 @@ def main() -> None:
         model = random_model(shape_config(args.model), torch.device("cuda"), torch.bfloat16)
         ids = random_ids(args.context, model.cfg.vocab_size, 0)
     c = model.cfg
-    cache = fast_sparse.FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device,
-                                          dtype=model.dtype, config=tier, capacity=len(ids) + args.steps + 1,
-                                          rope=model.rope)
+    cache = sparse_kv.SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device,
+                                    dtype=model.dtype, config=tier, capacity=len(ids) + args.steps + 1,
+                                    rope=model.rope)
     with torch.no_grad():
         logits = prefill(model, torch.tensor(ids, device=model.device), cache, tier.prefill_chunk)
         runs = decode_recording(model, cache, logits[-1:].argmax(-1), args.steps)

@@ -6,7 +6,7 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
-from tierkv.kv.caches.sparse import FastSparseKVCache
+from tierkv.kv.caches.sparse import SparseKVCache
 from tierkv.kv.caches.eager_sparse import SparseOptions
 
 TIER = TierConfig(attention="sparse", token_budget=320, sink_tokens=32, window_tokens=64, chunk_size=32)
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow  # the real model
 
 def _cache(model, capacity):
     c = model.cfg
-    return FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
-                             config=TIER, capacity=capacity, rope=model.rope, sparse=OPTS)
+    return SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
+                         config=TIER, capacity=capacity, rope=model.rope, sparse=OPTS)
 
 
 @pytest.fixture(scope="module")

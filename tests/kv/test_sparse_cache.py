@@ -1,4 +1,4 @@
-"""FastSparseKVCache: the graph-safe sparse cache gives SparseKVCache's tokens (same plan, scorer, fold rule and
+"""SparseKVCache: the graph-safe sparse cache gives EagerSparseKVCache's tokens (same plan, scorer, fold rule and
 key rebuild) on the real model; on CUDA its captured step gives the same tokens as running it eagerly."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.engine import eager_step, generate_ids, prefill, GenStats
-from tierkv.kv.caches.sparse import FastSparseKVCache
-from tierkv.kv.caches.eager_sparse import SparseKVCache, SparseOptions
+from tierkv.kv.caches.sparse import SparseKVCache
+from tierkv.kv.caches.eager_sparse import EagerSparseKVCache, SparseOptions
 
 # small sinks/window and an absolute budget so that decode picks a few of ~45 candidate chunks per head, and a
 # small fold interval so that new keys are folded into the shadows during the run
@@ -21,19 +21,19 @@ def greedy(model, cache, ids, n, step=None):
     return list(generate_ids(step, logits, len(ids), n, set(), GenStats()))
 
 
-def fast_cache(model, tier, capacity, chunk_cache=False, sparse=OPTS):
+def new_sparse_cache(model, tier, capacity, chunk_cache=False, sparse=OPTS):
     c = model.cfg
-    return FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
-                             config=tier, capacity=capacity, rope=model.rope, sparse=sparse, chunk_cache=chunk_cache)
+    return SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
+                         config=tier, capacity=capacity, rope=model.rope, sparse=sparse, chunk_cache=chunk_cache)
 
 
 def placed_cache(model, tier, capacity, place, sparse=OPTS):
-    """A fast cache whose values are all on the host ("host"), half ("half") or all ("all") resident on the
+    """A sparse cache whose values are all on the host ("host"), half ("half") or all ("all") resident on the
     compute device too, room for keys and values of every chunk ("all_kv"), or with the chunk cache ("cache"):
     kv_gpu_budget sized from the cache's own bytes."""
     if place == "cache":
-        return fast_cache(model, tier, capacity, chunk_cache=True, sparse=sparse)
-    probe = fast_cache(model, tier.replace(kv_gpu_budget=1), capacity, sparse=sparse)
+        return new_sparse_cache(model, tier, capacity, chunk_cache=True, sparse=sparse)
+    probe = new_sparse_cache(model, tier.replace(kv_gpu_budget=1), capacity, sparse=sparse)
     base, n, probe_res = probe._device_bytes(), probe.n_chunks, probe.res.n
     probe.close()
     assert probe_res == 0  # a budget below the shadows leaves no room for values
@@ -41,51 +41,51 @@ def placed_cache(model, tier, capacity, place, sparse=OPTS):
     per_chunk = c.num_layers * tier.chunk_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
     # all_kv: 8 chunks to spare for the shadow and index bases, which the fit adds
     want = {"host": 0, "half": n // 2, "all": n, "all_kv": 2 * n + 9}[place]
-    cache = fast_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity, sparse=sparse)
+    cache = new_sparse_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity, sparse=sparse)
     assert cache.res.n == min(want, n)
     return cache
 
 
-def test_fast_sparse_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
+def test_sparse_cache_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
     model, ids, n = smol.model, text_ids[:1500], 48
     c = model.cfg
-    ref = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32, config=TIER,
-                        rope=model.rope, sparse=OPTS)
-    fast = fast_cache(model, TIER, len(ids) + n + 1, chunk_cache=True)  # the cache path against the reference
+    ref = EagerSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32, config=TIER,
+                             rope=model.rope, sparse=OPTS)
+    cache = new_sparse_cache(model, TIER, len(ids) + n + 1, chunk_cache=True)  # the cache path against the reference
     try:
         want = greedy(model, ref, ids, n)
-        got = greedy(model, fast, ids, n)
-        st = fast.stats()
+        got = greedy(model, cache, ids, n)
+        st = cache.stats()
         assert st["sparse_steps"] == n - 1 and st["folds"] >= 2  # every step sparse; folds happened mid-run
         assert ref.stats()["sparse"]["sparse_steps"] == n - 1
         assert got == want
     finally:
         ref.close()
-        fast.close()
+        cache.close()
 
 
-def test_fast_sparse_is_exact_while_the_budget_covers_the_context(smol, text_ids):
+def test_sparse_cache_is_exact_while_the_budget_covers_the_context(smol, text_ids):
     model, ids = smol.model, text_ids[:300]
     tier = TIER.replace(token_budget=4096)
-    fast = fast_cache(model, tier, 400)
+    cache = new_sparse_cache(model, tier, 400)
     try:
         c = model.cfg
         from tierkv.kv.caches.dense import DenseKVCache
 
         dense = DenseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32)
-        assert greedy(model, fast, ids, 24) == greedy(model, dense, ids, 24)
-        assert fast.stats()["dense_steps"] == 23 and fast.stats()["sparse_steps"] == 0
+        assert greedy(model, cache, ids, 24) == greedy(model, dense, ids, 24)
+        assert cache.stats()["dense_steps"] == 23 and cache.stats()["sparse_steps"] == 0
     finally:
-        fast.close()
+        cache.close()
 
 
-def test_fast_sparse_refuses_a_context_beyond_its_capacity(smol, text_ids):
-    fast = fast_cache(smol.model, TIER, 64)
+def test_sparse_cache_refuses_a_context_beyond_its_capacity(smol, text_ids):
+    cache = new_sparse_cache(smol.model, TIER, 64)
     try:
         with pytest.raises(RuntimeError, match="holds 64 tokens"):
-            prefill(smol.model, torch.tensor(text_ids[:100]), fast, 512)
+            prefill(smol.model, torch.tensor(text_ids[:100]), cache, 512)
     finally:
-        fast.close()
+        cache.close()
 
 
 def test_resident_values_change_no_token_and_spare_the_host_reads(smol, text_ids):
@@ -115,7 +115,7 @@ def test_resident_values_change_no_token_and_spare_the_host_reads(smol, text_ids
 @pytest.mark.cuda
 @pytest.mark.parametrize("place", ["host", "cache", "half", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, text_ids, dtype, place):
+def test_graph_replay_gives_the_eager_sparse_cache_tokens_on_cuda(smol_folder, text_ids, dtype, place):
     import tierkv
     from tierkv.graph import GraphStep
 
@@ -175,21 +175,21 @@ def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape(place):
     assert runs[0] == runs[1]
 
 
-def test_fast_sparse_refuses_a_cpu_budget_too_small_for_its_capacity(smol):
+def test_sparse_cache_refuses_a_cpu_budget_too_small_for_its_capacity(smol):
     from tierkv.errors import BudgetError
 
     with pytest.raises(BudgetError, match="cpu_budget=1.00 MiB cannot hold"):
-        fast_cache(smol.model, TIER.replace(cpu_budget=1024**2), 100_000)
+        new_sparse_cache(smol.model, TIER.replace(cpu_budget=1024**2), 100_000)
 
 
 def test_chunk_cache_and_repeat_tracking_change_no_token_and_the_cache_serves_every_repeat(smol, text_ids):
     model, ids, n = smol.model, text_ids[:1200], 12
     c = model.cfg
-    plain = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
-                              config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS, chunk_cache=False)
-    tracked = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
-                                config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS,
-                                track_repeats=True, chunk_cache=True)
+    plain = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
+                          config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS, chunk_cache=False)
+    tracked = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
+                            config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS,
+                            track_repeats=True, chunk_cache=True)
     try:
         assert greedy(model, tracked, ids, n) == greedy(model, plain, ids, n)
         st = tracked.stats()
@@ -216,7 +216,7 @@ def test_long_prefill_slices_stream_the_context_in_spans_with_the_same_attention
 
     model, gen = smol.model, torch.Generator().manual_seed(3)
     c = model.cfg
-    cache = fast_cache(model, TIER, 600)
+    cache = new_sparse_cache(model, TIER, 600)
     try:
         total, t = 530, 70
         for s in range(0, total, 265):

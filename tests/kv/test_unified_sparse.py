@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tierkv.engine import eager_step, prefill
-from tierkv.kv.caches.eager_sparse import SparseKVCache
+from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
 from tierkv.llm import LLM
 
 # 2,048 tokens of context, not the 6K of tests/test_sparse_accuracy.py (which already runs score() through this
@@ -23,8 +23,8 @@ def with_tier(llm: LLM, **tier) -> LLM:
 
 def oracle_score(llm: LLM, ids: list[int], prefill_len: int) -> torch.Tensor:
     c = llm.cfg
-    cache = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
-                          config=llm.tier, rope=llm.model.rope)
+    cache = EagerSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
+                               config=llm.tier, rope=llm.model.rope)
     try:
         x = torch.tensor(ids, device=llm.device)
         rows = [prefill(llm.model, x[:prefill_len], cache, llm.tier.prefill_chunk)[-1]]

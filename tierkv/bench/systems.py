@@ -22,7 +22,7 @@ from tierkv.errors import TierKVError
 from tierkv.kv.storage.layout import ChunkLayout
 from tierkv.models.config import ModelConfig
 
-# tierkv-sparse decodes as users get it (on CUDA the graph-captured fast sparse cache); tierkv-sparse-eager is the
+# tierkv-sparse decodes as users get it (on CUDA the sparse cache, its step graph-captured); tierkv-sparse-eager is the
 # reference path (--no-graph: the tiered sparse cache, eager); tierkv-sparse-prefetch adds --prefetch-picks
 TIERKV_SYSTEMS = ("tierkv-sparse", "tierkv-sparse-prefetch", "tierkv-sparse-eager", "tierkv-exact")
 HF_SYSTEMS = ("hf-default", "hf-offloaded", "hf-accelerate")

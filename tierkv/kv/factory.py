@@ -93,10 +93,10 @@ def build_cache(req: CacheRequest, rope) -> tuple[KVCache, CacheChoice]:
     if choice.kind in ("sparse", "tiered"):
         refuse_windowed_tiers(c)
     if choice.kind == "sparse":
-        from tierkv.kv.caches.sparse import FastSparseKVCache
+        from tierkv.kv.caches.sparse import SparseKVCache
 
-        cache: KVCache = FastSparseKVCache(*shape, **where, config=tier, capacity=capacity, rope=rope,
-                                           chunk_cache=tier.gpu_chunk_cache, prefetch=tier.prefetch_picks)
+        cache: KVCache = SparseKVCache(*shape, **where, config=tier, capacity=capacity, rope=rope,
+                                       chunk_cache=tier.gpu_chunk_cache, prefetch=tier.prefetch_picks)
     elif choice.kind == "tiered":
         from tierkv.kv.caches.tiered import TieredKVCache
 

@@ -1,4 +1,4 @@
-"""SparseKVCache: the tiered cache whose decode steps attend only to sinks, the local window and picked chunks.
+"""EagerSparseKVCache: the tiered cache whose decode steps attend only to sinks, the local window and picked chunks.
 
 Prefill attends exactly. At the first sparse step of a layer its key shadow (kv/sparse/shadow.py) and score index
 (kv/sparse/index.py) are fitted; each step then picks chunks per KV head (kv/sparse/select.py), fetches their values
@@ -59,7 +59,7 @@ class SparseOptions:
     promote: bool = True
 
 
-class SparseKVCache(TieredKVCache):
+class EagerSparseKVCache(TieredKVCache):
     """Tiered KV cache with sparse decode attention (attention="sparse").
 
     RoPE for rebuilt keys: pass `rope` (an object with cos/sin (S, D) tables and ensure(n)); without it the
@@ -112,7 +112,7 @@ class SparseKVCache(TieredKVCache):
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
         """Store k, v (T, Hkv, D) in the tiers; keep k_pre and k for the shadow and index. Mutates; may fold."""
         if k_pre is None:
-            raise ValueError("SparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
+            raise ValueError("EagerSparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
         super().append(layer, k, v, k_pre)
         if layer == 0 and self.rope is None:
             self._derive_rope(k_pre, k)

@@ -1,4 +1,4 @@
-"""FastSparseKVCache: sparse decode whose steps are safe to capture in a CUDA graph.
+"""SparseKVCache: sparse decode whose steps are safe to capture in a CUDA graph.
 
 Every token's K and V live in one pinned host pool that the GPU reads in place (mapped, zero-copy); the GPU
 holds the low-rank key shadows, the score index (int8), a small ring of recent pre-RoPE keys and, in what
@@ -28,7 +28,7 @@ from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kernels.append_token import append_token
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kv.caches.dense import KVCache, causal_attention
-from tierkv.kv.placement.disk import ColdChunks
+from tierkv.kv.placement.disk import DiskChunks
 from tierkv.kv.caches.sparse_disk import DiskTierSteps, capturing
 from tierkv.kv.caches.sparse_session import SparseSessionState
 from tierkv.kv.caches.layer_prefill import LayerPrefillSteps
@@ -50,10 +50,10 @@ EXACT_SPAN = 16384
 AUTO_RESERVE = 3 * 1024**3
 
 
-class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCache):
+class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCache):
     """Fixed-capacity sparse cache (attention="sparse") whose decode step is graph-capturable.
 
-    Selection semantics equal SparseKVCache's (same plan, scorer, fold rule and key rebuild), so the two give
+    Selection semantics equal EagerSparseKVCache's (same plan, scorer, fold rule and key rebuild), so the two give
     the same tokens; only where bytes live differs. `pos` (1,) on the device mirrors seq_len.
     """
 
@@ -66,7 +66,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
                  track_repeats: bool = False, chunk_cache: bool = False, prefetch: bool = False) -> None:
         self.sp = sp = sparse or SparseOptions()
         if sp.scorer != "lowrank" or not sp.rebuild:
-            raise ValueError("FastSparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
+            raise ValueError("SparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
         self.device, self.dtype, self.config, self.rope = torch.device(device), dtype, config, rope
         self.num_layers, self.hkv, self.d = num_layers, num_kv_heads, head_dim
         c = self.chunk = config.chunk_size
@@ -93,7 +93,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         # bumped whenever a buffer that a captured decode graph reads is reallocated (pool, fit, resident copies,
         # disk tier): tierkv/graph.py captures again then
         self.buffers_epoch = 0
-        self._cold_step_ran = False
+        self._disk_step_ran = False
         self.sink_chunks = -(-config.sink_tokens // c)
         self.window_chunks = -(-config.window_tokens // c)
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
@@ -126,21 +126,21 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             self._repeats = torch.zeros(2, dtype=torch.long, device=self.device)  # repeated picks, picks
         self._alloc_resident()
         self.prefetch = PickPrefetch(self) if prefetch else None
-        self.cold: ColdChunks | None = None  # the oldest chunks on disk once cpu_budget binds (`_spill_cold`)
+        self.disk_chunks: DiskChunks | None = None  # the oldest chunks on disk once cpu_budget binds (`_spill_to_disk`)
 
     # ---- storage ------------------------------------------------------------------------------------
     def _alloc_host_pool(self) -> None:
         """K and V of every position, (L, N, C, Hkv, D) each, pinned and mapped for the GPU (plain on the CPU).
         With a disk_dir, cpu_budget binds from the first sparse step: prefill attends every earlier token, so the
-        pool holds them all until the oldest chunks move to disk (`_spill_cold`)."""
+        pool holds them all until the oldest chunks move to disk (`_spill_to_disk`)."""
         shape = (self.num_layers, self.n_chunks, self.chunk, self.hkv, self.d)
         nbytes = math.prod(shape) * torch.finfo(self.dtype).bits // 8
         budget = self.config.cpu_budget
         if budget is not None and 2 * nbytes > budget and self.config.disk_dir is None:
             raise BudgetError(f"cpu_budget={format_size(budget)} cannot hold the {format_size(2 * nbytes)} of K/V that "
                               f"{self.capacity} tokens need in host memory; raise cpu_budget or give disk_dir")
-        if budget is not None and 2 * nbytes > budget and budget < self._min_cold_host():
-            raise BudgetError(f"cpu_budget={format_size(budget)} is below the {format_size(self._min_cold_host())} of "
+        if budget is not None and 2 * nbytes > budget and budget < self._min_disk_host():
+            raise BudgetError(f"cpu_budget={format_size(budget)} is below the {format_size(self._min_disk_host())} of "
                               f"host memory the sparse cache needs at least (sinks, window and slots for chunks read "
                               f"from disk); raise cpu_budget")
         self._set_pool(shape)
@@ -213,7 +213,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         return self.shadows[-1].covered
 
     def _fold_due(self, total: int, covered: int) -> bool:
-        """SparseKVCache's rule: fold once >= fold_tokens sealed tokens lie beyond the shadow."""
+        """EagerSparseKVCache's rule: fold once >= fold_tokens sealed tokens lie beyond the shadow."""
         return (total // self.chunk) * self.chunk - covered >= self.sp.fold_tokens
 
     def _flat(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
@@ -224,15 +224,15 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         """Store k, v, k_pre (T, Hkv, D) at positions [seq_len, seq_len+T) (T == 1: at the device `pos`).
         Mutates; a multi-token append or an eager step may fit or fold the shadow (host decisions)."""
         if k_pre is None:
-            raise ValueError("FastSparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
+            raise ValueError("SparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
         if self.staging is not None:
             return self._stage(layer, k, v, k_pre)
         t = k.shape[0]
         if t > self.max_append:
-            raise ValueError(f"FastSparseKVCache takes at most {self.max_append} tokens per append (a prefill slice); "
+            raise ValueError(f"SparseKVCache takes at most {self.max_append} tokens per append (a prefill slice); "
                              f"got {t}")
         if self.seq_len + t > self.capacity:
-            raise RuntimeError(f"FastSparseKVCache holds {self.capacity} tokens; {self.seq_len + t} were asked for")
+            raise RuntimeError(f"SparseKVCache holds {self.capacity} tokens; {self.seq_len + t} were asked for")
         if t == 1:
             if layer == 0:  # the same slots in every layer: once per step
                 self._ring_at, self._res_at = self.pos.remainder(self.ring), self.res.rows(self.pos)
@@ -269,7 +269,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             return
         end = (total // self.chunk) * self.chunk
         at = torch.arange(start, end, device=self.device)
-        off = self.row_shift  # folds are of recent tokens: never in the cold region
+        off = self.row_shift  # folds are of recent tokens: never in the disk region
         self.shadows[layer].fold(self.k_pre[layer].index_select(0, at.remainder(self.ring)),
                                  self._flat(self.k_host, layer)[start - off:end - off])
         self._mark_outliers(layer, start, end)
@@ -283,7 +283,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             self.covered_chunks.fill_(end // c)
 
     def _fit(self, layer: int, total: int) -> None:
-        """The first sparse step: fit on the tokens before it (SparseKVCache's rule), pre-RoPE keys from the host
+        """The first sparse step: fit on the tokens before it (EagerSparseKVCache's rule), pre-RoPE keys from the host
         buffer and post-RoPE keys from the pool, then index this step's token as any later one. Eager only."""
         pre = torch.cat(self._fit_buf[layer])  # (total, Hkv, D) on the host
         self._fit_buf[layer] = []
@@ -325,7 +325,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         result equals a fresh prefill of the new tokens (which fits on all of them)."""
         self.fitted, self.fit_at = True, total
         self._keep_outlier_keys(total)
-        self._spill_cold(total)
+        self._spill_to_disk(total)
 
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -341,9 +341,9 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             self._fit(layer, total)
         if layer == 0:
             self._n["sparse_steps"] += 1
-            if self.cold is not None and not capturing():
-                self.cold.begin_step()
-                self._cold_step_ran = True
+            if self.disk_chunks is not None and not capturing():
+                self.disk_chunks.begin_step()
+                self._disk_step_ran = True
         return self._attend_sparse(layer, q)
 
     def _plan(self, total: int):
@@ -352,7 +352,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
 
     def _attend_exact(self, layer: int, q: torch.Tensor, total: int) -> torch.Tensor:
         """Exact attention over every stored token (the disk region read back from disk, span by span)."""
-        return self._exact_over(q, total, lambda s, e: self.read_kv(layer, s, e), self.cold is None)
+        return self._exact_over(q, total, lambda s, e: self.read_kv(layer, s, e), self.disk_chunks is None)
 
     def _exact_over(self, q: torch.Tensor, total: int, read, whole_ok: bool,
                     span: int | None = None) -> torch.Tensor:
@@ -401,8 +401,8 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
                                               fixed_ids, fixed_len, c, self.n_chunks, self.read_counts,
                                               (self.res.start, self.n_chunks))
-        if self.cold is not None:
-            slots, lengths = self._cold_rows(layer, slots, lengths, fixed_ids.shape[0])
+        if self.disk_chunks is not None:
+            slots, lengths = self._disk_rows(layer, slots, lengths, fixed_ids.shape[0])
         if self.track_repeats:
             self._count_repeats(layer, top, lengths[:, fixed_ids.shape[0]:] > 0)
         cache = None
@@ -413,7 +413,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
                 self.prefetch.score(layer, top, lengths[:, f:] > 0)
             csrc = chunk_cache_assign(top, self.off_gpu(top, lengths[:, f:]), cids[:, f:], self.cached_ids[layer],
                                       self.cache_counts)
-            rows = top if self.cold is None else slots[:, f:]  # pool rows of the picks (chunks on disk: their slot)
+            rows = top if self.disk_chunks is None else slots[:, f:]  # pool rows of picks (on disk: their slot)
             chunk_cache_fill(rows, cids[:, f:], csrc, self.k_host[layer], self.v_host[layer], self.k_cache[layer],
                              self.v_cache[layer])
             cache = (self.k_cache[layer], self.v_cache[layer], csrc)
@@ -459,9 +459,9 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
     def advance(self, n: int) -> None:
         self.seq_len += n
         self.pos.add_(n)
-        if self._cold_step_ran and not capturing():  # an eager sparse step with a disk tier: book its picks
-            self._cold_step_ran = False
-            self._book_cold(replayed=False)
+        if self._disk_step_ran and not capturing():  # an eager sparse step with a disk tier: book its picks
+            self._disk_step_ran = False
+            self._book_disk_picks(replayed=False)
 
     def stats(self) -> dict:
         """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; `total` holds the bytes
@@ -488,7 +488,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         if self.prefetch is not None:  # predicted chunks copied ahead, right or wrong
             extra["prefetch"] = self.prefetch.stats(self.chunk * self.d * self.dtype.itemsize)
             link += extra["prefetch"]["bytes"]
-        disk = self.cold.stats() if self.cold is not None else None
+        disk = self.disk_chunks.stats() if self.disk_chunks is not None else None
         missed = disk["missed"] if disk else 0  # picks whose chunk was read from disk first
         extra["total"] = {"bytes_moved": {"host->device": link},
                           "hits": {"gpu_chunk_cache": hit, "gpu_resident": res_picks,
@@ -515,18 +515,18 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             self.cache_counts.zero_()
 
     def placement_bytes(self) -> dict[str, int]:
-        """Device: shadows, index, ring and resident copies; host: the pinned pool; disk: the cold chunks."""
+        """Device: shadows, index, ring and resident copies; host: the pinned pool; disk: the chunks on disk."""
         return {"device": self._device_bytes() + self.res.nbytes, "host": self.host_bytes,
-                "disk": self.cold.store.nbytes if self.cold is not None else 0}
+                "disk": self.disk_chunks.store.nbytes if self.disk_chunks is not None else 0}
 
     def budget_bytes(self) -> dict[str, int | None]:
         """kv_gpu_budget bounds the device bytes (resident copies fill what the rest leaves), cpu_budget the pool."""
         return {"device": self.config.kv_gpu_budget, "host": self.config.cpu_budget, "disk": None}
 
     def close(self) -> None:
-        if self.cold is not None:
-            self.cold.close()
-            self.cold = None
+        if self.disk_chunks is not None:
+            self.disk_chunks.close()
+            self.disk_chunks = None
         self._host = []
         self.k_host = self.v_host = torch.empty(0)
         self._fit_buf = [[] for _ in range(self.num_layers)]

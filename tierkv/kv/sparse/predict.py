@@ -20,7 +20,7 @@ from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 
 
 class PickPrefetch:
-    """Side stream, predicted picks per layer (L, Hkv, K) and counts for one FastSparseKVCache with a chunk cache.
+    """Side stream, predicted picks per layer (L, Hkv, K) and counts for one SparseKVCache with a chunk cache.
 
     counts (2,): [picks of layers >= 1 that the prediction contained, such picks]; fills (3,): chunk_cache_assign's
     counts for the predicted picks [copied with exact keys, already cached, predicted]. No host sync anywhere.
