@@ -30,7 +30,7 @@ def predicted_top(model, cache, layer: int, h: torch.Tensor, positions: torch.Te
     _, x = model._norm(h, None, w.input_norm, c.rms_norm_eps)
     q, _, _ = model._rope(torch.nn.functional.linear(x, w.qkv_proj, w.qkv_bias), model.rope.cos, model.rope.sin,
                           positions, c.num_heads, c.num_kv_heads)
-    total, _, window_start, _, _, _ = cache._step
+    total, _, window_start, _, _, _ = cache.step_plan
     ix = cache.index[layer]
     top, _ = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, cache.max_picks, cache.chunk,
                         1.0 / math.sqrt(cache.d), cache.sink_chunks, cache.sp.reduce, row_scale=ix.row_scale)

@@ -215,9 +215,9 @@ class Chat:
         try:
             copy_state(old, new)
         except BaseException:
-            self.llm._release(new)
+            self.llm.release_cache(new)
             raise
-        self.llm._release(old)
+        self.llm.release_cache(old)
         self.cache, self._graph = new, None
 
     # ---- session ---------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ class Chat:
         """Release the cache (its files and memory) and this session's budget share. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            self.llm._release(self.cache)
+            self.llm.release_cache(self.cache)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tierkv.kv.sparse.select import merge_picks, plan_selection
+from tierkv.kv.sparse.select import merge_picks, plan_on_device, plan_selection
 from tierkv.kv.sparse.index import ChunkLandmarks, LowRankIndex, make_scorer
 
 HKV, G, D, C = 2, 3, 8, 4
@@ -19,6 +19,21 @@ def test_plan_counts_sinks_window_and_open_chunk_in_the_budget():
     assert plan_selection(101, 4, 8, 8, budget_tokens=10).picks == 0  # sinks and window only
     short = plan_selection(10, 4, 8, 8, budget_tokens=4)
     assert (short.sink_end, short.window_start, short.candidates) == (2, 2, 0) and short.dense
+
+
+@pytest.mark.parametrize("budget", [40, 10, 0.25])
+def test_device_plan_equals_the_host_plan(budget):
+    """The captured step's plan (tensors) does plan_selection's arithmetic: same sealed, window, picks (capped at
+    the candidates) and fixed entries sinks | window | open chunk with their valid tokens."""
+    for total in (1, 3, 4, 9, 33, 101, 400):
+        want = plan_selection(total, 4, 8, 8, max(1, int(budget * total)) if isinstance(budget, float) else budget)
+        got = plan_on_device(torch.tensor([total]), 4, sink_chunks=2, window_chunks=2, token_budget=budget)
+        assert (got.total.item(), got.sealed.item(), got.window_start.item()) == (total, want.sealed, want.window_start)
+        assert got.picks.item() == min(want.picks, want.candidates)
+        sinks, window = range(2), range(want.window_start, want.window_start + 2)
+        assert got.fixed_ids.tolist() == [*sinks, *window, want.sealed]
+        assert got.fixed_len.tolist() == [4 if i < want.sink_end else 0 for i in sinks] + \
+            [4 if i < want.sealed else 0 for i in window] + [want.open_tokens]
 
 
 def test_merge_picks_per_head():

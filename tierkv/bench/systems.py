@@ -177,8 +177,8 @@ def _measure_tierkv(llm, row: Row, spec: DecodeSpec) -> None:
     snaps: dict[str, Any] = {}
 
     def snap(name: str) -> None:
-        cache = llm._caches[-1] if llm._caches else None  # the cache stream_ids is decoding with
-        st = cache.stats() if hasattr(cache, "stats") else None
+        cache = llm.newest_cache  # the cache stream_ids is decoding with
+        st = cache.stats() if cache is not None else None
         snaps[name] = st.get("total") if isinstance(st, dict) else None  # a cache without totals gives no tier numbers
         for key in ("disk_tier", "prefetch", "chunk_cache"):  # the graph cache's whole-run accounts
             if isinstance(st, dict) and key in st:

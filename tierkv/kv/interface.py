@@ -18,6 +18,8 @@ class GraphHooks:
     seq_len: int = 0
     # bumped whenever a buffer a captured graph reads is reallocated: the graph is captured again then
     buffers_epoch: int = 0
+    # a captured cache's position on the device, (1,) long: where the step writes, moved by `advance` inside the graph
+    pos: torch.Tensor
 
     def needs_eager(self) -> bool:
         """Whether the next decode step makes host decisions (fit, fold, dense step) and so cannot replay."""

@@ -35,7 +35,7 @@ from tierkv.kv.caches.layer_prefill import LayerPrefillSteps
 from tierkv.kernels.online_softmax import OnlineSoftmax
 from tierkv.kv.sparse.predict import PickPrefetch
 from tierkv.kv.storage.resident import ResidentChunks
-from tierkv.kv.sparse.select import plan_selection
+from tierkv.kv.sparse.select import DeviceStepPlan, plan_on_device, plan_selection
 from tierkv.kv.sparse.shadow import KeyShadow
 from tierkv.kv.caches.eager_sparse import RopeTables, SparseOptions
 from tierkv.kv.sparse.index import LowRankIndex
@@ -74,6 +74,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self.capacity = self.n_chunks * c
         self.seq_len = 0
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.step_plan: DeviceStepPlan | None = None  # this step's plan, made at layer 0 (read by kv/sparse/predict.py)
         # pre-RoPE keys of tokens not yet folded into the shadow; a fold happens before fold_tokens + a chunk
         # accumulate, and one append adds at most max_append (a prefill slice)
         self.max_append = max_append or config.prefill_chunk
@@ -368,32 +369,13 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         acc.add_span(*read(start, total), causal=True)
         return acc.result()
 
-    def _step_plan(self) -> tuple[torch.Tensor, ...]:
-        """Device-side plan of this step (plan_selection's arithmetic on tensors) and its fixed entries."""
-        c = self.chunk
-        total = self.pos + 1  # (1,)
-        sealed = torch.div(total, c, rounding_mode="floor")
-        sink_end = torch.clamp(sealed, max=self.sink_chunks)
-        window_start = torch.maximum(sink_end, sealed - self.window_chunks)
-        tb = self.config.token_budget
-        budget = (total.double() * tb).floor().long().clamp_min(1) if isinstance(tb, float) else torch.full_like(total, tb)
-        fixed = (sink_end + sealed - window_start) * c + total - sealed * c
-        picks = torch.clamp(torch.div(budget - fixed, c, rounding_mode="floor"), min=0)
-        picks = torch.minimum(picks, window_start - sink_end)
-        # fixed entries: sinks | window | open chunk, with their valid tokens
-        sink_ids = torch.arange(self.sink_chunks, device=self.device)
-        win_ids = window_start + torch.arange(self.window_chunks, device=self.device)
-        fixed_ids = torch.cat([sink_ids, win_ids, sealed])  # (F,)
-        fixed_len = torch.cat([torch.where(sink_ids < sink_end, c, 0), torch.where(win_ids < sealed, c, 0),
-                               total - sealed * c])
-        return total, sealed, window_start, picks, fixed_ids, fixed_len
-
     def _attend_sparse(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q (1, Hq, D) -> (1, Hq, D). Graph-safe: fixed shapes, no host sync."""
         c = self.chunk
         if layer == 0:  # the plan and the fixed entries are the same in every layer: once per step
-            self._step = self._step_plan()
-        total, sealed, window_start, picks, fixed_ids, fixed_len = self._step
+            self.step_plan = plan_on_device(self.pos + 1, c, self.sink_chunks, self.window_chunks,
+                                            self.config.token_budget)
+        total, sealed, window_start, picks, fixed_ids, fixed_len = self.step_plan
         ix = self.index[layer]
         top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, c,
                                 1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce,

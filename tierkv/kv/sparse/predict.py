@@ -57,7 +57,7 @@ class PickPrefetch:
         """Pick layer's chunks for the predicted query q (1, Hq, D) and copy the ones not cached nor resident into
         its chunk cache. Mutates the cache's chunk cache; graph-safe."""
         c = self.cache
-        total, _, window_start, picks, fixed_ids, fixed_len = c._step
+        total, _, window_start, picks, fixed_ids, fixed_len = c.step_plan
         ix = c.index[layer]
         top, score = chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, c.max_picks, c.chunk,
                                 1.0 / math.sqrt(c.d), c.sink_chunks, c.sp.reduce, row_scale=ix.row_scale)
