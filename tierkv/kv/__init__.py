@@ -1,4 +1,6 @@
-"""KV cache: the interface the model talks to, the all-on-device cache, and the tiered store."""
+"""KV cache: the interface the model talks to (interface.py), the rule that picks a cache (factory.py), the caches
+(caches/), where bytes live (storage/), which tier holds each chunk (placement/) and sparse decode's parts (sparse/).
+"""
 
 from tierkv.kv.caches.dense import DenseKVCache, KVCache, causal_attention
 from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
