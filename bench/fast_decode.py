@@ -26,7 +26,7 @@ from tierkv.config import TierConfig, format_size, parse_size
 from tierkv.graph import GraphStep
 from tierkv.kernels.rope import rope_torch
 from tierkv.kv.caches.sparse import SparseKVCache
-from tierkv.kv.caches.eager_sparse import SparseOptions
+from tierkv.kv.sparse.options import SparseOptions
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
 

@@ -10,7 +10,8 @@ from tierkv.config import TierConfig
 from tierkv.kernels.rope import rope_torch
 from tierkv.kv.caches.dense import DenseKVCache
 from tierkv.kv.sparse.select import merge_picks
-from tierkv.kv.caches.eager_sparse import EagerSparseKVCache, SparseOptions
+from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
 from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 L, HQ, HKV, D, C = 2, 4, 2, 8, 4

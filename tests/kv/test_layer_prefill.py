@@ -7,7 +7,7 @@ import torch
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.kv.caches.sparse import SparseKVCache
-from tierkv.kv.caches.eager_sparse import SparseOptions
+from tierkv.kv.sparse.options import SparseOptions
 
 TIER = TierConfig(attention="sparse", token_budget=320, sink_tokens=32, window_tokens=64, chunk_size=32)
 OPTS = SparseOptions(fold_tokens=32)

@@ -7,7 +7,8 @@ import torch
 from tierkv.config import TierConfig
 from tierkv.engine import eager_step, generate_ids, prefill, GenStats
 from tierkv.kv.caches.sparse import SparseKVCache
-from tierkv.kv.caches.eager_sparse import EagerSparseKVCache, SparseOptions
+from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
 
 # small sinks/window and an absolute budget so that decode picks a few of ~45 candidate chunks per head, and a
 # small fold interval so that new keys are folded into the shadows during the run

@@ -10,53 +10,20 @@ layer's fit starts that layer over, refitted at its next sparse step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from tierkv.config import TierConfig
 from tierkv.kv.storage.layout import ChunkId
 from tierkv.kv.placement.manager import EvictionPolicy
-from tierkv.kv.sparse.select import SelectionPlan, merge_picks, plan_selection
-from tierkv.kv.sparse.shadow import KeyShadow
+from tierkv.kv.sparse.select import SelectionPlan, merge_picks, plan_step
+from tierkv.kv.sparse.shadow import KeyShadow, fold_due
 from tierkv.kv.sparse.state import check_meta, checked, meta, pack_scorer, pack_shadow, take_tokens, trim_scorer, \
     unpack_scorer, unpack_shadow, unrope
 from tierkv.kv.sparse.index import make_scorer
+from tierkv.kv.sparse.options import RopeTables, SparseOptions
 from tierkv.kernels.online_softmax import OnlineSoftmax
 from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
-
-
-class RopeTables(Protocol):
-    """What the cache needs of the model's RoPE (tierkv.models.rope.Rope fits): cos/sin (S, D) tables."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-
-    def ensure(self, length: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class SparseOptions:
-    """Sparse-mode knobs that are not user budgets (TierConfig holds rank, token_budget, chunk/sink/window).
-
-    scorer: 'lowrank' (post-RoPE keys projected per KV head; measured best), 'lowrank-shared', 'mean', 'minmax'.
-    score_rank: rank of the score index per KV head (None: TierConfig.score_rank). fold_tokens: decode keys stay exact until this
-    many sealed tokens beyond the shadow accumulate, then they are projected onto the shadow's basis.
-    outlier_threshold: relative key error (Frobenius, per chunk) above which a chunk keeps exact keys.
-    rebuild: False attends picked chunks with exact keys (isolates selection error; for measurements).
-    reduce: how a chunk's per-query-head scores become one per KV head (kernels.chunk_topk: 'group-mass',
-    'mass', 'max').
-    """
-
-    scorer: str = "lowrank"
-    score_rank: int | None = None  # None: TierConfig.score_rank (a measurement may override it here)
-    # chunk mass summed over the query group: 94.1% at 1/8 on SmolLM2 against 93.4% for the max over the group
-    reduce: str = "group-mass"
-    fold_tokens: int = 512
-    outlier_threshold: float = 0.5
-    rebuild: bool = True
-    promote: bool = True
 
 
 class EagerSparseKVCache(TieredKVCache):
@@ -149,9 +116,9 @@ class EagerSparseKVCache(TieredKVCache):
     def _maybe_fold(self, layer: int, total: int) -> None:
         """Fold rule: once >= fold_tokens sealed tokens lie beyond the shadow, project them onto its basis."""
         sh, c = self.shadows[layer], self.layout.chunk_size
-        end = (total // c) * c
-        if end - sh.covered < self.sp.fold_tokens:
+        if not fold_due(total, sh.covered, c, self.sp.fold_tokens):
             return
+        end = (total // c) * c
         pre = torch.cat([p.to(self.device) for p, _ in self._buf[layer]])  # (total - covered, Hkv, D)
         post = torch.cat([q.to(self.device) for _, q in self._buf[layer]])
         n = end - sh.covered
@@ -189,9 +156,7 @@ class EagerSparseKVCache(TieredKVCache):
     # ---- attention -----------------------------------------------------------------------------------
     def plan(self, total: int) -> SelectionPlan:
         """The selection plan of a decode step over `total` tokens (the new one included)."""
-        cfg = self.config
-        return plan_selection(total, self.layout.chunk_size, cfg.sink_tokens, cfg.window_tokens,
-                              cfg.budget_tokens(total))
+        return plan_step(total, self.config)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Prefill (T > 1) and steps whose budget covers the context: exact. Otherwise sparse: q (1, Hq, D)

@@ -35,9 +35,9 @@ from tierkv.kv.caches.layer_prefill import LayerPrefillSteps
 from tierkv.kernels.online_softmax import OnlineSoftmax
 from tierkv.kv.sparse.predict import PickPrefetch
 from tierkv.kv.storage.resident import ResidentChunks
-from tierkv.kv.sparse.select import DeviceStepPlan, plan_on_device, plan_selection
-from tierkv.kv.sparse.shadow import KeyShadow
-from tierkv.kv.caches.eager_sparse import RopeTables, SparseOptions
+from tierkv.kv.sparse.select import DeviceStepPlan, plan_on_device, plan_step
+from tierkv.kv.sparse.shadow import KeyShadow, fold_due
+from tierkv.kv.sparse.options import RopeTables, SparseOptions
 from tierkv.kv.sparse.index import LowRankIndex
 from tierkv.kv.storage.host import check_host_budget, map_pinned
 
@@ -214,8 +214,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         return self.shadows[-1].covered
 
     def _fold_due(self, total: int, covered: int) -> bool:
-        """EagerSparseKVCache's rule: fold once >= fold_tokens sealed tokens lie beyond the shadow."""
-        return (total // self.chunk) * self.chunk - covered >= self.sp.fold_tokens
+        return fold_due(total, covered, self.chunk, self.sp.fold_tokens)
 
     def _flat(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
         return pool[layer].view(-1, self.hkv, self.d)  # (rows * C, Hkv, D); token p at row p - row_shift
@@ -348,8 +347,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         return self._attend_sparse(layer, q)
 
     def _plan(self, total: int):
-        cfg = self.config
-        return plan_selection(total, self.chunk, cfg.sink_tokens, cfg.window_tokens, cfg.budget_tokens(total))
+        return plan_step(total, self.config)
 
     def _attend_exact(self, layer: int, q: torch.Tensor, total: int) -> torch.Tensor:
         """Exact attention over every stored token (the disk region read back from disk, span by span)."""

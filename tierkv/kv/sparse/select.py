@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from tierkv.config import TierConfig
+
 
 @dataclass(frozen=True)
 class SelectionPlan:
@@ -85,6 +87,13 @@ def plan_on_device(total: torch.Tensor, chunk_size: int, sink_chunks: int, windo
     fixed_len = torch.cat([torch.where(sink_ids < sink_end, c, 0), torch.where(win_ids < sealed, c, 0),
                            total - sealed * c])
     return DeviceStepPlan(total, sealed, window_start, picks, fixed_ids, fixed_len)
+
+
+def plan_step(total: int, config: TierConfig) -> SelectionPlan:
+    """The plan of a decode step over `total` tokens (the new one included) under config's chunk size, sinks,
+    window and token budget: the one rule of both sparse caches."""
+    return plan_selection(total, config.chunk_size, config.sink_tokens, config.window_tokens,
+                          config.budget_tokens(total))
 
 
 def merge_picks(top: torch.Tensor, plan: SelectionPlan) -> tuple[torch.Tensor, torch.Tensor]:
