@@ -102,7 +102,7 @@ def reference(cache: EagerSparseKVCache, layer: int, q: torch.Tensor, keys, valu
     """Attention over the chunks the cache's own scorer picks per head, with exact keys (rebuild=False)."""
     total = keys.shape[0]
     plan = cache.plan(total)
-    top = cache.scorers[layer].top_chunks(q[0], plan.sink_end, plan.window_start, min(plan.picks, plan.candidates))
+    top = cache.index[layer].top_chunks(q[0], plan.sink_end, plan.window_start, min(plan.picks, plan.candidates))
     ids, keep = merge_picks(top, plan)
     mask = torch.ones(HKV, total, dtype=torch.bool)
     mask[:, : plan.sealed * C] = False
@@ -266,7 +266,7 @@ def test_truncate_then_continue_matches_a_cache_that_stopped_there(cut, fold):
         outputs(b, [57] + [1] * (n - 57))
     for layer in range(L):
         assert (a._fitted[layer], a.shadows[layer].covered) == (b._fitted[layer], b.shadows[layer].covered)
-        assert getattr(a.scorers[layer], "count", 0) == getattr(b.scorers[layer], "count", 0)
+        assert getattr(a.index[layer], "count", 0) == getattr(b.index[layer], "count", 0)
     assert a.seq_len == b.seq_len == n and a._fitted[0] == (cut in ("after-fit", "pending"))
     steps = [3] + [1] * 12
     for x, y in zip(outputs(a, steps), outputs(b, steps)):

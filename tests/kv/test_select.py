@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tierkv.kv.sparse.select import merge_picks, plan_on_device, plan_selection
-from tierkv.kv.sparse.index import ChunkLandmarks, LowRankIndex, make_scorer
+from tierkv.kv.sparse.index import ChunkLandmarks, LowRankIndex, make_index
 
 HKV, G, D, C = 2, 3, 8, 4
 
@@ -69,7 +69,7 @@ def test_low_rank_index_approximates_with_fewer_dims():
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(64, HKV, D, generator=g) * torch.tensor([4, 3, 2, 1, .1, .1, .1, .1])
     q = torch.randn(HKV * G, D, generator=g)
-    idx = make_scorer("lowrank", HKV, D, 4, C, device=torch.device("cpu"), dtype=torch.float32)
+    idx = make_index("lowrank", HKV, D, 4, C, device=torch.device("cpu"), dtype=torch.float32)
     idx.fit(keys)
     got = idx.top_chunks(q, 0, 16, 4).sort(-1).values
     want = oracle_top(q, keys, 0, 16, 4)
@@ -165,7 +165,7 @@ def same_rows(x: LowRankIndex, y: LowRankIndex, rows, at: int = 0) -> None:
 
 def test_low_rank_index_state_round_trips_and_checks_int8():
     from tierkv.errors import ConfigError
-    from tierkv.kv.sparse.state import check_meta, meta, pack_scorer, unpack_scorer
+    from tierkv.kv.sparse.state import check_meta, meta, pack_index, unpack_index
 
     g = torch.Generator().manual_seed(5)
     keys = torch.randn(30, HKV, D, generator=g)
@@ -175,15 +175,15 @@ def test_low_rank_index_state_round_trips_and_checks_int8():
         return LowRankIndex(HKV, D, 4, C, shared=False, reduce="mass", device=torch.device("cpu"), dtype=torch.float32)
     src = fresh()
     src.fit(keys)
-    state = pack_scorer(src, "x.")
+    state = pack_index(src, "x.")
     assert state["x.coeffs"].dtype == torch.int8 and state["x.row_scale"].shape == (HKV, 30)
     dst = fresh()
-    unpack_scorer(dst, state, "x.")
+    unpack_index(dst, state, "x.")
     assert dst.count == 30 and torch.equal(dst.coeffs, src.coeffs[:, :30]) and torch.equal(dst.row_scale, src.row_scale[:, :30])
     assert torch.equal(dst.top_chunks(q, 1, 6, 2), src.top_chunks(q, 1, 6, 2))
     for name, bad in [("coeffs", state["x.coeffs"].float()), ("row_scale", state["x.row_scale"][:, :29])]:
         with pytest.raises(ConfigError, match=name):
-            unpack_scorer(fresh(), state | {f"x.{name}": bad}, "x.")
+            unpack_index(fresh(), state | {f"x.{name}": bad}, "x.")
     mine = meta(C, 8, 4, "lowrank", 30)
     older = mine.clone()
     older[0] = 1  # saved before the index was int8: refused with a message that names the format

@@ -18,9 +18,9 @@ from tierkv.kv.storage.layout import ChunkId
 from tierkv.kv.placement.manager import EvictionPolicy
 from tierkv.kv.sparse.select import SelectionPlan, merge_picks, plan_step
 from tierkv.kv.sparse.shadow import KeyShadow, fold_due
-from tierkv.kv.sparse.state import check_meta, checked, meta, pack_scorer, pack_shadow, take_tokens, trim_scorer, \
-    unpack_scorer, unpack_shadow, unrope
-from tierkv.kv.sparse.index import make_scorer
+from tierkv.kv.sparse.state import check_meta, checked, meta, pack_index, pack_shadow, take_tokens, trim_index, \
+    unpack_index, unpack_shadow, unrope
+from tierkv.kv.sparse.index import make_index
 from tierkv.kv.sparse.options import RopeTables, SparseOptions
 from tierkv.kernels.online_softmax import OnlineSoftmax
 from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
@@ -47,7 +47,7 @@ class EagerSparseKVCache(TieredKVCache):
         self.rope = rope
         dev = self.device
         self.shadows = [self._new_shadow() for _ in range(num_layers)]
-        self.scorers = [self._new_scorer() for _ in range(num_layers)]
+        self.index = [self._new_index() for _ in range(num_layers)]
         self._fitted = [False] * num_layers
         self._fit_at = [0] * num_layers  # tokens (its first sparse step's included) when the layer was fitted
         # (k_pre, k) of tokens [start, seq_len + pending): start is shadow.covered once fitted, else _lost[layer]:
@@ -70,9 +70,9 @@ class EagerSparseKVCache(TieredKVCache):
                          outlier_threshold=self.sp.outlier_threshold, device=self.device, dtype=self.dtype,
                          keep_exact=False)
 
-    def _new_scorer(self):
+    def _new_index(self):
         lay, sp = self.layout, self.sp
-        return make_scorer(sp.scorer, lay.num_kv_heads, lay.head_dim, sp.score_rank or self.config.score_rank,
+        return make_index(sp.scorer, lay.num_kv_heads, lay.head_dim, sp.score_rank or self.config.score_rank,
                            lay.chunk_size, device=self.device, dtype=self.dtype, reduce=sp.reduce)
 
     # ---- writing ------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ class EagerSparseKVCache(TieredKVCache):
             k_pre, k = k_pre.to("cpu"), k.to("cpu")
         self._buf[layer].append((k_pre, k))
         if self._fitted[layer]:
-            self.scorers[layer].extend(k)
+            self.index[layer].extend(k)
             self._maybe_fold(layer, self.seq_len + k.shape[0])
 
     def _derive_rope(self, k_pre: torch.Tensor, k: torch.Tensor) -> None:
@@ -136,8 +136,8 @@ class EagerSparseKVCache(TieredKVCache):
         pre = torch.cat([p.to(self.device) for p, _ in parts])  # (total, Hkv, D)
         post = torch.cat([q.to(self.device) for _, q in parts])
         seen = total - 1
-        self.scorers[layer].fit(post[:seen])
-        self.scorers[layer].extend(post[seen:])
+        self.index[layer].fit(post[:seen])
+        self.index[layer].extend(post[seen:])
         sh, n = self.shadows[layer], (seen // self.layout.chunk_size) * self.layout.chunk_size
         sh.fit(pre[:n], post[:n])  # basis from whole chunks; a partial tail stays exact
         self._buf[layer] = [(pre[n:], post[n:])] if n < total else []
@@ -172,7 +172,7 @@ class EagerSparseKVCache(TieredKVCache):
             self._fit(layer, total)
         k = min(plan.picks, plan.candidates)
         if k:
-            top = self.scorers[layer].top_chunks(q[0], plan.sink_end, plan.window_start, k)  # (Hkv, k)
+            top = self.index[layer].top_chunks(q[0], plan.sink_end, plan.window_start, k)  # (Hkv, k)
         else:  # the budget holds only sinks and window
             top = torch.zeros((self.layout.num_kv_heads, 0), dtype=torch.long, device=self.device)
         ids, keep = merge_picks(top, plan)  # (n,), (Hkv, n)
@@ -290,7 +290,7 @@ class EagerSparseKVCache(TieredKVCache):
         for layer in range(self.num_layers):
             p = f"sparse.{layer}."
             if self._fitted[layer]:
-                out |= pack_shadow(self.shadows[layer], p + "shadow.") | pack_scorer(self.scorers[layer], p + "index.")
+                out |= pack_shadow(self.shadows[layer], p + "shadow.") | pack_index(self.index[layer], p + "index.")
             pre = [k for k, _ in self._buf[layer]]
             if sum(k.shape[0] for k in pre) != self.seq_len - self._buf_start(layer):
                 raise RuntimeError("the sparse state can be saved between forwards only (keys are pending)")
@@ -312,7 +312,7 @@ class EagerSparseKVCache(TieredKVCache):
             self._fitted[layer], self._fit_at[layer], self._lost[layer] = bool(fitted), fit_at, lost
             if fitted:
                 unpack_shadow(self.shadows[layer], tensors, p + "shadow.")
-                unpack_scorer(self.scorers[layer], tensors, p + "index.")
+                unpack_index(self.index[layer], tensors, p + "index.")
             start, self._buf[layer] = self._buf_start(layer), []
             if start < self.seq_len:
                 post = self.export_kv(layer, start, self.seq_len, device=keep_on)[0]  # (T, Hkv, D)
@@ -351,7 +351,7 @@ class EagerSparseKVCache(TieredKVCache):
             # the fit saw tokens past the cut, or folded some: start over. Tokens [0, covered) are buffered no more,
             # so the refit reads them back from the tiers; the buffered ones stay exact
             self._lost[layer] = sh.covered
-            self.shadows[layer], self.scorers[layer] = self._new_shadow(), self._new_scorer()
+            self.shadows[layer], self.index[layer] = self._new_shadow(), self._new_index()
             self._fitted[layer], self._fit_at[layer] = False, 0
         start = self._buf_start(layer)
         if n <= start:
@@ -361,7 +361,7 @@ class EagerSparseKVCache(TieredKVCache):
         else:
             self._buf[layer] = take_tokens(self._buf[layer], n - start)
         if self._fitted[layer]:
-            trim_scorer(self.scorers[layer], n, lambda a, b: self.export_kv(layer, a, b)[0])
+            trim_index(self.index[layer], n, lambda a, b: self.export_kv(layer, a, b)[0])
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -383,7 +383,7 @@ class EagerSparseKVCache(TieredKVCache):
             "chunks_needed": n["needed"], "chunks_fetched_late": n["fetched"],
             "outlier_chunks": sum(sh.outlier_chunks for sh in self.shadows),
             "shadow_bytes": sum(sh.nbytes for sh in self.shadows),
-            "index_bytes": sum(sc.nbytes for sc in self.scorers),
+            "index_bytes": sum(sc.nbytes for sc in self.index),
             "select_s": self._t_select,
         }
         return s

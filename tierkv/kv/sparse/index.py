@@ -167,7 +167,7 @@ class ChunkLandmarks:
         return ids
 
 
-def make_scorer(kind: str, num_kv_heads: int, head_dim: int, rank: int, chunk_size: int, *,
+def make_index(kind: str, num_kv_heads: int, head_dim: int, rank: int, chunk_size: int, *,
                 device: torch.device, dtype: torch.dtype, reduce: str = "mass"):
     """A fresh scorer of `kind` (one of SCORERS) for one layer."""
     if kind in ("lowrank", "lowrank-shared"):
