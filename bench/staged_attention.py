@@ -20,7 +20,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from tierkv.kv.caches.sparse import EXACT_SPAN
 from tierkv.kernels.online_softmax import OnlineSoftmax
-from tierkv.kv.caches.dense import causal_attention
+from tierkv.kernels.causal_attention import causal_attention
 
 
 def spans(q, k, v, slice_len, span=EXACT_SPAN):

@@ -213,7 +213,7 @@ def test_long_prefill_slices_stream_the_context_in_spans_with_the_same_attention
     """Past EXACT_SPAN keys a prefill slice attends span by span (merged by log-sum-exp) instead of copying and
     widening the whole context at once; the output equals the one-shot attention."""
     import tierkv.kv.caches.sparse as fs
-    from tierkv.kv.caches.dense import causal_attention
+    from tierkv.kernels.causal_attention import causal_attention
 
     model, gen = smol.model, torch.Generator().manual_seed(3)
     c = model.cfg

@@ -2,7 +2,8 @@
 (caches/), where bytes live (storage/), which tier holds each chunk (placement/) and sparse decode's parts (sparse/).
 """
 
-from tierkv.kv.caches.dense import DenseKVCache, KVCache, causal_attention
+from tierkv.kernels.causal_attention import causal_attention
+from tierkv.kv.caches.dense import DenseKVCache, KVCache
 from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 __all__ = ["KVCache", "DenseKVCache", "causal_attention", "TieredKVCache", "TieredOptions"]
