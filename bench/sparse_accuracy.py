@@ -20,7 +20,8 @@ import torch
 import tierkv
 from tierkv.bench.common import run_record
 from tierkv.engine import eager_step, prefill
-from tierkv.kv.caches.dense import DenseKVCache, KVCache
+from tierkv.kv.caches.base import KVCache
+from tierkv.kv.caches.dense import DenseKVCache
 from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
 from tierkv.kv.sparse.options import SparseOptions
 

@@ -21,7 +21,7 @@ import torch
 
 from tierkv.config import TierConfig, parse_size
 from tierkv.engine import eager_step
-from tierkv.kv.caches.dense import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.kv.caches.static import StaticKVCache
 from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
 from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions

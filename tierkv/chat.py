@@ -20,7 +20,7 @@ from tierkv.config import TierConfig, format_size
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.errors import BudgetError, ConfigError, ContextTooLongError, TierKVError
 from tierkv.inputs import require_text
-from tierkv.kv.caches.dense import KVCache, copy_state
+from tierkv.kv.caches.base import KVCache, copy_state
 from tierkv.session import SessionError, check_compatible, model_identity, read_manifest, read_tokens, restore_kv, \
     save_session
 from tierkv.chat_template import render

@@ -14,7 +14,7 @@ from tierkv.config import TierConfig
 from tierkv.engine import DecodeStep, GenStats, eager_step, generate_ids, prefill
 from tierkv.errors import ConfigError, ContextTooLongError
 from tierkv.graph import GraphStep
-from tierkv.kv.caches.dense import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.kv.factory import CacheRequest, build_cache, capacity_class, choose
 from tierkv.models.build import build_model, random_model
 from tierkv.models.config import ModelConfig

@@ -23,7 +23,7 @@ from tierkv.config import TierConfig
 from tierkv.errors import IntegrityError, StorageError, TierKVError
 from tierkv.io.atomic import crc32, fsync_dir
 from tierkv.io.dirswap import swap_in, recover
-from tierkv.kv.caches.dense import KVCache
+from tierkv.kv.caches.base import KVCache
 
 FORMAT = "tierkv-session"
 SESSION_VERSION = 1

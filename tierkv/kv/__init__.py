@@ -3,7 +3,8 @@
 """
 
 from tierkv.kernels.causal_attention import causal_attention
-from tierkv.kv.caches.dense import DenseKVCache, KVCache
+from tierkv.kv.caches.base import KVCache
+from tierkv.kv.caches.dense import DenseKVCache
 from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 __all__ = ["KVCache", "DenseKVCache", "causal_attention", "TieredKVCache", "TieredOptions"]

@@ -21,7 +21,7 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.errors import ConfigError
-from tierkv.kv.caches.dense import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.models.config import ModelConfig, refuse_windowed_tiers
 
 USES = ("generate", "chat", "score")
@@ -78,7 +78,7 @@ def capacity_class(need: int, limit: int) -> int:
     """The capacity a fixed-capacity cache (static, sparse) is built with for `need` positions: the next power of
     quarter-octave (1024, 1280, 1536, 1792, 2048, 2560, ...), at most `limit` (the model's context + 1). Caches and captured graphs are kept per class, so
     calls and turns whose lengths fall in one class reuse them; a chat that outgrows its class moves to the next
-    (its state copied by kv/caches/dense.copy_state) and captures once more."""
+    (its state copied by kv/caches/base.copy_state) and captures once more."""
     step = 1 << max(0, max(need, 1024) - 1).bit_length() - 3  # four classes per octave: at most 25% unused
     return min(-(-max(need, 1024) // step) * step, max(limit, need))
 

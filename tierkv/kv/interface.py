@@ -1,8 +1,8 @@
 """The cache contract beyond append/attend/advance, as explicit hooks with defaults: what tierkv/graph.py needs to
 capture and replay a decode step, what tierkv/models/llama.py offers a cache that prefetches picks, and the session
-state that save/resume, rollback and growth move (tierkv/session.py, tierkv/chat.py, kv/caches/dense.copy_state).
+state that save/resume, rollback and growth move (tierkv/session.py, tierkv/chat.py, kv/caches/base.copy_state).
 
-KVCache (kv/caches/dense.py) inherits all three, so a collaborator calls a hook directly instead of probing for it; a
+KVCache (kv/caches/base.py) inherits all three, so a collaborator calls a hook directly instead of probing for it; a
 cache overrides what it does differently.
 """
 

@@ -28,7 +28,7 @@ from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kernels.append_token import append_token
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 from tierkv.kernels.causal_attention import causal_attention
-from tierkv.kv.caches.dense import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.kv.placement.disk import DiskChunks
 from tierkv.kv.caches.sparse_disk import DiskTierSteps, capturing
 from tierkv.kv.caches.sparse_session import SparseSessionState

@@ -18,7 +18,7 @@ from tierkv.config import TierConfig, format_size
 from tierkv.errors import BudgetError, StorageError
 from tierkv.io.prefetch import Prefetcher, Sources, Ticket
 from tierkv.io.staging import StagingRing
-from tierkv.kv.caches.dense import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.kv.storage.layout import ChunkId, ChunkLayout
 from tierkv.kv.placement.manager import DEVICE, DISK, HOST, TIERS, EvictionPolicy, Move, TierBudgets, TierManager
 from tierkv.kernels.online_softmax import OnlineSoftmax
