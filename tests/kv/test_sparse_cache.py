@@ -47,7 +47,7 @@ def placed_cache(model, tier, capacity, place, sparse=OPTS):
     return cache
 
 
-def test_sparse_cache_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
+def test_sparse_cache_gives_the_eager_oracle_tokens_on_smollm2(smol, text_ids):
     model, ids, n = smol.model, text_ids[:1500], 48
     c = model.cfg
     ref = EagerSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32, config=TIER,
