@@ -116,7 +116,7 @@ def test_resident_values_change_no_token_and_spare_the_host_reads(smol, text_ids
 @pytest.mark.cuda
 @pytest.mark.parametrize("place", ["host", "cache", "half", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_replay_gives_the_eager_sparse_cache_tokens_on_cuda(smol_folder, text_ids, dtype, place):
+def test_graph_replay_gives_the_eager_run_tokens_on_cuda(smol_folder, text_ids, dtype, place):
     import tierkv
     from tierkv.graph import GraphStep
 
