@@ -19,7 +19,7 @@ import torch
 import tierkv
 from tierkv.engine import eager_step, prefill
 from tierkv.graph import GraphStep
-from tierkv.kv.static import StaticKVCache
+from tierkv.kv.caches.static import StaticKVCache
 from tierkv.models.build import build_model
 from tierkv.models.config import ModelConfig
 from tierkv.models.shapes import shape_config

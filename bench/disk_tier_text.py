@@ -21,7 +21,7 @@ import tierkv
 from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
-from tierkv.kv.fast_sparse import FastSparseKVCache
+from tierkv.kv.caches.sparse import SparseKVCache
 
 
 def run(llm, ids, steps, tier) -> dict:
@@ -29,8 +29,8 @@ def run(llm, ids, steps, tier) -> dict:
     from tierkv.graph import GraphStep
 
     c, model = llm.cfg, llm.model
-    cache = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
-                              config=tier, capacity=len(ids) + steps + 1, rope=model.rope)
+    cache = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
+                          config=tier, capacity=len(ids) + steps + 1, rope=model.rope)
     try:
         with torch.no_grad():
             logits = prefill(model, torch.tensor(ids, device=model.device), cache, tier.prefill_chunk)

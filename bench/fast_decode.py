@@ -1,4 +1,4 @@
-"""Fast sparse decode (FastSparseKVCache, one CUDA graph per token) on a full-size model shape, with a profile.
+"""Sparse decode (SparseKVCache, one CUDA graph per token) on a full-size model shape, with a profile.
 
     python bench/fast_decode.py --shape llama3.1-8b --context 32K,128K --token-budget 2048 --out fast.json
 
@@ -25,13 +25,13 @@ from tierkv.bench.stages import stage_times
 from tierkv.config import TierConfig, format_size, parse_size
 from tierkv.graph import GraphStep
 from tierkv.kernels.rope import rope_torch
-from tierkv.kv.fast_sparse import FastSparseKVCache
-from tierkv.kv.sparse import SparseOptions
+from tierkv.kv.caches.sparse import SparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
 
 
-def fill(cache: FastSparseKVCache, model, n: int, seed: int, slice_tokens: int = 2048) -> float:
+def fill(cache: SparseKVCache, model, n: int, seed: int, slice_tokens: int = 2048) -> float:
     """Write n synthetic tokens into every layer (see the module docstring). Returns seconds."""
     t0 = time.perf_counter()
     c, dev = model.cfg, model.device
@@ -84,9 +84,9 @@ def run_context(model, ctx: int, args, weights_bytes: int) -> dict:
                       kv_gpu_budget=kv_gpu)
     steps = args.steps + args.eager_steps + 16
     c = model.cfg
-    cache = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=dev, dtype=model.dtype, config=tier,
-                              capacity=ctx + steps, rope=model.rope, chunk_cache=args.chunk_cache,
-                              sparse=SparseOptions(score_rank=args.score_rank))
+    cache = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=dev, dtype=model.dtype, config=tier,
+                          capacity=ctx + steps, rope=model.rope, chunk_cache=args.chunk_cache,
+                          sparse=SparseOptions(score_rank=args.score_rank))
     fill_s = fill(cache, model, ctx, args.seed)
     step = GraphStep(model, cache)
     tok = torch.zeros(1, dtype=torch.long, device=dev)

@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cp bench/results/decode-llama8b-h100-2026-11-26.json "$OUT/decode.json"
 step 170 python bench/fast_decode.py --context 32K,128K,256K --steps 24 --profile --out "$OUT/fd.json"
 step 100 python bench/fast_decode.py --context 32K,128K --steps 24 --reserve 8GiB --out "$OUT/fd_hostonly.json"
-step 400 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/kv/test_fast_sparse.py
+step 400 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/kv/test_sparse_cache.py
 step 60 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget 24GiB --steps 3 --warmup 1 \
     --systems tierkv-sparse-eager --json "$OUT/decode.json" --append
 for ctx in 32K 128K 256K; do

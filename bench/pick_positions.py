@@ -1,6 +1,6 @@
 """Where in the context a sparse decode step's picks fall, on the real default model (SmolLM2, real text:
 pydoc topics, greedy): the share of attended picks in each quarter of the chunks. It is why the GPU-resident
-copies (tierkv/kv/resident.py) hold the last chunks rather than the first.
+copies (tierkv/kv/storage/resident.py) hold the last chunks rather than the first.
 
     python bench/pick_positions.py --context 6144 --steps 32 --out bench/results/x.json
 Ends with one JSON line (machine, date, command).
@@ -14,7 +14,7 @@ import platform
 import torch
 
 import tierkv
-import tierkv.kv.fast_sparse as fast_sparse
+import tierkv.kv.caches.sparse as sparse_kv
 from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
@@ -34,18 +34,18 @@ def main() -> None:
     text = "\n\n".join(topics[k] for k in sorted(topics))
     ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"][:args.context]
     picks = []
-    entries = fast_sparse.sparse_entries
+    entries = sparse_kv.sparse_entries
 
     def recording(top, score, n_picks, *rest, **kw):  # the cache's own entry builder, recording attended picks
         slots, lengths, cids = entries(top, score, n_picks, *rest, **kw)
         picks.append(top[lengths[:, -top.shape[1]:] > 0].clone())
         return slots, lengths, cids
 
-    fast_sparse.sparse_entries = recording
+    sparse_kv.sparse_entries = recording
     tier = TierConfig(attention="sparse")
     c = llm.cfg
-    cache = fast_sparse.FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
-                                          config=tier, capacity=len(ids) + args.steps + 1, rope=llm.model.rope)
+    cache = sparse_kv.SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
+                                    config=tier, capacity=len(ids) + args.steps + 1, rope=llm.model.rope)
     with torch.no_grad():
         logits = prefill(llm.model, torch.tensor(ids), cache, tier.prefill_chunk)
         list(generate_ids(eager_step(llm.model, cache), logits, len(ids), args.steps, set(), GenStats()))

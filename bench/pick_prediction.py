@@ -16,13 +16,13 @@ import argparse
 
 import torch
 
-import tierkv.kv.fast_sparse as fast_sparse
+import tierkv.kv.caches.sparse as sparse_cache
 from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import prefill
 
 
-class PredictionRecorder(fast_sparse.FastSparseKVCache):
+class PredictionRecorder(sparse_cache.SparseKVCache):
     """The graph cache, taking the query the model predicts for layer i+1 after layer i's attention (the pick
     prefetch hook, kv/interface.PickPrefetchHooks) and noting that query's chunk ranking instead of prefetching."""
 
@@ -42,7 +42,7 @@ class PredictionRecorder(fast_sparse.FastSparseKVCache):
 
 def decode_recording(model, cache: PredictionRecorder, token: torch.Tensor, steps: int) -> list[list[tuple]]:
     """Greedy eager decode; per sparse step and layer (actual attended picks as a set per head, predicted top)."""
-    entries = fast_sparse.sparse_entries
+    entries = sparse_cache.sparse_entries
 
     def recording(top, score, n_picks, *rest, **kw):  # the cache's own entry builder, noting attended picks
         out = entries(top, score, n_picks, *rest, **kw)
@@ -50,7 +50,7 @@ def decode_recording(model, cache: PredictionRecorder, token: torch.Tensor, step
         cache.attended.append([set(top[h][picked[h]].tolist()) for h in range(top.shape[0])])
         return out
 
-    fast_sparse.sparse_entries = recording
+    sparse_cache.sparse_entries = recording
     model.rope.ensure(cache.capacity + 1)  # (what the engine's decode step does for the positions it reaches)
     layers, runs = model.cfg.num_layers, []
     try:
@@ -62,7 +62,7 @@ def decode_recording(model, cache: PredictionRecorder, token: torch.Tensor, step
             if len(actual) == layers and len(preds) == layers - 1:  # sparse, fitted before it began
                 runs.append([(actual[i], preds.get(i)) for i in range(layers)])
     finally:
-        fast_sparse.sparse_entries = entries
+        sparse_cache.sparse_entries = entries
     return runs
 
 

@@ -22,7 +22,7 @@ from tierkv.bench.common import emit, run_record
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.graph import GraphStep
-from tierkv.kv.fast_sparse import FastSparseKVCache
+from tierkv.kv.caches.sparse import SparseKVCache
 
 
 def main() -> None:
@@ -42,9 +42,9 @@ def main() -> None:
     budget = float(args.budget) if "." in args.budget else int(args.budget)
     tier = TierConfig(attention="sparse", token_budget=budget)
     c = llm.cfg
-    cache = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
-                              config=tier, capacity=len(ids) + args.steps + 1, rope=llm.model.rope,
-                              track_repeats=True, chunk_cache=True)
+    cache = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
+                          config=tier, capacity=len(ids) + args.steps + 1, rope=llm.model.rope,
+                          track_repeats=True, chunk_cache=True)
     t0 = time.perf_counter()
     stats = GenStats()
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 
 from tierkv.config import parse_size
 from tierkv.engine import prefill
-from tierkv.kv.cache import DenseKVCache
+from tierkv.kv.caches.dense import DenseKVCache
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
 

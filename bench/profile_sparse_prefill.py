@@ -23,17 +23,17 @@ from collections import defaultdict
 import torch
 
 import tierkv
-from tierkv.kv.fast_sparse import FastSparseKVCache
+from tierkv.kv.caches.sparse import SparseKVCache
 from tierkv.models.llama import LlamaModel
 
 STAGES = {  # (class, method) -> stage name; nested stages are subtracted from their parents below
     (LlamaModel, "_attention"): "attention (all)",
     (LlamaModel, "_mlp"): "mlp",
-    (FastSparseKVCache, "append"): "kv append",
-    (FastSparseKVCache, "_attend_exact"): "exact attention",
-    (FastSparseKVCache, "_attend_sparse"): "sparse attention",
-    (FastSparseKVCache, "_fit"): "shadow+index fit",
-    (FastSparseKVCache, "_spill_cold"): "disk spill",
+    (SparseKVCache, "append"): "kv append",
+    (SparseKVCache, "_attend_exact"): "exact attention",
+    (SparseKVCache, "_attend_sparse"): "sparse attention",
+    (SparseKVCache, "_fit"): "shadow+index fit",
+    (SparseKVCache, "_spill_to_disk"): "disk spill",
 }
 
 

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tierkv.engine import eager_step, prefill
 from tierkv.graph import GraphStep
-from tierkv.kv.static import StaticKVCache
+from tierkv.kv.caches.static import StaticKVCache
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
 

@@ -21,8 +21,10 @@ import tierkv
 from tierkv.bench.common import run_record
 from tierkv.bench.fidelity import compare
 from tierkv.engine import eager_step, prefill
-from tierkv.kv.cache import DenseKVCache, KVCache
-from tierkv.kv.sparse import SparseKVCache, SparseOptions
+from tierkv.kv.caches.base import KVCache
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
 
 
 class Recorder(DenseKVCache):
@@ -145,7 +147,7 @@ def main() -> None:
             tier = {k: v for k, v in run.items() if not k.startswith("sp_") and k != "group"}
             sp = SparseOptions(**{k[3:]: v for k, v in run.items() if k.startswith("sp_")})
             cfg = llm.tier.replace(attention="sparse", **tier)
-            cache = SparseKVCache(*shape, device=dev, dtype=dt, config=cfg, sparse=sp, rope=llm.model.rope)
+            cache = EagerSparseKVCache(*shape, device=dev, dtype=dt, config=cfg, sparse=sp, rope=llm.model.rope)
             rec.replay(cache, n)
             lp = decode_rows(llm.model, cache, ids, first)
             st = cache.stats()["sparse"]

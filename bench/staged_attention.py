@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from tierkv.kv.fast_sparse import EXACT_SPAN
-from tierkv.kv.online_softmax import OnlineSoftmax
-from tierkv.kv.cache import causal_attention
+from tierkv.kv.caches.sparse import EXACT_SPAN
+from tierkv.kernels.online_softmax import OnlineSoftmax
+from tierkv.kernels.causal_attention import causal_attention
 
 
 def spans(q, k, v, slice_len, span=EXACT_SPAN):

@@ -21,10 +21,10 @@ import torch
 
 from tierkv.config import TierConfig, parse_size
 from tierkv.engine import eager_step
-from tierkv.kv.cache import KVCache
-from tierkv.kv.static import StaticKVCache
-from tierkv.kv.sparse import SparseKVCache
-from tierkv.kv.tiered import TieredKVCache, TieredOptions
+from tierkv.kv.caches.base import KVCache
+from tierkv.kv.caches.static import StaticKVCache
+from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
+from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
 
@@ -68,8 +68,8 @@ def run_row(model, cfg, context: int, args, **opts) -> dict:
         torch.cuda.reset_peak_memory_stats()
     shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     if args.attention == "sparse":
-        cache = SparseKVCache(*shape, device=device, dtype=dtype, config=tier, options=TieredOptions(**opts),
-                              rope=model.rope)
+        cache = EagerSparseKVCache(*shape, device=device, dtype=dtype, config=tier, options=TieredOptions(**opts),
+                                   rope=model.rope)
     else:
         cache = TieredKVCache(*shape, device=device, dtype=dtype, config=tier, options=TieredOptions(**opts))
     t0 = time.perf_counter()

@@ -93,3 +93,26 @@ def test_no_two_modules_import_each_other():
     both = {tuple(sorted((a, b))) for a in imports for b in imports[a] if a in imports[b]}
     bad = [f"{a} <-> {b}" for a, b in sorted(both) if not b.startswith(a + ".")]
     assert not bad, "; ".join(bad)
+
+
+KV_LAYERS = [{"interface", "storage"}, {"placement"}, {"sparse"}, {"caches"}, {"factory"}]
+
+
+def _kv_layer(module: str) -> int:
+    part = module.split(".")[2]
+    return next(i for i, names in enumerate(KV_LAYERS) if part in names)
+
+
+def test_kv_subpackages_import_downwards():
+    """Inside kv/ (docs/ARCHITECTURE.md): storage, then placement, sparse, caches, factory."""
+    bad = []
+    for path in (ROOT / "kv").rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        if len(rel.parts) < 2 or rel.parts[1] == "__init__":
+            continue
+        own = _kv_layer("tierkv." + ".".join(rel.parts))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tierkv.kv.") \
+                    and _kv_layer(node.module) > own:
+                bad.append(f"{'/'.join(rel.parts)}.py imports {node.module}")
+    assert not bad, "; ".join(bad)

@@ -20,7 +20,7 @@ from tierkv.config import TierConfig, format_size
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.errors import BudgetError, ConfigError, ContextTooLongError, TierKVError
 from tierkv.inputs import require_text
-from tierkv.kv.cache import KVCache, copy_state
+from tierkv.kv.caches.base import KVCache, copy_state
 from tierkv.session import SessionError, check_compatible, model_identity, read_manifest, read_tokens, restore_kv, \
     save_session
 from tierkv.chat_template import render
@@ -224,9 +224,9 @@ class Chat:
         try:
             copy_state(old, new)
         except BaseException:
-            self.llm._release(new)
+            self.llm.release_cache(new)
             raise
-        self.llm._release(old)
+        self.llm.release_cache(old)
         self.cache, self._graph = new, None
 
     # ---- session ---------------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ class Chat:
         """Release the cache (its files and memory) and this session's budget share. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            self.llm._release(self.cache)
+            self.llm.release_cache(self.cache)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from tierkv.kv.cache import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.models.llama import LlamaModel
 from tierkv.sample import Sampler
 from tierkv.sample_config import SamplingConfig

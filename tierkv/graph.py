@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from tierkv.kv.cache import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.models.llama import LlamaModel
 
 # replays of a step that missed chunks on disk (each retry first reads what the last one missed) before it runs

@@ -15,7 +15,7 @@ from tierkv.detokenize import TextStream
 from tierkv.engine import DecodeStep, GenStats, eager_step, generate_ids, prefill
 from tierkv.errors import ConfigError, ContextTooLongError
 from tierkv.graph import GraphStep
-from tierkv.kv.cache import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.kv.factory import CacheRequest, build_cache, capacity_class, choose
 from tierkv.models.build import build_model, random_model
 from tierkv.models.config import ModelConfig
@@ -111,7 +111,7 @@ class LLM:
             kept[0].reset_stats()
             return kept[0]
         if kept is not None:
-            self._release(kept[0])
+            self.release_cache(kept[0])
         cache = self.new_cache(need, use=use)
         if cache.fixed_capacity:
             self._kept[use] = (cache, None)
@@ -142,7 +142,12 @@ class LLM:
     def end_call(self, cache: KVCache) -> None:
         """Release a call's cache unless it is kept for the next call."""
         if all(cache is not kept for kept, _ in self._kept.values()):
-            self._release(cache)
+            self.release_cache(cache)
+
+    @property
+    def newest_cache(self) -> KVCache | None:
+        """The open cache made last (the one a running generate call decodes with), or None."""
+        return self._caches[-1] if self._caches else None
 
     def new_cache(self, capacity: int, *, use: str = "generate", tier: TierConfig | None = None) -> KVCache:
         """A fresh KV cache for one sequence, chosen by tierkv/kv/factory.py for `use` (generate, chat, score)
@@ -279,7 +284,8 @@ class LLM:
             self.end_call(cache)
 
     # --- lifetime -----------------------------------------------------------------------------
-    def _release(self, cache: KVCache) -> None:
+    def release_cache(self, cache: KVCache) -> None:
+        """Close a cache made by `new_cache`/`call_cache` (its files removed) and forget it, kept or not."""
         cache.close()
         if cache in self._caches:
             self._caches.remove(cache)
@@ -312,7 +318,7 @@ class LLM:
     def close(self) -> None:
         """Close every open cache (removing its files). The LLM stays usable for new calls."""
         for cache in list(self._caches):
-            self._release(cache)
+            self.release_cache(cache)
 
     def unload(self) -> None:
         """close(), and release the weight streamer (its thread, spill file and pinned blocks). The LLM is unusable

@@ -6,7 +6,7 @@ Format 2: `session.json` (self-checksummed manifest), `tokens.bin` (int32 LE), `
 pre-RoPE keys). A save fills a sibling temp dir, then swaps it in.
 
 A layer file holds positions [start, num_tokens) (its manifest entry's "start"): 0 for a full-attention layer, the
-oldest position its ring keeps for a sliding-window layer (kv/window_split.py), whose earlier positions are never
+oldest position its ring keeps for a sliding-window layer (kv/caches/window_split.py), whose earlier positions are never
 attended again. Blocks stay aligned to multiples of block_tokens; a layer's first block is cut at its start.
 Format 1 (every layer from 0, no "start") is read as well.
 """
@@ -28,7 +28,7 @@ from tierkv.config import TierConfig
 from tierkv.errors import IntegrityError, StorageError, TierKVError
 from tierkv.io.atomic import crc32, fsync_dir
 from tierkv.io.dirswap import swap_in, recover
-from tierkv.kv.cache import KVCache
+from tierkv.kv.caches.base import KVCache
 
 FORMAT = "tierkv-session"
 SESSION_VERSION = 2

@@ -8,8 +8,8 @@ import torch
 
 from tierkv.bench.oracle_cache import OracleKVCache, oracle_keep
 from tierkv.config import TierConfig
-from tierkv.kv.cache import DenseKVCache
-from tierkv.kv.select import plan_selection
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.sparse.select import plan_selection
 
 C, SINKS, WINDOW = 4, 4, 8  # one sink chunk, two window chunks
 

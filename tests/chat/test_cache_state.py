@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tierkv.config import TierConfig
-from tierkv.kv.cache import DenseKVCache
-from tierkv.kv.tiered import TieredKVCache, TieredOptions
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 L, HQ, HKV, D, C = 2, 4, 2, 8, 4
 CB = 2 * C * HKV * D * 4

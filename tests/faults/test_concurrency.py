@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from tierkv.errors import TierKVError
-from tierkv.kv.cache import DenseKVCache
+from tierkv.kv.caches.dense import DenseKVCache
 from tierkv.session import read_manifest, read_tokens, restore_kv
 
 L, HKV, D, N = 2, 2, 8, 300
 
 WRITER = textwrap.dedent(f"""
     import os, sys, time, torch
-    from tierkv.kv.cache import DenseKVCache
+    from tierkv.kv.caches.dense import DenseKVCache
     from tierkv.session import save_session
     path, writer, saves = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     while not os.path.exists(path + ".go"):  # both start their first save (onto no directory) together

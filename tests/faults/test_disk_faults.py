@@ -18,8 +18,8 @@ import torch
 
 import tierkv
 from tierkv.errors import IntegrityError, StorageError
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.storage.disk import DiskStore
 
 CB = 8192  # llama-tiny chunk bytes at chunk_size 32 in fp32
 PROMPT = [i % 500 for i in range(400)]  # 12 chunks per layer: 4 on the device, 4 in host memory, the rest on disk
@@ -144,8 +144,8 @@ DISK_FULL_MID_RUN = textwrap.dedent("""
     import json, resource, signal, sys, torch
     from tierkv.config import TierConfig
     from tierkv.errors import StorageError
-    from tierkv.kv.cache import DenseKVCache
-    from tierkv.kv.tiered import TieredKVCache, TieredOptions
+    from tierkv.kv.caches.dense import DenseKVCache
+    from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
     L, HKV, D, C = 2, 2, 8, 4
     CB = 2 * C * HKV * D * 4
     cfg = TierConfig(kv_gpu_budget=10 * CB, cpu_budget=4 * CB, disk_dir=sys.argv[1], chunk_size=C, sink_tokens=4,

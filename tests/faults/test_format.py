@@ -14,7 +14,7 @@ import torch
 
 import tierkv
 from tierkv.io.atomic import crc32
-from tierkv.kv.cache import DenseKVCache
+from tierkv.kv.caches.dense import DenseKVCache
 from tierkv.session import MANIFEST, SessionDamagedError, SessionError, read_manifest, restore_kv, save_session
 
 L, HKV, D = 2, 2, 8

@@ -94,7 +94,7 @@ def test_cuda_out_of_memory_names_the_budget_and_the_llm_runs_again():
 LOW_MEMLOCK_CUDA = textwrap.dedent("""
     import json, resource
     resource.setrlimit(resource.RLIMIT_MEMLOCK, (64 * 1024, 64 * 1024))
-    from tierkv.kv.tiers.host import HostPool
+    from tierkv.kv.storage.host import HostPool
     pool = HostPool(64 * 1024, 4096)  # 256 MiB budget; its first 64 MiB block is pinned (or not) at once
     print(json.dumps({"mode": pool.mode, "note": pool.pin_note}))
 """)

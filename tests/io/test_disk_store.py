@@ -13,8 +13,8 @@ import torch
 from tierkv.errors import ConfigError, IntegrityError
 from tierkv.io.atomic import atomic_write, crc32
 from tierkv.io.disk import choose_backend
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.storage.disk import DiskStore
 
 CB = 1000  # deliberately not a multiple of the 4 KiB slot alignment
 
@@ -76,8 +76,8 @@ def test_flipped_byte_raises_integrity_error_naming_the_file(tmp_path):
 DISK_FULL = textwrap.dedent("""
     import json, resource, signal, sys, torch
     from tierkv.errors import StorageError
-    from tierkv.kv.layout import ChunkId
-    from tierkv.kv.tiers.disk import DiskStore
+    from tierkv.kv.storage.layout import ChunkId
+    from tierkv.kv.storage.disk import DiskStore
     store = DiskStore(1000, sys.argv[1], backend="posix")
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096 * 4, 4096 * 4))  # header + 3 slots

@@ -7,8 +7,8 @@ import math
 import torch
 
 from tierkv.io.parallelism import CANDIDATES, measure_read_parallelism
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.storage.disk import DiskStore
 
 
 def test_measurement_picks_a_candidate_and_cleans_up(tmp_path):

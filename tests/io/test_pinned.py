@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tierkv.io.pinned import pinned_empty
-from tierkv.kv.tiers.host import map_pinned
+from tierkv.kv.storage.host import map_pinned
 
 
 @pytest.mark.cuda

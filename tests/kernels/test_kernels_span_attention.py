@@ -9,7 +9,7 @@ import torch
 
 from tests.kernels.kutil import TOL, max_diff, randn
 from tierkv.kernels.span_attention import span_attention_fused, span_attention_torch
-from tierkv.kv.online_softmax import OnlineSoftmax
+from tierkv.kernels.online_softmax import OnlineSoftmax
 
 SHAPES = [(8, 2, 16), (9, 3, 8), (4, 4, 64)]  # (Hq, Hkv, D)
 

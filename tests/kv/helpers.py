@@ -1,4 +1,4 @@
-"""Helpers of the sparse graph cache's tests (test_fast_sparse, test_cold, test_predict) that are not fixtures: the
+"""Helpers of the sparse graph cache's tests (test_sparse_cache, test_disk_placement, test_predict) that are not fixtures: the
 settings they share, greedy decoding through a cache, caches placed on the host, resident or with the chunk cache,
 and the random 8B-shape model for the CUDA tests."""
 
@@ -6,8 +6,8 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.engine import eager_step, generate_ids, prefill, GenStats
-from tierkv.kv.fast_sparse import FastSparseKVCache
-from tierkv.kv.sparse import SparseOptions
+from tierkv.kv.caches.sparse import SparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
 
 # small sinks/window and an absolute budget so that decode picks a few of ~45 candidate chunks per head, and a
 # small fold interval so that new keys are folded into the shadows during the run
@@ -22,20 +22,20 @@ def greedy(model, cache, ids, n, step=None):
     return list(generate_ids(step, logits, len(ids), n, set(), GenStats()))
 
 
-def fast_cache(model, tier, capacity, chunk_cache=False, sparse=OPTS):
-    """A FastSparseKVCache for model holding up to capacity tokens."""
+def new_sparse_cache(model, tier, capacity, chunk_cache=False, sparse=OPTS):
+    """A SparseKVCache for model holding up to capacity tokens."""
     c = model.cfg
-    return FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
+    return SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
                              config=tier, capacity=capacity, rope=model.rope, sparse=sparse, chunk_cache=chunk_cache)
 
 
 def placed_cache(model, tier, capacity, place, sparse=OPTS):
-    """A fast cache whose values are all on the host ("host"), half ("half") or all ("all") resident on the
+    """A sparse cache whose values are all on the host ("host"), half ("half") or all ("all") resident on the
     compute device too, room for keys and values of every chunk ("all_kv"), or with the chunk cache ("cache"):
     kv_gpu_budget sized from the cache's own bytes."""
     if place == "cache":
-        return fast_cache(model, tier, capacity, chunk_cache=True, sparse=sparse)
-    probe = fast_cache(model, tier.replace(kv_gpu_budget=1), capacity, sparse=sparse)
+        return new_sparse_cache(model, tier, capacity, chunk_cache=True, sparse=sparse)
+    probe = new_sparse_cache(model, tier.replace(kv_gpu_budget=1), capacity, sparse=sparse)
     base, n, probe_res = probe._device_bytes(), probe.n_chunks, probe.res.n
     probe.close()
     assert probe_res == 0  # a budget below the shadows leaves no room for values
@@ -43,7 +43,7 @@ def placed_cache(model, tier, capacity, place, sparse=OPTS):
     per_chunk = c.num_layers * tier.chunk_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
     # all_kv: 8 chunks to spare for the shadow and index bases, which the fit adds
     want = {"host": 0, "half": n // 2, "all": n, "all_kv": 2 * n + 9}[place]
-    cache = fast_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity, sparse=sparse)
+    cache = new_sparse_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity, sparse=sparse)
     assert cache.res.n == min(want, n)
     return cache
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.storage.disk import DiskStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,8 +54,8 @@ def test_next_store_reaps_only_dead_unkept_runs(tmp_path):
 
 KILLED = """
 import sys, time, torch
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.storage.disk import DiskStore
 store = DiskStore(64, sys.argv[1], backend="posix")
 store.put(ChunkId(0, 0), torch.arange(64, dtype=torch.uint8))
 print(store.run_dir, flush=True)

@@ -6,8 +6,8 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
-from tierkv.kv.fast_sparse import FastSparseKVCache
-from tierkv.kv.sparse import SparseOptions
+from tierkv.kv.caches.sparse import SparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
 
 TIER = TierConfig(attention="sparse", token_budget=320, sink_tokens=32, window_tokens=64, chunk_size=32)
 OPTS = SparseOptions(fold_tokens=32)
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow  # the real model
 
 def _cache(model, capacity):
     c = model.cfg
-    return FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
-                             config=TIER, capacity=capacity, rope=model.rope, sparse=OPTS)
+    return SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
+                         config=TIER, capacity=capacity, rope=model.rope, sparse=OPTS)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_same_tokens_with_every_step_sparse(runs):
     assert a["stats"]["folds"] == b["stats"]["folds"] >= 1
 
 
-class _WholeLayerCache(FastSparseKVCache):
+class _WholeLayerCache(SparseKVCache):
     """The sparse cache with the whole-layer attention CUDA takes (one causal call per layer), on any device."""
 
     def attends_whole_layer(self, layer: int) -> bool:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tierkv.errors import BudgetError
-from tierkv.kv.layout import ChunkId, ChunkLayout
-from tierkv.kv.manager import DEVICE, DISK, HOST, TIERS, LRUPolicy, Move, TierBudgets, TierManager
+from tierkv.kv.storage.layout import ChunkId, ChunkLayout
+from tierkv.kv.placement.manager import DEVICE, DISK, HOST, TIERS, LRUPolicy, Move, TierBudgets, TierManager
 
 
 def layout(layers=1, chunk=4):

@@ -1,26 +1,26 @@
-"""Prefetch of the next layer's predicted picks (kv/predict.py): it changes no token, its accuracy is measured
+"""Prefetch of the next layer's predicted picks (kv/sparse/predict.py): it changes no token, its accuracy is measured
 (SmolLM2 on real text predicts most picks from the residual one layer early), and what it copies is counted as
 link bytes."""
 
 import pytest
 import torch
 
-from tierkv.kv.fast_sparse import FastSparseKVCache
+from tierkv.kv.caches.sparse import SparseKVCache
 
-from tests.kv.helpers import OPTS, TIER, fast_cache, filled_decode, greedy, random_8b
+from tests.kv.helpers import OPTS, TIER, new_sparse_cache, filled_decode, greedy, random_8b
 
 
 def prefetching(model, tier, capacity, kv_gpu_budget=None):
     c = model.cfg
-    return FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
-                             config=tier.replace(kv_gpu_budget=kv_gpu_budget), capacity=capacity, rope=model.rope,
-                             sparse=OPTS, prefetch=True)
+    return SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
+                         config=tier.replace(kv_gpu_budget=kv_gpu_budget), capacity=capacity, rope=model.rope,
+                         sparse=OPTS, prefetch=True)
 
 
 @pytest.mark.parametrize("resident", [False, True])
 def test_prefetch_changes_no_token_and_predicts_most_picks_on_real_text(smol, text_ids, resident):
     model, ids, n = smol.model, text_ids[:1500], 16
-    plain = fast_cache(model, TIER, len(ids) + n + 1)
+    plain = new_sparse_cache(model, TIER, len(ids) + n + 1)
     budget = None
     if resident:  # values of the last half of the chunks resident: their picks are never copied
         probe = prefetching(model, TIER, len(ids) + n + 1, 1)

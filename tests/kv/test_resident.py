@@ -2,7 +2,7 @@
 
 import torch
 
-from tierkv.kv.resident import ResidentChunks
+from tierkv.kv.storage.resident import ResidentChunks
 
 
 def test_positions_map_to_their_rows_inside_the_copied_chunks_and_to_scratch_before_them():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from tierkv.kv.select import merge_picks, plan_selection
-from tierkv.kv.summary import ChunkLandmarks, LowRankIndex, make_scorer
+from tierkv.kv.sparse.select import merge_picks, plan_on_device, plan_selection
+from tierkv.kv.sparse.index import ChunkLandmarks, LowRankIndex, make_index
 
 HKV, G, D, C = 2, 3, 8, 4
 
@@ -19,6 +19,21 @@ def test_plan_counts_sinks_window_and_open_chunk_in_the_budget():
     assert plan_selection(101, 4, 8, 8, budget_tokens=10).picks == 0  # sinks and window only
     short = plan_selection(10, 4, 8, 8, budget_tokens=4)
     assert (short.sink_end, short.window_start, short.candidates) == (2, 2, 0) and short.dense
+
+
+@pytest.mark.parametrize("budget", [40, 10, 0.25])
+def test_device_plan_equals_the_host_plan(budget):
+    """The captured step's plan (tensors) does plan_selection's arithmetic: same sealed, window, picks (capped at
+    the candidates) and fixed entries sinks | window | open chunk with their valid tokens."""
+    for total in (1, 3, 4, 9, 33, 101, 400):
+        want = plan_selection(total, 4, 8, 8, max(1, int(budget * total)) if isinstance(budget, float) else budget)
+        got = plan_on_device(torch.tensor([total]), 4, sink_chunks=2, window_chunks=2, token_budget=budget)
+        assert (got.total.item(), got.sealed.item(), got.window_start.item()) == (total, want.sealed, want.window_start)
+        assert got.picks.item() == min(want.picks, want.candidates)
+        sinks, window = range(2), range(want.window_start, want.window_start + 2)
+        assert got.fixed_ids.tolist() == [*sinks, *window, want.sealed]
+        assert got.fixed_len.tolist() == [4 if i < want.sink_end else 0 for i in sinks] + \
+            [4 if i < want.sealed else 0 for i in window] + [want.open_tokens]
 
 
 def test_merge_picks_per_head():
@@ -54,7 +69,7 @@ def test_low_rank_index_approximates_with_fewer_dims():
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(64, HKV, D, generator=g) * torch.tensor([4, 3, 2, 1, .1, .1, .1, .1])
     q = torch.randn(HKV * G, D, generator=g)
-    idx = make_scorer("lowrank", HKV, D, 4, C, device=torch.device("cpu"), dtype=torch.float32)
+    idx = make_index("lowrank", HKV, D, 4, C, device=torch.device("cpu"), dtype=torch.float32)
     idx.fit(keys)
     got = idx.top_chunks(q, 0, 16, 4).sort(-1).values
     want = oracle_top(q, keys, 0, 16, 4)
@@ -150,7 +165,7 @@ def same_rows(x: LowRankIndex, y: LowRankIndex, rows, at: int = 0) -> None:
 
 def test_low_rank_index_state_round_trips_and_checks_int8():
     from tierkv.errors import ConfigError
-    from tierkv.kv.sparse_state import check_meta, meta, pack_scorer, unpack_scorer
+    from tierkv.kv.sparse.state import check_meta, meta, pack_index, unpack_index
 
     g = torch.Generator().manual_seed(5)
     keys = torch.randn(30, HKV, D, generator=g)
@@ -160,15 +175,15 @@ def test_low_rank_index_state_round_trips_and_checks_int8():
         return LowRankIndex(HKV, D, 4, C, shared=False, reduce="mass", device=torch.device("cpu"), dtype=torch.float32)
     src = fresh()
     src.fit(keys)
-    state = pack_scorer(src, "x.")
+    state = pack_index(src, "x.")
     assert state["x.coeffs"].dtype == torch.int8 and state["x.row_scale"].shape == (HKV, 30)
     dst = fresh()
-    unpack_scorer(dst, state, "x.")
+    unpack_index(dst, state, "x.")
     assert dst.count == 30 and torch.equal(dst.coeffs, src.coeffs[:, :30]) and torch.equal(dst.row_scale, src.row_scale[:, :30])
     assert torch.equal(dst.top_chunks(q, 1, 6, 2), src.top_chunks(q, 1, 6, 2))
     for name, bad in [("coeffs", state["x.coeffs"].float()), ("row_scale", state["x.row_scale"][:, :29])]:
         with pytest.raises(ConfigError, match=name):
-            unpack_scorer(fresh(), state | {f"x.{name}": bad}, "x.")
+            unpack_index(fresh(), state | {f"x.{name}": bad}, "x.")
     mine = meta(C, 8, 4, "lowrank", 30)
     older = mine.clone()
     older[0] = 1  # saved before the index was int8: refused with a message that names the format

@@ -3,7 +3,7 @@
 import torch
 
 from tierkv.kernels.rope import rope_torch
-from tierkv.kv.shadow import KeyShadow, fit_basis
+from tierkv.kv.sparse.shadow import KeyShadow, fit_basis
 
 HKV, D, C = 2, 8, 4
 

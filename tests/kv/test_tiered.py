@@ -8,8 +8,8 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.errors import BudgetError
-from tierkv.kv.cache import DenseKVCache
-from tierkv.kv.tiered import TieredKVCache, TieredOptions
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 L, HQ, HKV, D, C = 2, 4, 2, 8, 4
 CB = 2 * C * HKV * D * 4  # fp32 chunk bytes = 512
@@ -176,7 +176,7 @@ def test_bf16_runs_and_stays_close_to_dense(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mapped_host_view_reads_in_place():
-    from tierkv.kv.tiers.host import HostPool, probe_mapped_read
+    from tierkv.kv.storage.host import HostPool, probe_mapped_read
 
     assert probe_mapped_read(torch.device("cuda"))
     pool = HostPool(256, 8)
@@ -190,7 +190,7 @@ def test_mapped_host_view_reads_in_place():
 def test_step_stats_difference_keeps_notes_and_subtracts_counters():
     """On CUDA the host tier is read in place and the snapshot carries a "reads" note: advance() diffs snapshots
     every step, and a note must pass through instead of being subtracted."""
-    from tierkv.kv.tiered import _diff
+    from tierkv.kv.caches.tiered import _diff
 
     a = {"bytes_moved": {"host->device": 10}, "hits": {"device": 3, "host": 1}, "hit_rate": {}, "io_wait_s": 0.5,
          "steps": 4, "reads": "by GPU gathers"}

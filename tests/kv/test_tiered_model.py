@@ -18,7 +18,7 @@ def test_tiered_smollm2_matches_dense(smol_folder, text_ids, tmp_path):
     seen = {}
     stream = tiered.stream_ids(prompt, max_new_tokens=64)
     tokens = [next(stream)]
-    cache = tiered._caches[0]
+    cache = tiered.newest_cache
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     seen["disk_files"] = sum(p.stat().st_size for p in files)
     seen["disk_chunks"] = cache.stats()["chunks"]["disk"]

@@ -1,5 +1,5 @@
 """The one sparse cache on every path (kv/factory.py): score() through it computes what the eager oracle
-(kv/sparse.py) computes, and the LLM keeps one cache per capacity class that a second generate call reuses unchanged
+(kv/caches/eager_sparse.py) computes, and the LLM keeps one cache per capacity class that a second generate call reuses unchanged
 (on CUDA: with the same captured graph)."""
 
 import pytest
@@ -8,8 +8,9 @@ import torch
 from tierkv.engine import eager_step, prefill
 from tierkv.kernels import chunk_topk
 from tierkv.kv.factory import build_cache
-from tierkv.kv.fast_sparse import FastSparseKVCache
-from tierkv.kv.sparse import SparseKVCache, SparseOptions
+from tierkv.kv.caches.sparse import SparseKVCache
+from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
 from tierkv.llm import LLM
 
 # 2,048 tokens of context, not the 6K of tests/test_sparse_accuracy.py (which already runs score() through this
@@ -25,14 +26,14 @@ def with_tier(llm: LLM, **tier) -> LLM:
                graph=llm.graph)
 
 
-def oracle_cache(llm: LLM, sparse: SparseOptions | None = None) -> SparseKVCache:
+def oracle_cache(llm: LLM, sparse: SparseOptions | None = None) -> EagerSparseKVCache:
     c = llm.cfg
-    return SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
+    return EagerSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
                          config=llm.tier, rope=llm.model.rope, sparse=sparse)
 
 
 def picked_chunks(index, q: torch.Tensor, plan) -> torch.Tensor:
-    """The chunks (Hkv, k) a sparse step of `plan` (kv/select.py) picks per KV head for q (1, Hq, D) from a low-rank
+    """The chunks (Hkv, k) a sparse step of `plan` (kv/sparse/select.py) picks per KV head for q (1, Hq, D) from a low-rank
     index's rows of its tokens (the new one's included), ascending: the chunk_topk call both caches make."""
     total = plan.sealed * plan.chunk_size + plan.open_tokens
     ids, _ = chunk_topk(index.project_query(q[0]), index.coeffs[:, :total], total, plan.window_start,
@@ -55,7 +56,7 @@ class Lockstep:
 
     prefetches_picks = False
 
-    def __init__(self, cache: FastSparseKVCache, oracle: SparseKVCache) -> None:
+    def __init__(self, cache: SparseKVCache, oracle: EagerSparseKVCache) -> None:
         self.cache, self.oracle = cache, oracle
         self.worst = 0.0  # max |attention output difference| over every layer, slice and step
         self.sparse_attentions = self.pick_differences = 0
@@ -80,7 +81,7 @@ class Lockstep:
         self.worst = max(self.worst, float((out - want).abs().max()))
         if q.shape[0] == 1 and not plan.dense:
             self.sparse_attentions += 1
-            mine, theirs = (picked_chunks(ix, q, plan) for ix in (self.cache.index[layer], self.oracle.scorers[layer]))
+            mine, theirs = (picked_chunks(ix, q, plan) for ix in (self.cache.index[layer], self.oracle.index[layer]))
             self.pick_differences += not torch.equal(mine, theirs)
         return out
 
@@ -98,12 +99,12 @@ def lockstep_score(llm: LLM, run: Lockstep, ids: list[int], prefill_len: int) ->
     return torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
 
-def assert_same_sparse_state(cache: FastSparseKVCache, oracle: SparseKVCache) -> None:
+def assert_same_sparse_state(cache: SparseKVCache, oracle: EagerSparseKVCache) -> None:
     """Bit for bit: every layer's score index (basis, int8 rows and scales of every token) and key shadow (basis,
     coefficients of the covered tokens, the same fit and fold points)."""
     n = cache.seq_len
     for layer in range(cache.num_layers):
-        ix, oix, sh, osh = cache.index[layer], oracle.scorers[layer], cache.shadows[layer], oracle.shadows[layer]
+        ix, oix, sh, osh = cache.index[layer], oracle.index[layer], cache.shadows[layer], oracle.shadows[layer]
         assert sh.covered == osh.covered
         assert torch.equal(ix.basis, oix.basis) and torch.equal(sh.basis, osh.basis)
         assert torch.equal(ix.coeffs[:, :n], oix.coeffs[:, :n])
@@ -141,7 +142,7 @@ def test_the_sparse_cache_fits_and_folds_as_the_oracle_does(smol, text_ids, one_
     folded late would attend a picked chunk out of the window with exact keys where the oracle rebuilds them."""
     llm = with_tier(smol, **{**TIER, "window_tokens": 32})
     c, opts, prompt, ids = llm.cfg, SparseOptions(fold_tokens=64), 600, text_ids[:706]
-    cache = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
+    cache = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=llm.device, dtype=llm.dtype,
                               config=llm.tier, capacity=len(ids) + 1, rope=llm.model.rope, sparse=opts)
     run = Lockstep(cache, oracle_cache(llm, opts))
     try:

@@ -1,4 +1,4 @@
-"""Sliding-window layers in rings, full-attention layers alone in the tiered or sparse cache (kv/window_split.py).
+"""Sliding-window layers in rings, full-attention layers alone in the tiered or sparse cache (kv/caches/window_split.py).
 
 The rings against the dense cache with windows, slice by slice and layer after layer; then random-weight Gemma 3
 (window, full, window) and Mistral (a window on every layer) models: greedy tokens through the sparse cache with a
@@ -15,9 +15,10 @@ import torch
 
 import tierkv
 from tierkv.errors import BudgetError
-from tierkv.kv.cache import DenseKVCache, copy_state
-from tierkv.kv.window_ring import ROLLBACK_ROOM, WindowRings, rings_nbytes
-from tierkv.kv.window_split import WindowSplitKVCache
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.caches.base import copy_state
+from tierkv.kv.caches.window_ring import ROLLBACK_ROOM, WindowRings, rings_nbytes
+from tierkv.kv.caches.window_split import WindowSplitKVCache
 from tests.helpers import save_random_checkpoint
 
 HKV, D = 2, 8

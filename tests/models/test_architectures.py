@@ -8,8 +8,8 @@ import torch
 
 import tierkv
 from tierkv.engine import eager_step, prefill
-from tierkv.kv.cache import DenseKVCache
-from tierkv.kv.static import StaticKVCache
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.caches.static import StaticKVCache
 from tests.helpers import save_random_checkpoint
 
 WINDOWS = {"qwen3": (), "gemma3": (64, None, 64), "mistral_window": (64, 64, 64), "qwen2_window": (None, 64, 64)}

@@ -89,7 +89,7 @@ def test_graph_decode_past_the_window_matches_eager_on_cuda(gguf_path, gemma, dt
 
     from tierkv.engine import GenStats, eager_step, generate_ids
     from tierkv.graph import GraphStep
-    from tierkv.kv.static import StaticKVCache
+    from tierkv.kv.caches.static import StaticKVCache
 
     llm = tierkv.load(str(gguf_path), device="cuda", dtype=dtype)
     c = llm.cfg

@@ -1,5 +1,5 @@
 """A Gemma 3 270M chat session (sparse attention) saves and resumes, with only the global layers' K/V in the tiers:
-the 15 sliding-window layers keep rings of their last 512 + 256 positions on the device (kv/window_split.py). One
+the 15 sliding-window layers keep rings of their last 512 + 256 positions on the device (kv/caches/window_split.py). One
 load per module."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 import tierkv
 from tierkv.chat import Chat
-from tierkv.kv.window_ring import ROLLBACK_ROOM
+from tierkv.kv.caches.window_ring import ROLLBACK_ROOM
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
-from tierkv.kv.cache import DenseKVCache
-from tierkv.kv.static import StaticKVCache
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.caches.static import StaticKVCache
 
 
 def _greedy(llm, cache, prompt, n, step_factory=eager_step):

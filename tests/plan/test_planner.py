@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from tierkv.errors import BudgetError, ConfigError
-from tierkv.kv.window_ring import ROLLBACK_ROOM
+from tierkv.kv.caches.window_ring import ROLLBACK_ROOM
 from tierkv.models.shapes import shape_config
 from tierkv.plan import Bandwidths, PlanDoesNotFitError, PlanInputs, make_plan, spread
 from tierkv.plan.bandwidth import bandwidths_from_probe
@@ -155,7 +155,7 @@ def test_sliding_window_layers_keep_only_their_window():
                                     layer_windows=(None, 64)))
     per = 2 * 2 * 16 * 4
     assert both.gpu["kv_pool"] == 2 * 4096 * per
-    # the window layer's ring (its 64 tokens and the rollback room, kv/window_ring.py) and the tiered cache's
+    # the window layer's ring (its 64 tokens and the rollback room, kv/caches/window_ring.py) and the tiered cache's
     # chunks of the full layer: (1 * 7 + 2 * 128) chunks of 32 * per
     assert windowed.gpu["kv_pool"] == 4096 * per
     assert windowed.gpu["kv_fixed"] == (64 + ROLLBACK_ROOM) * per + 263 * 32 * per

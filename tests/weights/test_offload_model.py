@@ -21,8 +21,8 @@ import tierkv
 from tierkv.config import TierConfig
 from tierkv.engine import prefill
 from tierkv.errors import BudgetError, ConfigError
-from tierkv.kv.fast_sparse import FastSparseKVCache
-from tierkv.kv.sparse import SparseOptions
+from tierkv.kv.caches.sparse import SparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
 from tierkv.weights.store import parse_placement
 
 SHORT = "The capital of France is"
@@ -53,7 +53,7 @@ def layer_prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits of a layer-after-layer prefill (forward_by_layer) into the sparse graph cache, slices of 32."""
     c = model.cfg
     tier = TierConfig(attention="sparse", token_budget=64, sink_tokens=32, window_tokens=32, chunk_size=32)
-    cache = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
+    cache = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device=model.device, dtype=model.dtype,
                               config=tier, capacity=len(ids) + 8, rope=model.rope, sparse=SparseOptions(fold_tokens=32))
     try:
         logits = prefill(model, ids, cache, 32, by_layer=True)

@@ -20,7 +20,8 @@ from tierkv.bench.oracle_cache import OracleKVCache
 from tierkv.config import TierConfig
 from tierkv.engine import GenStats, eager_step, generate_ids, prefill
 from tierkv.errors import ConfigError
-from tierkv.kv.cache import DenseKVCache, KVCache
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.caches.base import KVCache
 
 METHODS = ("full", "sparse", "oracle")
 

@@ -115,7 +115,7 @@ def _mapped(pool: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | No
     """The pool's device-mapped view, or (None, why not)."""
     if device.type != "cuda":
         return None, "no CUDA device"
-    from tierkv.kv.tiers.host import map_pinned, probe_mapped_read
+    from tierkv.kv.storage.host import map_pinned, probe_mapped_read
 
     if not probe_mapped_read(device):
         return None, "mapped pinned reads failed their probe on this machine"

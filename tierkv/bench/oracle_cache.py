@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from tierkv.config import TierConfig
-from tierkv.kv.cache import DenseKVCache
-from tierkv.kv.select import SelectionPlan, plan_selection
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.sparse.select import SelectionPlan, plan_selection
 
 
 class OracleKVCache(DenseKVCache):

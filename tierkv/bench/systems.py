@@ -19,11 +19,11 @@ import torch
 from tierkv.bench.clock import StepClock
 from tierkv.config import TierConfig, format_size
 from tierkv.errors import TierKVError
-from tierkv.kv.layout import ChunkLayout
-from tierkv.kv.window_ring import rings_nbytes
+from tierkv.kv.caches.window_ring import rings_nbytes
+from tierkv.kv.storage.layout import ChunkLayout
 from tierkv.models.config import ModelConfig
 
-# tierkv-sparse decodes as users get it (on CUDA the graph-captured fast sparse cache); tierkv-sparse-eager is the
+# tierkv-sparse decodes as users get it (on CUDA the sparse cache, its step graph-captured); tierkv-sparse-eager is the
 # reference path (--no-graph: the tiered sparse cache, eager); tierkv-sparse-prefetch adds --prefetch-picks
 TIERKV_SYSTEMS = ("tierkv-sparse", "tierkv-sparse-prefetch", "tierkv-sparse-eager", "tierkv-exact")
 HF_SYSTEMS = ("hf-default", "hf-offloaded", "hf-accelerate")
@@ -114,9 +114,9 @@ def free_memory(device: torch.device) -> None:
 def sparse_unavailable() -> str | None:
     """Why tierkv's sparse cache cannot run here, or None when it imports."""
     try:
-        importlib.import_module("tierkv.kv.sparse")
+        importlib.import_module("tierkv.kv.caches.eager_sparse")
     except Exception as e:  # ImportError, or an error inside the module while it is being written
-        return f"tierkv.kv.sparse does not import ({type(e).__name__}: {str(e)[:120]})"
+        return f"tierkv.kv.caches.eager_sparse does not import ({type(e).__name__}: {str(e)[:120]})"
     return None
 
 
@@ -132,7 +132,7 @@ def kv_budget(spec: DecodeSpec, cfg: ModelConfig, weights: int, context: int,
         kv = spec.gpu_budget - weights - spec.reserve
         return (kv if kv > 0 else None), (f"gpu budget {format_size(spec.gpu_budget)} - weights {format_size(weights)}"
                                           f" - reserve {format_size(spec.reserve)}")
-    full = cfg.full_attention_layers  # sliding-window layers keep rings on the device instead (kv/window_split.py)
+    full = cfg.full_attention_layers  # sliding-window layers keep rings on the device instead (kv/caches/window_split.py)
     lay = ChunkLayout(full, cfg.num_kv_heads, cfg.head_dim, spec.chunk_size, spec.dtype)
     tc = TierConfig()
     fixed = (full * (1 + lay.sink_chunks(tc.sink_tokens) + lay.window_chunks(tc.window_tokens)) + 6) \
@@ -197,8 +197,8 @@ def _measure_tierkv(llm, row: Row, spec: DecodeSpec) -> None:
     snaps: dict[str, Any] = {}
 
     def snap(name: str) -> None:
-        cache = llm._caches[-1] if llm._caches else None  # the cache stream_ids is decoding with
-        st = cache.stats() if hasattr(cache, "stats") else None
+        cache = llm.newest_cache  # the cache stream_ids is decoding with
+        st = cache.stats() if cache is not None else None
         snaps[name] = st.get("total") if isinstance(st, dict) else None  # a cache without totals gives no tier numbers
         for key in ("disk_tier", "prefetch", "chunk_cache"):  # the graph cache's whole-run accounts
             if isinstance(st, dict) and key in st:

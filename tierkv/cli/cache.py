@@ -41,7 +41,7 @@ def _size(path: Path) -> int:
 
 
 def _run_owner(run: Path) -> int | None:
-    """The pid in a run directory's name (<date>-<time>-<pid>-<random>, see tierkv/kv/tiers/disk.py) when that
+    """The pid in a run directory's name (<date>-<time>-<pid>-<random>, see tierkv/kv/storage/disk.py) when that
     process is alive; None otherwise."""
     parts = run.name.split("-")
     if len(parts) != 4 or not parts[2].isdigit():

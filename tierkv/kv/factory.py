@@ -4,15 +4,15 @@
 builds what it chose and records the choice on the cache, so `stats()["path"]` names the path that ran.
 
 The rule (README, "Cache paths"):
-- attention="sparse": the sparse cache (kv/fast_sparse.py) for every use: its decode step is captured in a
+- attention="sparse": the sparse cache (kv/caches/sparse.py) for every use: its decode step is captured in a
   CUDA graph on CUDA with graphs on, and the same code runs eagerly elsewhere. The eager tiered sparse cache
-  (kv/sparse.py) is a test oracle only; this rule never returns it.
+  (kv/caches/eager_sparse.py) is a test oracle only; this rule never returns it.
 - full attention with a budget or a disk_dir: the tiered cache (exact attention; moves chunks with host
   decisions, so its decode runs eagerly).
 - full attention, no budgets: everything on the compute device; the static cache (graph-capturable, fixed
   capacity) on CUDA with graphs on, the growable dense cache otherwise.
 A model with sliding-window layers (Gemma 3, Mistral, Qwen2 with use_sliding_window) gets, in place of a sparse or
-tiered cache, kv/window_split.py's: its window layers in rings on the device, only the full-attention layers in the
+tiered cache, kv/caches/window_split.py's: its window layers in rings on the device, only the full-attention layers in the
 sparse or tiered cache (the dense and static caches apply windows themselves).
 """
 
@@ -24,7 +24,7 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.errors import ConfigError
-from tierkv.kv.cache import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.models.config import ModelConfig
 
 USES = ("generate", "chat", "score")
@@ -99,12 +99,12 @@ def build_cache(req: CacheRequest, rope) -> tuple[KVCache, CacheChoice]:
     elif choice.kind in ("sparse", "tiered"):
         cache = _tiered(req, choice, rope, capacity, c.num_layers, req.tier)
     elif choice.kind == "static":
-        from tierkv.kv.static import StaticKVCache
+        from tierkv.kv.caches.static import StaticKVCache
 
         cache = StaticKVCache(c.num_layers, c.num_kv_heads, c.head_dim, **where, capacity=capacity,
                               windows=c.layer_windows)
     else:
-        from tierkv.kv.cache import DenseKVCache
+        from tierkv.kv.caches.dense import DenseKVCache
 
         cache = DenseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, **where, capacity=req.capacity,
                              windows=c.layer_windows)
@@ -118,20 +118,20 @@ def _tiered(req: CacheRequest, choice: CacheChoice, rope, capacity: int, num_lay
     shape = (num_layers, c.num_kv_heads, c.head_dim)
     where = {"device": req.device, "dtype": req.dtype}
     if choice.kind == "sparse":
-        from tierkv.kv.fast_sparse import FastSparseKVCache
+        from tierkv.kv.caches.sparse import SparseKVCache
 
-        return FastSparseKVCache(*shape, **where, config=tier, capacity=capacity, rope=rope,
+        return SparseKVCache(*shape, **where, config=tier, capacity=capacity, rope=rope,
                                  chunk_cache=tier.gpu_chunk_cache, prefetch=tier.prefetch_picks)
-    from tierkv.kv.tiered import TieredKVCache
+    from tierkv.kv.caches.tiered import TieredKVCache
 
     return TieredKVCache(*shape, **where, config=tier)
 
 
 def _window_split(req: CacheRequest, choice: CacheChoice, rope, capacity: int) -> KVCache:
     """Sliding-window layers in rings on the device, the full-attention layers alone in the sparse or tiered cache
-    (kv/window_split.py), whose kv_gpu_budget is what the rings leave."""
-    from tierkv.kv.window_ring import rings_nbytes
-    from tierkv.kv.window_split import WindowSplitKVCache, ring_budget
+    (kv/caches/window_split.py), whose kv_gpu_budget is what the rings leave."""
+    from tierkv.kv.caches.window_ring import rings_nbytes
+    from tierkv.kv.caches.window_split import WindowSplitKVCache, ring_budget
 
     c = req.model
     windows = tuple(c.binding_window(i) for i in range(c.num_layers))  # a window as long as the context: tiers

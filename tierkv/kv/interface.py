@@ -1,8 +1,8 @@
 """The cache contract beyond append/attend/advance, as explicit hooks with defaults: what tierkv/graph.py needs to
 capture and replay a decode step, what tierkv/models/llama.py offers a cache that prefetches picks, and the session
-state that save/resume, rollback and growth move (tierkv/session.py, tierkv/chat.py, kv/cache.copy_state).
+state that save/resume, rollback and growth move (tierkv/session.py, tierkv/chat.py, kv/caches/base.copy_state).
 
-KVCache (kv/cache.py) inherits all three, so a collaborator calls a hook directly instead of probing for it; a
+KVCache (kv/caches/base.py) inherits all three, so a collaborator calls a hook directly instead of probing for it; a
 cache overrides what it does differently.
 """
 
@@ -18,6 +18,8 @@ class GraphHooks:
     seq_len: int = 0
     # bumped whenever a buffer a captured graph reads is reallocated: the graph is captured again then
     buffers_epoch: int = 0
+    # a captured cache's position on the device, (1,) long: where the step writes, moved by `advance` inside the graph
+    pos: torch.Tensor
 
     def needs_eager(self) -> bool:
         """Whether the next decode step makes host decisions (fit, fold, dense step) and so cannot replay."""
@@ -36,7 +38,7 @@ class GraphHooks:
 
 
 class PickPrefetchHooks:
-    """What the model offers a cache that prefetches the next layer's picks (tierkv/kv/predict.py)."""
+    """What the model offers a cache that prefetches the next layer's picks (tierkv/kv/sparse/predict.py)."""
 
     @property
     def prefetches_picks(self) -> bool:

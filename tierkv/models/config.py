@@ -106,7 +106,7 @@ class ModelConfig:
     @property
     def kv_bytes_per_token(self) -> int:
         """K+V bytes one more token adds, at 2 bytes per element: the full-attention layers' only (a sliding-window
-        layer keeps a fixed window, tierkv/kv/window_ring.py)."""
+        layer keeps a fixed window, tierkv/kv/caches/window_ring.py)."""
         return self.full_attention_layers * self.num_kv_heads * self.head_dim * 2 * 2
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tierkv.kernels import dispatch
-from tierkv.kv.cache import KVCache
+from tierkv.kv.caches.base import KVCache
 from tierkv.models.config import ModelConfig
 from tierkv.models.rope import Rope
 from tierkv.weights.linear import linear

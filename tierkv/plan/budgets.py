@@ -21,7 +21,7 @@ def check_gpu_budget(nbytes: int, name: str = "gpu_budget") -> None:
 
 def check_cpu_budget(nbytes: int, name: str = "cpu_budget") -> None:
     """Raise BudgetError when nbytes exceeds the host memory available right now (psutil)."""
-    from tierkv.kv.tiers.host import check_host_budget
+    from tierkv.kv.storage.host import check_host_budget
 
     check_host_budget(nbytes, name)
 

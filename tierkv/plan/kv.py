@@ -1,7 +1,7 @@
 """The KV side of a plan: where the cache's bytes live and what a decode token reads of them, per attention mode.
 
 Full attention reads every cached token each step: GPU-resident KV at HBM speed, the rest over the link (and
-the disk). Sparse attention (tierkv/kv/fast_sparse.py) keeps shadows and the score index on the GPU, all K/V in
+the disk). Sparse attention (tierkv/kv/caches/sparse.py) keeps shadows and the score index on the GPU, all K/V in
 host memory, and reads per step: the index over the whole context, shadow rows of the picks (keys are rebuilt),
 the picks' values and the sinks' and window's keys and values; picks held in the GPU pool of resident values
 are read from HBM. Picks are taken as spread uniformly over the context. Sliding-window layers keep their

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tierkv.kv.window_ring import ROLLBACK_ROOM
+from tierkv.kv.caches.window_ring import ROLLBACK_ROOM
 from tierkv.models.config import ModelConfig
 
 # The sparse cache keeps decode keys exact until this many sealed tokens pile up beyond the shadow
-# (SparseOptions.fold_tokens in tierkv/kv/sparse.py); its pre-RoPE key ring is sized from it.
+# (SparseOptions.fold_tokens in tierkv/kv/caches/eager_sparse.py); its pre-RoPE key ring is sized from it.
 FOLD_TOKENS = 512
 # GPU bytes the planner keeps free of everything it counts: cuBLAS workspaces, CUDA graph pools, the allocator's
 # rounding. An allowance, not a measurement: the issue-18 bench compares the measured peak with the budget.
@@ -60,7 +60,7 @@ def kv_token_bytes_per_layer(cfg: ModelConfig, elem_bytes: int) -> int:
 
 
 def window_kv_bytes(cfg: ModelConfig, elem_bytes: int, windows: tuple[int | None, ...], context: int) -> int:
-    """GPU bytes of the K/V rings of the sliding-window layers (kv/window_ring.py): min(window + the rings' rollback
+    """GPU bytes of the K/V rings of the sliding-window layers (kv/caches/window_ring.py): min(window + the rings' rollback
     room, context) tokens each."""
     per = kv_token_bytes_per_layer(cfg, elem_bytes)
     return sum(min(w + ROLLBACK_ROOM, context) * per for w in windows if w is not None)
@@ -84,7 +84,7 @@ def capacity_tokens(context: int, chunk: int) -> int:
 
 
 def sparse_gpu_bytes_per_layer(cfg: ModelConfig, elem_bytes: int, context: int, sp: SparseShape) -> int:
-    """GPU bytes one full-attention layer's sparse cache holds besides resident values (tierkv/kv/fast_sparse.py):
+    """GPU bytes one full-attention layer's sparse cache holds besides resident values (tierkv/kv/caches/sparse.py):
     shadow coefficients (tokens x rank, model dtype) and basis (rank x Hkv*D); the score index, int8 rows of
     score_rank plus one fp32 scale per token and KV head, and its basis (Hkv x score_rank x D); the pre-RoPE key
     ring (FOLD_TOKENS + 2 chunks + one prefill slice); one outlier flag byte per chunk."""

@@ -12,8 +12,8 @@ import torch
 
 from tierkv.errors import ConfigError
 from tierkv.kernels.rope import rotate_half
-from tierkv.kv.shadow import KeyShadow
-from tierkv.kv.summary import SCORERS, ChunkLandmarks, LowRankIndex
+from tierkv.kv.sparse.shadow import KeyShadow
+from tierkv.kv.sparse.index import SCORERS, ChunkLandmarks, LowRankIndex
 
 STATE_VERSION = 2  # 2: the score index holds int8 coefficients and fp32 row scales
 
@@ -65,7 +65,7 @@ def unpack_shadow(sh: KeyShadow, t: dict[str, torch.Tensor], prefix: str) -> Non
     sh.predicted_sq_err = t[f"{prefix}predicted_sq_err"].to(dev)
 
 
-def pack_scorer(sc, prefix: str) -> dict[str, torch.Tensor]:
+def pack_index(sc, prefix: str) -> dict[str, torch.Tensor]:
     """A fitted scorer's state (LowRankIndex: basis, the int8 coefficients and row scales of indexed tokens;
     landmarks)."""
     if isinstance(sc, LowRankIndex):
@@ -76,8 +76,8 @@ def pack_scorer(sc, prefix: str) -> dict[str, torch.Tensor]:
     raise TypeError(f"no session state for scorer {type(sc).__name__}")
 
 
-def unpack_scorer(sc, t: dict[str, torch.Tensor], prefix: str) -> None:
-    """Restore `pack_scorer`'s tensors into a fresh scorer of the same kind and shape. Mutates sc."""
+def unpack_index(sc, t: dict[str, torch.Tensor], prefix: str) -> None:
+    """Restore `pack_index`'s tensors into a fresh scorer of the same kind and shape. Mutates sc."""
     dev = sc.coeffs.device if isinstance(sc, LowRankIndex) else sc.lo.device
     if isinstance(sc, LowRankIndex):
         lead = () if sc.shared else (sc.hkv,)
@@ -90,7 +90,7 @@ def unpack_scorer(sc, t: dict[str, torch.Tensor], prefix: str) -> None:
         sc.lo, sc.hi, sc.tail = (t[f"{prefix}{n}"].to(dev) for n in ("lo", "hi", "tail"))
 
 
-def trim_scorer(sc, n: int, keys) -> None:
+def trim_index(sc, n: int, keys) -> None:
     """Forget indexed tokens >= n. keys(start, end) -> post-RoPE keys (end-start, Hkv, D) from the tiers, read
     only by landmark scorers (whose unfinished chunk is rebuilt). Mutates sc."""
     if isinstance(sc, LowRankIndex):

@@ -22,6 +22,12 @@ def fit_basis(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return basis_from_gram(xf.T @ xf, rank)
 
 
+def fold_due(total: int, covered: int, chunk_size: int, fold_tokens: int) -> bool:
+    """The fold rule of both sparse caches: fold once >= fold_tokens sealed tokens (of `total`) lie beyond the
+    `covered` tokens the shadow holds."""
+    return (total // chunk_size) * chunk_size - covered >= fold_tokens
+
+
 def grown_capacity(need: int, cap: int) -> int:
     """Rows to allocate when a per-token buffer of `cap` rows must hold `need`: an eighth more than now, not
     double, since at long context these buffers are GiBs of GPU memory outside the KV budget."""

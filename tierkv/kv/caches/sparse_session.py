@@ -1,44 +1,44 @@
 """The sparse graph cache's session state and rollback: K/V export and import across tiers (the disk tier
 included), the shadows, index and unfolded pre-RoPE keys as named tensors, and `truncate`. A mixin of
-FastSparseKVCache (kv/fast_sparse.py): it uses the cache's pool, shadows, index and ring.
+SparseKVCache (kv/caches/sparse.py): it uses the cache's pool, shadows, index and ring.
 
-The rule for a cut (as kv/sparse.py's oracle): the fit is kept when the cut leaves every token it was fitted on and
-every folded token; otherwise the cache is unfitted and refits at its next sparse step, with the pre-RoPE keys of
-folded tokens recovered from the stored post-RoPE keys (kv/sparse_state.unrope) and the unfolded ones, exact,
-from the ring. The refit writes the new bases in place, so a captured graph stays valid (`buffers_epoch` moves
-only when a buffer is reallocated: the host pool on a spill, the resident copies).
+The rule for a cut (as the oracle's, kv/caches/eager_sparse.py): the fit is kept when the cut leaves every token it
+was fitted on and every folded token; otherwise the cache is unfitted and refits at its next sparse step, with the
+pre-RoPE keys of folded tokens recovered from the stored post-RoPE keys (kv/sparse/state.unrope) and the unfolded
+ones, exact, from the ring. The refit writes the new bases in place, so a captured graph stays valid
+(`buffers_epoch` moves only when a buffer is reallocated: the host pool on a spill, the resident copies).
 """
 
 from __future__ import annotations
 
 import torch
 
-from tierkv.kv.sparse_state import SCORERS, check_meta, checked, unrope
+from tierkv.kv.sparse.state import SCORERS, check_meta, checked, unrope
 
 # 3: the graph-capturable cache's own layout (shadow and index of every layer fitted together, one fit point);
-# the oracle's sessions (format 2, kv/sparse.py) are refused with check_meta's message
+# the oracle's sessions (format 2, kv/caches/eager_sparse.py) are refused with check_meta's message
 STATE_VERSION = 3
 
 
 class SparseSessionState:
-    """FastSparseKVCache's export/import, extra state and truncate."""
+    """SparseKVCache's export/import, extra state and truncate."""
 
     # ---- K/V across tiers ----------------------------------------------------------------------------
     def read_kv(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of layer's post-RoPE K and V of positions [start, end), (T, Hkv, D) each on the compute device,
         from the host pool and, for the disk region, from disk (blocks on reads). Between forwards or eagerly."""
         k_pool, v_pool = self._flat(self.k_host, layer), self._flat(self.v_host, layer)
-        cold, c = self.cold, self.chunk
-        if cold is None:
+        dc, c = self.disk_chunks, self.chunk
+        if dc is None:
             return k_pool[start:end].clone(), v_pool[start:end].clone()
-        lo, hi, off = cold.lo * c, cold.hi * c, self.row_shift
+        lo, hi, off = dc.lo * c, dc.hi * c, self.row_shift
         ks, vs = [], []
         if start < min(end, lo):
             ks.append(k_pool[start:min(end, lo)].clone())
             vs.append(v_pool[start:min(end, lo)].clone())
         a, b = max(start, lo), min(end, hi)
         if a < b:
-            k, v = cold.read_tokens(layer, a, b, self.dtype, (self.hkv, self.d))
+            k, v = dc.read_tokens(layer, a, b, self.dtype, (self.hkv, self.d))
             ks.append(k.to(self.device))
             vs.append(v.to(self.device))
         if max(start, hi) < end:
@@ -56,7 +56,7 @@ class SparseSessionState:
     def begin_import(self, num_tokens: int) -> None:
         super().begin_import(num_tokens)
         if num_tokens > self.capacity:
-            raise RuntimeError(f"FastSparseKVCache holds {self.capacity} tokens; {num_tokens} were asked for")
+            raise RuntimeError(f"SparseKVCache holds {self.capacity} tokens; {num_tokens} were asked for")
 
     def import_kv(self, layer: int, start: int, kv: torch.Tensor) -> None:
         """Write kv (2, T, Hkv, D) at positions [start, start+T) of the pool and the resident copies."""
@@ -142,7 +142,7 @@ class SparseSessionState:
             self._mark_outliers(layer, 0, cov)
         self.fitted, self.fit_at = True, int(tensors["sparse.fit_at"])
         self._keep_outlier_keys(n)
-        self._spill_cold(n)
+        self._spill_to_disk(n)
 
     def _ring_rows(self, start: int, end: int) -> torch.Tensor:
         return torch.arange(start, end, device=self.device).remainder(self.ring)
@@ -169,7 +169,7 @@ class SparseSessionState:
     def _unfit(self, n: int) -> None:
         """Drop the fit: bring chunks on disk back to the host pool (the refit spills again), and buffer the pre-RoPE
         keys of [0, n) for the refit: folded ones un-rotated from the pool, unfolded ones from the ring."""
-        if self.cold is not None:
+        if self.disk_chunks is not None:
             self._unspill(n)
         self.rope.ensure(n + 1)
         for layer in range(self.num_layers):

@@ -14,7 +14,7 @@ import torch
 from tierkv.kernels import chunk_topk
 from tierkv.kernels.append_token import quantize_rows
 from tierkv.kernels.chunk_topk import select_top_chunks
-from tierkv.kv.shadow import basis_from_gram, fit_basis, grown_capacity
+from tierkv.kv.sparse.shadow import basis_from_gram, fit_basis, grown_capacity
 
 SCORERS = ("lowrank", "lowrank-shared", "mean", "minmax")
 
@@ -167,7 +167,7 @@ class ChunkLandmarks:
         return ids
 
 
-def make_scorer(kind: str, num_kv_heads: int, head_dim: int, rank: int, chunk_size: int, *,
+def make_index(kind: str, num_kv_heads: int, head_dim: int, rank: int, chunk_size: int, *,
                 device: torch.device, dtype: torch.dtype, reduce: str = "mass"):
     """A fresh scorer of `kind` (one of SCORERS) for one layer."""
     if kind in ("lowrank", "lowrank-shared"):

@@ -1,4 +1,4 @@
-"""FastSparseKVCache: sparse decode whose steps are safe to capture in a CUDA graph.
+"""SparseKVCache: sparse decode whose steps are safe to capture in a CUDA graph.
 
 Every token's K and V live in one pinned host pool that the GPU reads in place (mapped, zero-copy); the GPU
 holds the low-rank key shadows, the score index (int8), a small ring of recent pre-RoPE keys and, in what
@@ -9,8 +9,8 @@ with picked keys rebuilt from the shadow: no host sync and no host decision, so 
 An optional GPU chunk cache (chunk_cache=True) keeps, per layer and KV head, chunks picked in earlier steps (on
 real text most picks repeat from one step to the next): only missed picks cross the host link, then attention
 reads every pick from the cache (with prefetch=True, predicted picks are copied there a layer ahead:
-kv/predict.py). With a disk_dir and a cpu_budget below the pool, the oldest chunks move to disk after prefill
-(kv/fast_sparse_disk.py, kv/cold.py).
+kv/sparse/predict.py). With a disk_dir and a cpu_budget below the pool, the oldest chunks move to disk after prefill
+(kv/caches/sparse_disk.py, kv/placement/disk.py).
 Fitting the shadows and folding new keys into them happen in the few steps that run eagerly (`needs_eager`).
 """
 
@@ -27,19 +27,20 @@ from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kernels.append_token import append_token
 from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
-from tierkv.kv.cache import KVCache, causal_attention
-from tierkv.kv.cold import ColdChunks
-from tierkv.kv.fast_sparse_disk import DiskTierSteps, capturing
-from tierkv.kv.fast_sparse_state import SparseSessionState
-from tierkv.kv.layer_prefill import LayerPrefillSteps
-from tierkv.kv.online_softmax import OnlineSoftmax
-from tierkv.kv.predict import PickPrefetch
-from tierkv.kv.resident import ResidentChunks
-from tierkv.kv.select import plan_selection
-from tierkv.kv.shadow import KeyShadow
-from tierkv.kv.sparse import RopeTables, SparseOptions
-from tierkv.kv.summary import LowRankIndex
-from tierkv.kv.tiers.host import check_host_budget, map_pinned
+from tierkv.kernels.causal_attention import causal_attention
+from tierkv.kv.caches.base import KVCache
+from tierkv.kv.placement.disk import DiskChunks
+from tierkv.kv.caches.sparse_disk import DiskTierSteps, capturing
+from tierkv.kv.caches.sparse_session import SparseSessionState
+from tierkv.kv.caches.layer_prefill import LayerPrefillSteps
+from tierkv.kernels.online_softmax import OnlineSoftmax
+from tierkv.kv.sparse.predict import PickPrefetch
+from tierkv.kv.storage.resident import ResidentChunks
+from tierkv.kv.sparse.select import DeviceStepPlan, plan_on_device, plan_step
+from tierkv.kv.sparse.shadow import KeyShadow, fold_due
+from tierkv.kv.sparse.options import RopeTables, SparseOptions
+from tierkv.kv.sparse.index import LowRankIndex
+from tierkv.kv.storage.host import check_host_budget, map_pinned
 
 
 FIT_SLICE = 16384  # tokens per slice when fitting shadows and index (rounded down to whole chunks)
@@ -50,10 +51,10 @@ EXACT_SPAN = 16384
 AUTO_RESERVE = 3 * 1024**3
 
 
-class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCache):
+class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCache):
     """Fixed-capacity sparse cache (attention="sparse") whose decode step is graph-capturable.
 
-    Selection semantics equal SparseKVCache's (same plan, scorer, fold rule and key rebuild), so the two give
+    Selection semantics equal EagerSparseKVCache's (same plan, scorer, fold rule and key rebuild), so the two give
     the same tokens; only where bytes live differs. `pos` (1,) on the device mirrors seq_len.
     """
 
@@ -66,7 +67,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
                  track_repeats: bool = False, chunk_cache: bool = False, prefetch: bool = False) -> None:
         self.sp = sp = sparse or SparseOptions()
         if sp.scorer != "lowrank" or not sp.rebuild:
-            raise ValueError("FastSparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
+            raise ValueError("SparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
         self.device, self.dtype, self.config, self.rope = torch.device(device), dtype, config, rope
         self.num_layers, self.hkv, self.d = num_layers, num_kv_heads, head_dim
         c = self.chunk = config.chunk_size
@@ -74,6 +75,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         self.capacity = self.n_chunks * c
         self.seq_len = 0
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.step_plan: DeviceStepPlan | None = None  # this step's plan, made at layer 0 (read by kv/sparse/predict.py)
         # pre-RoPE keys of tokens not yet folded into the shadow; a fold happens before fold_tokens + a chunk
         # accumulate, and one append adds at most max_append (a prefill slice)
         self.max_append = max_append or config.prefill_chunk
@@ -93,7 +95,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         # bumped whenever a buffer that a captured decode graph reads is reallocated (pool, fit, resident copies,
         # disk tier): tierkv/graph.py captures again then
         self.buffers_epoch = 0
-        self._cold_step_ran = False
+        self._disk_step_ran = False
         self.sink_chunks = -(-config.sink_tokens // c)
         self.window_chunks = -(-config.window_tokens // c)
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
@@ -126,21 +128,21 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             self._repeats = torch.zeros(2, dtype=torch.long, device=self.device)  # repeated picks, picks
         self._alloc_resident()
         self.prefetch = PickPrefetch(self) if prefetch else None
-        self.cold: ColdChunks | None = None  # the oldest chunks on disk once cpu_budget binds (`_spill_cold`)
+        self.disk_chunks: DiskChunks | None = None  # the oldest chunks on disk once cpu_budget binds (`_spill_to_disk`)
 
     # ---- storage ------------------------------------------------------------------------------------
     def _alloc_host_pool(self) -> None:
         """K and V of every position, (L, N, C, Hkv, D) each, pinned and mapped for the GPU (plain on the CPU).
         With a disk_dir, cpu_budget binds from the first sparse step: prefill attends every earlier token, so the
-        pool holds them all until the oldest chunks move to disk (`_spill_cold`)."""
+        pool holds them all until the oldest chunks move to disk (`_spill_to_disk`)."""
         shape = (self.num_layers, self.n_chunks, self.chunk, self.hkv, self.d)
         nbytes = math.prod(shape) * torch.finfo(self.dtype).bits // 8
         budget = self.config.cpu_budget
         if budget is not None and 2 * nbytes > budget and self.config.disk_dir is None:
             raise BudgetError(f"cpu_budget={format_size(budget)} cannot hold the {format_size(2 * nbytes)} of K/V that "
                               f"{self.capacity} tokens need in host memory; raise cpu_budget or give disk_dir")
-        if budget is not None and 2 * nbytes > budget and budget < self._min_cold_host():
-            raise BudgetError(f"cpu_budget={format_size(budget)} is below the {format_size(self._min_cold_host())} of "
+        if budget is not None and 2 * nbytes > budget and budget < self._min_disk_host():
+            raise BudgetError(f"cpu_budget={format_size(budget)} is below the {format_size(self._min_disk_host())} of "
                               f"host memory the sparse cache needs at least (sinks, window and slots for chunks read "
                               f"from disk); raise cpu_budget")
         self._set_pool(shape)
@@ -162,7 +164,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         self.buffers_epoch += 1
 
     def _alloc_resident(self, keys: bool = False) -> None:
-        """GPU copies (tierkv/kv/resident.py) of the values (keys=True: and keys) of as many of the last chunks as
+        """GPU copies (kv/storage/resident.py) of the values (keys=True: and keys) of as many of the last chunks as
         kv_gpu_budget leaves after the shadows, index and ring (no budget: free CUDA memory less AUTO_RESERVE; none
         on the CPU, where the pool already is the compute device's memory, nor beside the chunk cache)."""
         self.buffers_epoch += 1
@@ -213,8 +215,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         return self.shadows[-1].covered
 
     def _fold_due(self, total: int, covered: int) -> bool:
-        """SparseKVCache's rule: fold once >= fold_tokens sealed tokens lie beyond the shadow."""
-        return (total // self.chunk) * self.chunk - covered >= self.sp.fold_tokens
+        return fold_due(total, covered, self.chunk, self.sp.fold_tokens)
 
     def _flat(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
         return pool[layer].view(-1, self.hkv, self.d)  # (rows * C, Hkv, D); token p at row p - row_shift
@@ -224,15 +225,15 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         """Store k, v, k_pre (T, Hkv, D) at positions [seq_len, seq_len+T) (T == 1: at the device `pos`).
         Mutates; a multi-token append or an eager step may fit or fold the shadow (host decisions)."""
         if k_pre is None:
-            raise ValueError("FastSparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
+            raise ValueError("SparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
         if self.staging is not None:
             return self._stage(layer, k, v, k_pre)
         t = k.shape[0]
         if t > self.max_append:
-            raise ValueError(f"FastSparseKVCache takes at most {self.max_append} tokens per append (a prefill slice); "
+            raise ValueError(f"SparseKVCache takes at most {self.max_append} tokens per append (a prefill slice); "
                              f"got {t}")
         if self.seq_len + t > self.capacity:
-            raise RuntimeError(f"FastSparseKVCache holds {self.capacity} tokens; {self.seq_len + t} were asked for")
+            raise RuntimeError(f"SparseKVCache holds {self.capacity} tokens; {self.seq_len + t} were asked for")
         if t == 1:
             if layer == 0:  # the same slots in every layer: once per step
                 self._ring_at, self._res_at = self.pos.remainder(self.ring), self.res.rows(self.pos)
@@ -269,7 +270,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             return
         end = (total // self.chunk) * self.chunk
         at = torch.arange(start, end, device=self.device)
-        off = self.row_shift  # folds are of recent tokens: never in the cold region
+        off = self.row_shift  # folds are of recent tokens: never in the disk region
         self.shadows[layer].fold(self.k_pre[layer].index_select(0, at.remainder(self.ring)),
                                  self._flat(self.k_host, layer)[start - off:end - off])
         self._mark_outliers(layer, start, end)
@@ -283,7 +284,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             self.covered_chunks.fill_(end // c)
 
     def _fit(self, layer: int, total: int) -> None:
-        """The first sparse step: fit on the tokens before it (SparseKVCache's rule), pre-RoPE keys from the host
+        """The first sparse step: fit on the tokens before it (EagerSparseKVCache's rule), pre-RoPE keys from the host
         buffer and post-RoPE keys from the pool, then index this step's token as any later one. Eager only."""
         pre = torch.cat(self._fit_buf[layer])  # (total, Hkv, D) on the host
         self._fit_buf[layer] = []
@@ -325,7 +326,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         result equals a fresh prefill of the new tokens (which fits on all of them)."""
         self.fitted, self.fit_at = True, total
         self._keep_outlier_keys(total)
-        self._spill_cold(total)
+        self._spill_to_disk(total)
 
     # ---- attention ----------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -341,18 +342,17 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             self._fit(layer, total)
         if layer == 0:
             self._n["sparse_steps"] += 1
-            if self.cold is not None and not capturing():
-                self.cold.begin_step()
-                self._cold_step_ran = True
+            if self.disk_chunks is not None and not capturing():
+                self.disk_chunks.begin_step()
+                self._disk_step_ran = True
         return self._attend_sparse(layer, q)
 
     def _plan(self, total: int):
-        cfg = self.config
-        return plan_selection(total, self.chunk, cfg.sink_tokens, cfg.window_tokens, cfg.budget_tokens(total))
+        return plan_step(total, self.config)
 
     def _attend_exact(self, layer: int, q: torch.Tensor, total: int) -> torch.Tensor:
         """Exact attention over every stored token (the disk region read back from disk, span by span)."""
-        return self._exact_over(q, total, lambda s, e: self.read_kv(layer, s, e), self.cold is None)
+        return self._exact_over(q, total, lambda s, e: self.read_kv(layer, s, e), self.disk_chunks is None)
 
     def _exact_over(self, q: torch.Tensor, total: int, read, whole_ok: bool,
                     span: int | None = None) -> torch.Tensor:
@@ -368,30 +368,10 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         acc.add_span(*read(start, total), causal=True)
         return acc.result()
 
-    def _step_plan(self) -> tuple[torch.Tensor, ...]:
-        """Device-side plan of this step (plan_selection's arithmetic on tensors) and its fixed entries."""
-        c = self.chunk
-        total = self.pos + 1  # (1,)
-        sealed = torch.div(total, c, rounding_mode="floor")
-        sink_end = torch.clamp(sealed, max=self.sink_chunks)
-        window_start = torch.maximum(sink_end, sealed - self.window_chunks)
-        tb = self.config.token_budget
-        budget = (total.double() * tb).floor().long().clamp_min(1) if isinstance(tb, float) else torch.full_like(total, tb)
-        fixed = (sink_end + sealed - window_start) * c + total - sealed * c
-        picks = torch.clamp(torch.div(budget - fixed, c, rounding_mode="floor"), min=0)
-        picks = torch.minimum(picks, window_start - sink_end)
-        # fixed entries: sinks | window | open chunk, with their valid tokens
-        sink_ids = torch.arange(self.sink_chunks, device=self.device)
-        win_ids = window_start + torch.arange(self.window_chunks, device=self.device)
-        fixed_ids = torch.cat([sink_ids, win_ids, sealed])  # (F,)
-        fixed_len = torch.cat([torch.where(sink_ids < sink_end, c, 0), torch.where(win_ids < sealed, c, 0),
-                               total - sealed * c])
-        return total, sealed, window_start, picks, fixed_ids, fixed_len
-
     def rank_chunks(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer's best candidate chunks for query q (1, Hq, D) under this step's plan (made by layer 0's sparse
         attention of the step): (chunk ids, scores), each (Hkv, K). Does not mutate; graph-safe."""
-        total, _, window_start, *_ = self._step
+        total, _, window_start, *_ = self.step_plan
         ix = self.index[layer]
         return chunk_topk(ix.project_query(q[0]), ix.coeffs, total, window_start, self.max_picks, self.chunk,
                           1.0 / math.sqrt(self.d), self.sink_chunks, self.sp.reduce, row_scale=ix.row_scale)
@@ -400,14 +380,15 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         """q (1, Hq, D) -> (1, Hq, D). Graph-safe: fixed shapes, no host sync."""
         c = self.chunk
         if layer == 0:  # the plan and the fixed entries are the same in every layer: once per step
-            self._step = self._step_plan()
-        total, sealed, window_start, picks, fixed_ids, fixed_len = self._step
+            self.step_plan = plan_on_device(self.pos + 1, c, self.sink_chunks, self.window_chunks,
+                                            self.config.token_budget)
+        total, sealed, window_start, picks, fixed_ids, fixed_len = self.step_plan
         top, score = self.rank_chunks(layer, q)  # (Hkv, K)
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],
                                               fixed_ids, fixed_len, c, self.n_chunks, self.read_counts,
                                               (self.res.start, self.n_chunks))
-        if self.cold is not None:
-            slots, lengths = self._cold_rows(layer, slots, lengths, fixed_ids.shape[0])
+        if self.disk_chunks is not None:
+            slots, lengths = self._disk_rows(layer, slots, lengths, fixed_ids.shape[0])
         if self.track_repeats:
             self._count_repeats(layer, top, lengths[:, fixed_ids.shape[0]:] > 0)
         cache = None
@@ -418,7 +399,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
                 self.prefetch.score(layer, top, lengths[:, f:] > 0)
             csrc = chunk_cache_assign(top, self.off_gpu(top, lengths[:, f:]), cids[:, f:], self.cached_ids[layer],
                                       self.cache_counts)
-            rows = top if self.cold is None else slots[:, f:]  # pool rows of the picks (chunks on disk: their slot)
+            rows = top if self.disk_chunks is None else slots[:, f:]  # pool rows of picks (on disk: their slot)
             chunk_cache_fill(rows, cids[:, f:], csrc, self.k_host[layer], self.v_host[layer], self.k_cache[layer],
                              self.v_cache[layer])
             cache = (self.k_cache[layer], self.v_cache[layer], csrc)
@@ -438,7 +419,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         return self.prefetch is not None
 
     def predicted_query(self, layer: int, make_q) -> None:
-        """Prefetch `layer`'s likely picks (tierkv/kv/predict.py) for the query make_q() returns, on a captured
+        """Prefetch `layer`'s likely picks (tierkv/kv/sparse/predict.py) for the query make_q() returns, on a captured
         side stream inside a graph; nothing without prefetch, before the fit or in a dense step."""
         if self.prefetch is None or not self.fitted or (not capturing() and self._plan(self.seq_len + 1).dense):
             return
@@ -464,9 +445,9 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
     def advance(self, n: int) -> None:
         self.seq_len += n
         self.pos.add_(n)
-        if self._cold_step_ran and not capturing():  # an eager sparse step with a disk tier: book its picks
-            self._cold_step_ran = False
-            self._book_cold(replayed=False)
+        if self._disk_step_ran and not capturing():  # an eager sparse step with a disk tier: book its picks
+            self._disk_step_ran = False
+            self._book_disk_picks(replayed=False)
 
     def stats(self) -> dict:
         """Step counts, shadow, index and chunk-cache bytes on the device, host pool bytes; `total` holds the bytes
@@ -493,7 +474,7 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
         if self.prefetch is not None:  # predicted chunks copied ahead, right or wrong
             extra["prefetch"] = self.prefetch.stats(self.chunk * self.d * self.dtype.itemsize)
             link += extra["prefetch"]["bytes"]
-        disk = self.cold.stats() if self.cold is not None else None
+        disk = self.disk_chunks.stats() if self.disk_chunks is not None else None
         missed = disk["missed"] if disk else 0  # picks whose chunk was read from disk first
         extra["total"] = {"bytes_moved": {"host->device": link},
                           "hits": {"gpu_chunk_cache": hit, "gpu_resident": res_picks,
@@ -520,18 +501,18 @@ class FastSparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KV
             self.cache_counts.zero_()
 
     def placement_bytes(self) -> dict[str, int]:
-        """Device: shadows, index, ring and resident copies; host: the pinned pool; disk: the cold chunks."""
+        """Device: shadows, index, ring and resident copies; host: the pinned pool; disk: the chunks on disk."""
         return {"device": self._device_bytes() + self.res.nbytes, "host": self.host_bytes,
-                "disk": self.cold.store.nbytes if self.cold is not None else 0}
+                "disk": self.disk_chunks.store.nbytes if self.disk_chunks is not None else 0}
 
     def budget_bytes(self) -> dict[str, int | None]:
         """kv_gpu_budget bounds the device bytes (resident copies fill what the rest leaves), cpu_budget the pool."""
         return {"device": self.config.kv_gpu_budget, "host": self.config.cpu_budget, "disk": None}
 
     def close(self) -> None:
-        if self.cold is not None:
-            self.cold.close()
-            self.cold = None
+        if self.disk_chunks is not None:
+            self.disk_chunks.close()
+            self.disk_chunks = None
         self._host = []
         self.k_host = self.v_host = torch.empty(0)
         self._fit_buf = [[] for _ in range(self.num_layers)]

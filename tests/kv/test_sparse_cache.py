@@ -1,4 +1,4 @@
-"""FastSparseKVCache: the graph-safe sparse cache gives SparseKVCache's tokens (same plan, scorer, fold rule and
+"""SparseKVCache: the graph-safe sparse cache gives EagerSparseKVCache's tokens (same plan, scorer, fold rule and
 key rebuild) on the real model; on CUDA its captured step gives the same tokens as running it eagerly."""
 
 import pytest
@@ -6,18 +6,19 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.engine import prefill
-from tierkv.kv.fast_sparse import FastSparseKVCache
-from tierkv.kv.sparse import SparseKVCache, SparseOptions
+from tierkv.kv.caches.sparse import SparseKVCache
+from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
 
-from tests.kv.helpers import OPTS, TIER, fast_cache, filled_decode, greedy, placed_cache, random_8b
+from tests.kv.helpers import OPTS, TIER, new_sparse_cache, filled_decode, greedy, placed_cache, random_8b
 
 
-def test_fast_sparse_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
+def test_sparse_cache_gives_the_eager_oracle_tokens_on_smollm2(smol, text_ids):
     model, ids, n = smol.model, text_ids[:1500], 48
     c = model.cfg
-    ref = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32, config=TIER,
+    ref = EagerSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32, config=TIER,
                         rope=model.rope, sparse=OPTS)
-    fast = fast_cache(model, TIER, len(ids) + n + 1, chunk_cache=True)  # the cache path against the reference
+    fast = new_sparse_cache(model, TIER, len(ids) + n + 1, chunk_cache=True)  # the cache path against the reference
     try:
         want = greedy(model, ref, ids, n)
         got = greedy(model, fast, ids, n)
@@ -30,13 +31,13 @@ def test_fast_sparse_gives_the_sparse_cache_tokens_on_smollm2(smol, text_ids):
         fast.close()
 
 
-def test_fast_sparse_is_exact_while_the_budget_covers_the_context(smol, text_ids):
+def test_sparse_cache_is_exact_while_the_budget_covers_the_context(smol, text_ids):
     model, ids = smol.model, text_ids[:300]
     tier = TIER.replace(token_budget=4096)
-    fast = fast_cache(model, tier, 400)
+    fast = new_sparse_cache(model, tier, 400)
     try:
         c = model.cfg
-        from tierkv.kv.cache import DenseKVCache
+        from tierkv.kv.caches.dense import DenseKVCache
 
         dense = DenseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32)
         assert greedy(model, fast, ids, 24) == greedy(model, dense, ids, 24)
@@ -45,8 +46,8 @@ def test_fast_sparse_is_exact_while_the_budget_covers_the_context(smol, text_ids
         fast.close()
 
 
-def test_fast_sparse_refuses_a_context_beyond_its_capacity(smol, text_ids):
-    fast = fast_cache(smol.model, TIER, 64)
+def test_sparse_cache_refuses_a_context_beyond_its_capacity(smol, text_ids):
+    fast = new_sparse_cache(smol.model, TIER, 64)
     try:
         with pytest.raises(RuntimeError, match="holds 64 tokens"):
             prefill(smol.model, torch.tensor(text_ids[:100]), fast, 512)
@@ -81,7 +82,7 @@ def test_resident_values_change_no_token_and_spare_the_host_reads(smol, text_ids
 @pytest.mark.cuda
 @pytest.mark.parametrize("place", ["host", "cache", "half", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_replay_gives_the_eager_fast_sparse_tokens_on_cuda(smol_folder, text_ids, dtype, place):
+def test_graph_replay_gives_the_eager_run_tokens_on_cuda(smol_folder, text_ids, dtype, place):
     import tierkv
     from tierkv.graph import GraphStep
 
@@ -112,19 +113,19 @@ def test_graph_replay_gives_the_eager_tokens_on_a_random_8b_shape(place):
     assert runs[0] == runs[1]
 
 
-def test_fast_sparse_refuses_a_cpu_budget_too_small_for_its_capacity(smol):
+def test_sparse_cache_refuses_a_cpu_budget_too_small_for_its_capacity(smol):
     from tierkv.errors import BudgetError
 
     with pytest.raises(BudgetError, match="cpu_budget=1.00 MiB cannot hold"):
-        fast_cache(smol.model, TIER.replace(cpu_budget=1024**2), 100_000)
+        new_sparse_cache(smol.model, TIER.replace(cpu_budget=1024**2), 100_000)
 
 
 def test_chunk_cache_and_repeat_tracking_change_no_token_and_the_cache_serves_every_repeat(smol, text_ids):
     model, ids, n = smol.model, text_ids[:1200], 12
     c = model.cfg
-    plain = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
+    plain = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
                               config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS, chunk_cache=False)
-    tracked = FastSparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
+    tracked = SparseKVCache(c.num_layers, c.num_kv_heads, c.head_dim, device="cpu", dtype=torch.float32,
                                 config=TIER, capacity=len(ids) + n + 1, rope=model.rope, sparse=OPTS,
                                 track_repeats=True, chunk_cache=True)
     try:
@@ -148,12 +149,12 @@ def test_chunk_cache_and_repeat_tracking_change_no_token_and_the_cache_serves_ev
 def test_long_prefill_slices_stream_the_context_in_spans_with_the_same_attention(smol, monkeypatch):
     """Past EXACT_SPAN keys a prefill slice attends span by span (merged by log-sum-exp) instead of copying and
     widening the whole context at once; the output equals the one-shot attention."""
-    import tierkv.kv.fast_sparse as fs
-    from tierkv.kv.cache import causal_attention
+    import tierkv.kv.caches.sparse as fs
+    from tierkv.kernels.causal_attention import causal_attention
 
     model, gen = smol.model, torch.Generator().manual_seed(3)
     c = model.cfg
-    cache = fast_cache(model, TIER, 600)
+    cache = new_sparse_cache(model, TIER, 600)
     try:
         total, t = 530, 70
         for s in range(0, total, 265):

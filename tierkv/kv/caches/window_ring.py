@@ -1,4 +1,4 @@
-"""The K/V of sliding-window layers as fixed rings on the compute device (kv/window_split.py composes them with a
+"""The K/V of sliding-window layers as fixed rings on the compute device (kv/caches/window_split.py composes them with a
 tiered or sparse cache for the full-attention layers).
 
 A layer whose queries see only the last `window` keys never reads an older one again, so it keeps the newest
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from tierkv.kernels import dispatch
-from tierkv.kv.cache import causal_attention
+from tierkv.kernels.causal_attention import causal_attention
 
 # positions a ring keeps beyond its window: how far a chat may roll back without prefilling again
 ROLLBACK_ROOM = 256

@@ -1,10 +1,10 @@
-"""Cold chunks of the sparse graph cache: the oldest chunks' K and V on disk, a few host slots caching them.
+"""Chunks of the sparse graph cache on disk: the oldest chunks' K and V on disk, a few host slots caching them.
 
 When cpu_budget cannot hold every chunk, the graph cache moves chunks [lo, hi) (after the sinks: on real text
 the fewest picks land there) to a DiskStore after prefill and keeps `slots` host rows per layer for them.
-`row_map` (L, N) on the device turns chunk ids into host-pool rows: hot chunks have fixed rows, cold chunks the
+`row_map` (L, N) on the device turns chunk ids into host-pool rows: hot chunks have fixed rows, chunks on disk the
 row of their slot or MISS. Misses are read from disk (on many threads) before the step's attention uses them;
-neighbours of picked cold chunks are read ahead on a thread pool and installed between steps.
+neighbours of picked chunks on disk are read ahead on a thread pool and installed between steps.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import numpy as np
 import torch
 
 from tierkv.config import format_size
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.tiers.disk import DiskStore
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.storage.disk import DiskStore
 
 MISS = -1
-READ_AHEAD = 1  # neighbours on each side of a picked cold chunk that are read ahead
-COLD_THREADS = 8  # scattered 64-KiB reads peak at 8-16 threads on the H100 machine's disk (DESIGN.md)
+READ_AHEAD = 1  # neighbours on each side of a picked chunk on disk that are read ahead
+DISK_READ_THREADS = 8  # scattered 64-KiB reads peak at 8-16 threads on the H100 machine's disk (DESIGN.md)
 MAX_AHEAD = 256  # reads ahead in flight at most: with picks spread evenly they would queue without end
 
 
-def write_cold(store: DiskStore, k_rows: np.ndarray, v_rows: np.ndarray, lo: int, hi: int) -> None:
+def write_disk_chunks(store: DiskStore, k_rows: np.ndarray, v_rows: np.ndarray, lo: int, hi: int) -> None:
     """Write chunks [lo, hi) of every layer, K bytes then V bytes, as one record each. Blocks."""
     buf = np.empty(2 * k_rows.shape[-1], dtype=np.uint8)
     half = k_rows.shape[-1]
@@ -35,11 +35,11 @@ def write_cold(store: DiskStore, k_rows: np.ndarray, v_rows: np.ndarray, lo: int
             store.put(ChunkId(layer, c), torch.from_numpy(buf))
 
 
-class ColdChunks:
+class DiskChunks:
     """Chunks [lo, hi) of every layer on disk; `slots` host rows per layer (pool rows lo .. lo + slots) cache them.
 
     k_rows/v_rows: (L, R, row_bytes) uint8 numpy views of the compact host pool (R rows: [0, lo) the chunks
-    before the cold region, [lo, lo + slots) the cache slots, then chunks [hi, N)). Host-side decisions only;
+    before the disk region, [lo, lo + slots) the cache slots, then chunks [hi, N)). Host-side decisions only;
     every method runs between GPU steps or inside an eager one.
     """
 
@@ -52,12 +52,12 @@ class ColdChunks:
         rows = np.arange(n_chunks, dtype=np.int64)
         rows = np.where(rows >= hi, rows - self.shift, np.where(rows < lo, rows, MISS))
         self.row_map = torch.as_tensor(np.tile(rows, (self.layers, 1))).to(device)  # (L, N) int64
-        self.slot_cid = np.full((self.layers, slots), -1, dtype=np.int64)  # which cold chunk each slot holds
+        self.slot_cid = np.full((self.layers, slots), -1, dtype=np.int64)  # which on-disk chunk each slot holds
         self.slot_used = np.zeros((self.layers, slots), dtype=np.int64)  # step it was last picked (LRU)
         self.slot_ahead = np.zeros((self.layers, slots), dtype=bool)  # read ahead, not yet picked
         self.step = 0
         # misses block a step: their reads never queue behind reads ahead, which have their own threads
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tierkv-cold")
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="tierkv-disk")
         self.ahead_pool = ThreadPoolExecutor(max_workers=max(1, threads // 2), thread_name_prefix="tierkv-ahead")
         self.ahead: dict[tuple[int, int], Future] = {}
         self.n = {"picks": 0, "missed": 0, "disk_reads": 0, "read_s": 0.0, "ahead_issued": 0, "ahead_installed": 0,
@@ -65,7 +65,7 @@ class ColdChunks:
 
     # ---- lookups ------------------------------------------------------------------------------------
     def cached(self, layer: int, cids: np.ndarray) -> np.ndarray:
-        """Bool mask: which cold chunk ids of the layer sit in a host slot now."""
+        """Bool mask: which on-disk chunk ids of the layer sit in a host slot now."""
         return np.isin(cids, self.slot_cid[layer])
 
     def _row_bytes(self, layer: int, cid: int) -> np.ndarray:
@@ -89,19 +89,19 @@ class ColdChunks:
         return (kv[:, i].reshape(-1, *heads_dim)[a:b] for i in (0, 1))
 
     def preload(self, cids: np.ndarray) -> None:
-        """Record that slot i of every layer already holds cold chunk cids[i] (the pool was filled so)."""
+        """Record that slot i of every layer already holds on-disk chunk cids[i] (the pool was filled so)."""
         self.slot_cid[:, :len(cids)] = cids
         rows = torch.as_tensor(self.lo + np.arange(len(cids)), device=self.row_map.device)
         self.row_map[:, torch.as_tensor(cids, device=self.row_map.device)] = rows
 
     # ---- filling slots --------------------------------------------------------------------------------
     def serve(self, layer: int, entries: np.ndarray) -> int:
-        """Make the cold chunks of a layer's picked entries (one per head and pick) resident in its slots, reading
+        """Make the chunks on disk of a layer's picked entries (one per head and pick) resident in its slots, reading
         misses from disk on the thread pool (or taking a read ahead in flight); never evicts one of them. Counts
         the entries that missed. Returns the chunks read. Blocks; mutates row_map."""
         cids = np.unique(entries)
         if cids.size > self.slots:
-            raise RuntimeError(f"a step picks {cids.size} cold chunks in layer {layer}; the host holds {self.slots}")
+            raise RuntimeError(f"a step picks {cids.size} chunks on disk in layer {layer}; the host holds {self.slots}")
         self.n["missed"] += int((~self.cached(layer, entries)).sum())
         need = cids[~self.cached(layer, cids)]
         if need.size == 0:
@@ -151,12 +151,12 @@ class ColdChunks:
             self.n["ahead_installed"] += int(arr.size)
 
     def missing(self, picked: np.ndarray, layer_of: np.ndarray) -> bool:
-        """Whether any cold pick (cids with their layers) is not in a host slot: a replayed step that read it
+        """Whether any pick on disk (cids with their layers) is not in a host slot: a replayed step that read it
         attended without it and must be redone."""
         return any(not self.cached(layer, picked[layer_of == layer]).all() for layer in np.unique(layer_of))
 
     def end_step(self, picked: np.ndarray, layer_of: np.ndarray) -> None:
-        """Book a finished step's cold picks (cids with their layers, one entry per head and pick): LRU times,
+        """Book a finished step's picks on disk (cids with their layers, one entry per head and pick): LRU times,
         reads ahead that were used, and reads ahead of their neighbours. Does not block."""
         for layer in np.unique(layer_of):
             cids = picked[layer_of == layer]
@@ -168,7 +168,7 @@ class ColdChunks:
         self.n["picks"] += int(picked.size)
 
     def _read_ahead(self, layer: int, cids: np.ndarray) -> None:
-        """Issue reads of the cold neighbours of cids that are neither cached nor in flight. Does not block."""
+        """Issue reads of the on-disk neighbours of cids that are neither cached nor in flight. Does not block."""
         near = np.unique((cids[:, None] + np.arange(-READ_AHEAD, READ_AHEAD + 1)[None, :]).ravel())
         near = near[(near >= self.lo) & (near < self.hi)]
         near = near[~self.cached(layer, near)]

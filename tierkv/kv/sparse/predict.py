@@ -18,7 +18,7 @@ from tierkv.kernels.chunk_cache import chunk_cache_assign, chunk_cache_fill
 
 
 class PickPrefetch:
-    """Side stream, predicted picks per layer (L, Hkv, K) and counts for one FastSparseKVCache with a chunk cache.
+    """Side stream, predicted picks per layer (L, Hkv, K) and counts for one SparseKVCache with a chunk cache.
 
     counts (2,): [picks of layers >= 1 that the prediction contained, such picks]; fills (3,): chunk_cache_assign's
     counts for the predicted picks [copied with exact keys, already cached, predicted]. No host sync anywhere.
@@ -55,7 +55,7 @@ class PickPrefetch:
         """Pick layer's chunks for the predicted query q (1, Hq, D) and copy the ones not cached nor resident into
         its chunk cache. Mutates the cache's chunk cache; graph-safe."""
         c = self.cache
-        _, _, _, picks, fixed_ids, fixed_len = c._step
+        _, _, _, picks, fixed_ids, fixed_len = c.step_plan
         top, score = c.rank_chunks(layer, q)
         _, lengths, cids = sparse_entries(top, score, picks, c.covered_chunks, c.outlier[layer], fixed_ids,
                                           fixed_len, c.chunk, c.n_chunks)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tierkv.kernels import dispatch
-from tierkv.kv.cache import DenseKVCache
+from tierkv.kv.caches.dense import DenseKVCache
 
 
 class StaticKVCache(DenseKVCache):

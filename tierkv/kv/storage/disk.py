@@ -28,8 +28,8 @@ from tierkv.io.atomic import FORMAT_VERSION, atomic_write, crc32
 from tierkv.io.disk import BackendChoice, choose_backend, open_file
 from tierkv.io.owner import process_alive
 from tierkv.io.parallelism import drop_cache, measure_read_parallelism
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.tiers.base import Tier
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.storage.base import Tier
 
 ALIGN = 4096  # slot offsets are page aligned (O_DIRECT / GDS friendly)
 HEADER = struct.Struct("<8sIQQ")  # magic, format version, chunk bytes, slot stride

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tierkv.kv.tiers.base import SlotPool
+from tierkv.kv.storage.base import SlotPool
 
 
 class DevicePool(SlotPool):

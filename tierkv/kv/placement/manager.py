@@ -13,7 +13,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 from tierkv.config import format_size
 from tierkv.errors import BudgetError
-from tierkv.kv.layout import ChunkId, ChunkLayout
+from tierkv.kv.storage.layout import ChunkId, ChunkLayout
 
 DEVICE, HOST, DISK = "device", "host", "disk"
 TIERS = (DEVICE, HOST, DISK)

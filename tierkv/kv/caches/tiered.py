@@ -18,13 +18,13 @@ from tierkv.config import TierConfig, format_size
 from tierkv.errors import BudgetError, StorageError
 from tierkv.io.prefetch import Prefetcher, Sources, Ticket
 from tierkv.io.staging import StagingRing
-from tierkv.kv.cache import KVCache
-from tierkv.kv.layout import ChunkId, ChunkLayout
-from tierkv.kv.manager import DEVICE, DISK, HOST, TIERS, EvictionPolicy, Move, TierBudgets, TierManager
-from tierkv.kv.online_softmax import OnlineSoftmax
-from tierkv.kv.tiers.device import DevicePool
-from tierkv.kv.tiers.disk import DiskStore
-from tierkv.kv.tiers.host import HostPool, probe_mapped_read
+from tierkv.kv.caches.base import KVCache
+from tierkv.kv.storage.layout import ChunkId, ChunkLayout
+from tierkv.kv.placement.manager import DEVICE, DISK, HOST, TIERS, EvictionPolicy, Move, TierBudgets, TierManager
+from tierkv.kernels.online_softmax import OnlineSoftmax
+from tierkv.kv.storage.device import DevicePool
+from tierkv.kv.storage.disk import DiskStore
+from tierkv.kv.storage.host import HostPool, probe_mapped_read
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """A cache that keeps each layer only what it reads: sliding-window layers in rings on the compute device
-(kv/window_ring.py), full-attention layers in a tiered or sparse cache built for them alone.
+(kv/caches/window_ring.py), full-attention layers in a tiered or sparse cache built for them alone.
 
 A 5:1 local:global model (Gemma 3) so puts about a sixth of its K/V through the tiers; the rings cost a fixed
 window's bytes per sliding layer however long the context grows. Every call is forwarded with the layer index
@@ -15,8 +15,8 @@ import torch
 
 from tierkv.config import format_size
 from tierkv.errors import BudgetError
-from tierkv.kv.cache import KVCache
-from tierkv.kv.window_ring import WindowRings
+from tierkv.kv.caches.base import KVCache
+from tierkv.kv.caches.window_ring import WindowRings
 
 
 class WindowSplitKVCache(KVCache):

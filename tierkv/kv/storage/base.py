@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from tierkv.kv.layout import ChunkId
+from tierkv.kv.storage.layout import ChunkId
 
 
 class Tier(ABC):

@@ -13,7 +13,7 @@ from tierkv.config import format_size
 from tierkv.errors import BudgetError
 from tierkv.io.pinned import memlock_limit, unpinned_fallback
 from tierkv.io.staging import alloc_host, pinning_available
-from tierkv.kv.tiers.base import SlotPool
+from tierkv.kv.storage.base import SlotPool
 
 GROW_BYTES = 64 * 1024**2  # first allocation; doubles up to the budget, so a small run pins little
 

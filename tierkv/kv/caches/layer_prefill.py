@@ -6,7 +6,7 @@ of prefill on an H200) and left the shadow fit (8 s) to the first decode step. L
 (`LlamaModel.forward_by_layer`), one layer's K, V and pre-RoPE keys for the whole prompt stay on the compute
 device: its slices attend them there, then the layer is written to the host pool once and its shadow and index
 are fitted from the device copies. The same slices see the same keys in the same order, so logits equal the
-slice-after-slice prefill's. A mixin of FastSparseKVCache: it uses the cache's pool, ring, resident copies and fit.
+slice-after-slice prefill's. A mixin of SparseKVCache: it uses the cache's pool, ring, resident copies and fit.
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ class LayerStaging:
 
 
 class LayerPrefillSteps:
-    """FastSparseKVCache's layer-major prefill; `staging` is None outside one."""
+    """SparseKVCache's layer-major prefill; `staging` is None outside one."""
 
     staging: LayerStaging | None = None
 
     def begin_layer_prefill(self, n: int, activation_bytes: int) -> bool:
         """Take the next prefill of n tokens layer after layer when the cache is empty and the device has room for
         the staging buffers plus `activation_bytes` (the model's whole-prompt residual stream). Mutates."""
-        if self.seq_len or self.cold is not None or n > self.capacity:
+        if self.seq_len or self.disk_chunks is not None or n > self.capacity:
             return False
         need = LayerStaging.nbytes(n, self.hkv, self.d, self.dtype) + activation_bytes
         if self.device.type == "cuda" and need + LAYER_PREFILL_RESERVE > torch.cuda.mem_get_info(self.device)[0]:

@@ -7,8 +7,11 @@ attended; the rest of the budget goes to the top-scoring chunks in between, chos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+
+from tierkv.config import TierConfig
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,46 @@ def plan_selection(total: int, chunk_size: int, sink_tokens: int, window_tokens:
     fixed = (sink_end + sealed - window_start) * c + total - sealed * c  # tokens always attended
     picks = max(0, (budget_tokens - fixed) // c)
     return SelectionPlan(sealed, sink_end, window_start, picks, c, total - sealed * c)
+
+
+class DeviceStepPlan(NamedTuple):
+    """`plan_selection` on device tensors, for a step captured in a CUDA graph (no host sync), with the step's fixed
+    entries: sinks | window | open chunk. Shared by every layer of one step (and by the pick prediction)."""
+
+    total: torch.Tensor  # (1,) tokens, the new one included
+    sealed: torch.Tensor  # (1,)
+    window_start: torch.Tensor  # (1,)
+    picks: torch.Tensor  # (1,) chunks picked per KV head, at most the candidates
+    fixed_ids: torch.Tensor  # (F,) chunk ids of the fixed entries
+    fixed_len: torch.Tensor  # (F,) their valid tokens
+
+
+def plan_on_device(total: torch.Tensor, chunk_size: int, sink_chunks: int, window_chunks: int,
+                   token_budget: int | float) -> DeviceStepPlan:
+    """`plan_selection`'s arithmetic on a (1,) device tensor `total`; token_budget as TierConfig's (a float < 1 is a
+    fraction of the context)."""
+    c, device = chunk_size, total.device
+    sealed = torch.div(total, c, rounding_mode="floor")
+    sink_end = torch.clamp(sealed, max=sink_chunks)
+    window_start = torch.maximum(sink_end, sealed - window_chunks)
+    tb = token_budget
+    budget = (total.double() * tb).floor().long().clamp_min(1) if isinstance(tb, float) else torch.full_like(total, tb)
+    fixed = (sink_end + sealed - window_start) * c + total - sealed * c
+    picks = torch.clamp(torch.div(budget - fixed, c, rounding_mode="floor"), min=0)
+    picks = torch.minimum(picks, window_start - sink_end)
+    sink_ids = torch.arange(sink_chunks, device=device)
+    win_ids = window_start + torch.arange(window_chunks, device=device)
+    fixed_ids = torch.cat([sink_ids, win_ids, sealed])
+    fixed_len = torch.cat([torch.where(sink_ids < sink_end, c, 0), torch.where(win_ids < sealed, c, 0),
+                           total - sealed * c])
+    return DeviceStepPlan(total, sealed, window_start, picks, fixed_ids, fixed_len)
+
+
+def plan_step(total: int, config: TierConfig) -> SelectionPlan:
+    """The plan of a decode step over `total` tokens (the new one included) under config's chunk size, sinks,
+    window and token budget: the one rule of both sparse caches."""
+    return plan_selection(total, config.chunk_size, config.sink_tokens, config.window_tokens,
+                          config.budget_tokens(total))
 
 
 def merge_picks(top: torch.Tensor, plan: SelectionPlan) -> tuple[torch.Tensor, torch.Tensor]:

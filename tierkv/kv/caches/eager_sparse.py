@@ -1,70 +1,37 @@
-"""SparseKVCache: the tiered cache whose decode steps attend only to sinks, the local window and picked chunks.
+"""EagerSparseKVCache: the tiered cache whose decode steps attend only to sinks, the local window and picked chunks.
 
-Prefill attends exactly. At the first sparse step of a layer its key shadow (kv/shadow.py) and score index
-(kv/summary.py) are fitted; each step then picks chunks per KV head (kv/select.py), fetches their values
+Prefill attends exactly. At the first sparse step of a layer its key shadow (kv/sparse/shadow.py) and score index
+(kv/sparse/index.py) are fitted; each step then picks chunks per KV head (kv/sparse/select.py), fetches their values
 through the tier manager and prefetcher, rebuilds their keys from the shadow and attends. Sessions save the
-shadows, indexes and unfolded pre-RoPE keys beside K/V (kv/sparse_state.py); a truncation that cuts into a
+shadows, indexes and unfolded pre-RoPE keys beside K/V (kv/sparse/state.py); a truncation that cuts into a
 layer's fit starts that layer over, refitted at its next sparse step.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from tierkv.config import TierConfig
-from tierkv.kv.layout import ChunkId
-from tierkv.kv.manager import EvictionPolicy
-from tierkv.kv.select import SelectionPlan, merge_picks, plan_selection
-from tierkv.kv.shadow import KeyShadow
-from tierkv.kv.sparse_state import check_meta, checked, meta, pack_scorer, pack_shadow, take_tokens, trim_scorer, \
-    unpack_scorer, unpack_shadow, unrope
-from tierkv.kv.summary import make_scorer
-from tierkv.kv.online_softmax import OnlineSoftmax
-from tierkv.kv.tiered import TieredKVCache, TieredOptions
+from tierkv.kv.storage.layout import ChunkId
+from tierkv.kv.placement.manager import EvictionPolicy
+from tierkv.kv.sparse.select import SelectionPlan, merge_picks, plan_step
+from tierkv.kv.sparse.shadow import KeyShadow, fold_due
+from tierkv.kv.sparse.state import check_meta, checked, meta, pack_index, pack_shadow, take_tokens, trim_index, \
+    unpack_index, unpack_shadow, unrope
+from tierkv.kv.sparse.index import make_index
+from tierkv.kv.sparse.options import RopeTables, SparseOptions
+from tierkv.kernels.online_softmax import OnlineSoftmax
+from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 
-class RopeTables(Protocol):
-    """What the cache needs of the model's RoPE (tierkv.models.rope.Rope fits): cos/sin (S, D) tables."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-
-    def ensure(self, length: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class SparseOptions:
-    """Sparse-mode knobs that are not user budgets (TierConfig holds rank, token_budget, chunk/sink/window).
-
-    scorer: 'lowrank' (post-RoPE keys projected per KV head; measured best), 'lowrank-shared', 'mean', 'minmax'.
-    score_rank: rank of the score index per KV head (None: TierConfig.score_rank). fold_tokens: decode keys stay exact until this
-    many sealed tokens beyond the shadow accumulate, then they are projected onto the shadow's basis.
-    outlier_threshold: relative key error (Frobenius, per chunk) above which a chunk keeps exact keys.
-    rebuild: False attends picked chunks with exact keys (isolates selection error; for measurements).
-    reduce: how a chunk's per-query-head scores become one per KV head (kernels.chunk_topk: 'group-mass',
-    'mass', 'max').
-    """
-
-    scorer: str = "lowrank"
-    score_rank: int | None = None  # None: TierConfig.score_rank (a measurement may override it here)
-    # chunk mass summed over the query group: 94.1% at 1/8 on SmolLM2 against 93.4% for the max over the group
-    reduce: str = "group-mass"
-    fold_tokens: int = 512
-    outlier_threshold: float = 0.5
-    rebuild: bool = True
-    promote: bool = True
-
-
-class SparseKVCache(TieredKVCache):
+class EagerSparseKVCache(TieredKVCache):
     """Tiered KV cache with sparse decode attention (attention="sparse").
 
     RoPE for rebuilt keys: pass `rope` (an object with cos/sin (S, D) tables and ensure(n)); without it the
     cache derives cos/sin per position from the (k, k_pre) pairs it is given (mode 'derived' in stats).
-    The runtime never builds it (kv/factory.py picks kv/fast_sparse.py for attention="sparse"): it is the
+    The runtime never builds it (kv/factory.py picks kv/caches/sparse.py for attention="sparse"): it is the
     eager reference that tests compare the sparse cache with.
     """
 
@@ -80,7 +47,7 @@ class SparseKVCache(TieredKVCache):
         self.rope = rope
         dev = self.device
         self.shadows = [self._new_shadow() for _ in range(num_layers)]
-        self.scorers = [self._new_scorer() for _ in range(num_layers)]
+        self.index = [self._new_index() for _ in range(num_layers)]
         self._fitted = [False] * num_layers
         self._fit_at = [0] * num_layers  # tokens (its first sparse step's included) when the layer was fitted
         # (k_pre, k) of tokens [start, seq_len + pending): start is shadow.covered once fitted, else _lost[layer]:
@@ -103,16 +70,16 @@ class SparseKVCache(TieredKVCache):
                          outlier_threshold=self.sp.outlier_threshold, device=self.device, dtype=self.dtype,
                          keep_exact=False)
 
-    def _new_scorer(self):
+    def _new_index(self):
         lay, sp = self.layout, self.sp
-        return make_scorer(sp.scorer, lay.num_kv_heads, lay.head_dim, sp.score_rank or self.config.score_rank,
+        return make_index(sp.scorer, lay.num_kv_heads, lay.head_dim, sp.score_rank or self.config.score_rank,
                            lay.chunk_size, device=self.device, dtype=self.dtype, reduce=sp.reduce)
 
     # ---- writing ------------------------------------------------------------------------------------
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor | None = None) -> None:
         """Store k, v (T, Hkv, D) in the tiers; keep k_pre and k for the shadow and index. Mutates; may fold."""
         if k_pre is None:
-            raise ValueError("SparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
+            raise ValueError("EagerSparseKVCache.append needs the pre-RoPE keys k_pre (the shadow compresses them)")
         super().append(layer, k, v, k_pre)
         if layer == 0 and self.rope is None:
             self._derive_rope(k_pre, k)
@@ -122,7 +89,7 @@ class SparseKVCache(TieredKVCache):
             k_pre, k = k_pre.to("cpu"), k.to("cpu")
         self._buf[layer].append((k_pre, k))
         if self._fitted[layer]:
-            self.scorers[layer].extend(k)
+            self.index[layer].extend(k)
             self._maybe_fold(layer, self.seq_len + k.shape[0])
 
     def _derive_rope(self, k_pre: torch.Tensor, k: torch.Tensor) -> None:
@@ -149,9 +116,9 @@ class SparseKVCache(TieredKVCache):
     def _maybe_fold(self, layer: int, total: int) -> None:
         """Fold rule: once >= fold_tokens sealed tokens lie beyond the shadow, project them onto its basis."""
         sh, c = self.shadows[layer], self.layout.chunk_size
-        end = (total // c) * c
-        if end - sh.covered < self.sp.fold_tokens:
+        if not fold_due(total, sh.covered, c, self.sp.fold_tokens):
             return
+        end = (total // c) * c
         pre = torch.cat([p.to(self.device) for p, _ in self._buf[layer]])  # (total - covered, Hkv, D)
         post = torch.cat([q.to(self.device) for _, q in self._buf[layer]])
         n = end - sh.covered
@@ -169,8 +136,8 @@ class SparseKVCache(TieredKVCache):
         pre = torch.cat([p.to(self.device) for p, _ in parts])  # (total, Hkv, D)
         post = torch.cat([q.to(self.device) for _, q in parts])
         seen = total - 1
-        self.scorers[layer].fit(post[:seen])
-        self.scorers[layer].extend(post[seen:])
+        self.index[layer].fit(post[:seen])
+        self.index[layer].extend(post[seen:])
         sh, n = self.shadows[layer], (seen // self.layout.chunk_size) * self.layout.chunk_size
         sh.fit(pre[:n], post[:n])  # basis from whole chunks; a partial tail stays exact
         self._buf[layer] = [(pre[n:], post[n:])] if n < total else []
@@ -189,9 +156,7 @@ class SparseKVCache(TieredKVCache):
     # ---- attention -----------------------------------------------------------------------------------
     def plan(self, total: int) -> SelectionPlan:
         """The selection plan of a decode step over `total` tokens (the new one included)."""
-        cfg = self.config
-        return plan_selection(total, self.layout.chunk_size, cfg.sink_tokens, cfg.window_tokens,
-                              cfg.budget_tokens(total))
+        return plan_step(total, self.config)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Prefill (T > 1) and steps whose budget covers the context: exact. Otherwise sparse: q (1, Hq, D)
@@ -207,7 +172,7 @@ class SparseKVCache(TieredKVCache):
             self._fit(layer, total)
         k = min(plan.picks, plan.candidates)
         if k:
-            top = self.scorers[layer].top_chunks(q[0], plan.sink_end, plan.window_start, k)  # (Hkv, k)
+            top = self.index[layer].top_chunks(q[0], plan.sink_end, plan.window_start, k)  # (Hkv, k)
         else:  # the budget holds only sinks and window
             top = torch.zeros((self.layout.num_kv_heads, 0), dtype=torch.long, device=self.device)
         ids, keep = merge_picks(top, plan)  # (n,), (Hkv, n)
@@ -325,7 +290,7 @@ class SparseKVCache(TieredKVCache):
         for layer in range(self.num_layers):
             p = f"sparse.{layer}."
             if self._fitted[layer]:
-                out |= pack_shadow(self.shadows[layer], p + "shadow.") | pack_scorer(self.scorers[layer], p + "index.")
+                out |= pack_shadow(self.shadows[layer], p + "shadow.") | pack_index(self.index[layer], p + "index.")
             pre = [k for k, _ in self._buf[layer]]
             if sum(k.shape[0] for k in pre) != self.seq_len - self._buf_start(layer):
                 raise RuntimeError("the sparse state can be saved between forwards only (keys are pending)")
@@ -347,7 +312,7 @@ class SparseKVCache(TieredKVCache):
             self._fitted[layer], self._fit_at[layer], self._lost[layer] = bool(fitted), fit_at, lost
             if fitted:
                 unpack_shadow(self.shadows[layer], tensors, p + "shadow.")
-                unpack_scorer(self.scorers[layer], tensors, p + "index.")
+                unpack_index(self.index[layer], tensors, p + "index.")
             start, self._buf[layer] = self._buf_start(layer), []
             if start < self.seq_len:
                 post = self.export_kv(layer, start, self.seq_len, device=keep_on)[0]  # (T, Hkv, D)
@@ -386,7 +351,7 @@ class SparseKVCache(TieredKVCache):
             # the fit saw tokens past the cut, or folded some: start over. Tokens [0, covered) are buffered no more,
             # so the refit reads them back from the tiers; the buffered ones stay exact
             self._lost[layer] = sh.covered
-            self.shadows[layer], self.scorers[layer] = self._new_shadow(), self._new_scorer()
+            self.shadows[layer], self.index[layer] = self._new_shadow(), self._new_index()
             self._fitted[layer], self._fit_at[layer] = False, 0
         start = self._buf_start(layer)
         if n <= start:
@@ -396,7 +361,7 @@ class SparseKVCache(TieredKVCache):
         else:
             self._buf[layer] = take_tokens(self._buf[layer], n - start)
         if self._fitted[layer]:
-            trim_scorer(self.scorers[layer], n, lambda a, b: self.export_kv(layer, a, b)[0])
+            trim_index(self.index[layer], n, lambda a, b: self.export_kv(layer, a, b)[0])
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -418,7 +383,7 @@ class SparseKVCache(TieredKVCache):
             "chunks_needed": n["needed"], "chunks_fetched_late": n["fetched"],
             "outlier_chunks": sum(sh.outlier_chunks for sh in self.shadows),
             "shadow_bytes": sum(sh.nbytes for sh in self.shadows),
-            "index_bytes": sum(sc.nbytes for sc in self.scorers),
+            "index_bytes": sum(sc.nbytes for sc in self.index),
             "select_s": self._t_select,
         }
         return s

@@ -1,4 +1,4 @@
-"""SparseKVCache: exact when the budget covers the context, exact machinery at full rank, per-head picks,
+"""EagerSparseKVCache: exact when the budget covers the context, exact machinery at full rank, per-head picks,
 tiers and prefetch stats under a small budget, RoPE derived from the (k, k_pre) pairs."""
 
 import math
@@ -8,10 +8,11 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.kernels.rope import rope_torch
-from tierkv.kv.cache import DenseKVCache
-from tierkv.kv.select import merge_picks
-from tierkv.kv.sparse import SparseKVCache, SparseOptions
-from tierkv.kv.tiered import TieredKVCache, TieredOptions
+from tierkv.kv.caches.dense import DenseKVCache
+from tierkv.kv.sparse.select import merge_picks
+from tierkv.kv.caches.eager_sparse import EagerSparseKVCache
+from tierkv.kv.sparse.options import SparseOptions
+from tierkv.kv.caches.tiered import TieredKVCache, TieredOptions
 
 L, HQ, HKV, D, C = 2, 4, 2, 8, 4
 CB = 2 * C * HKV * D * 4
@@ -32,7 +33,7 @@ class Rope:
 ROPE = Rope()
 
 
-class AlwaysSparse(SparseKVCache):
+class AlwaysSparse(EagerSparseKVCache):
     """Runs the sparse machinery even when the budget covers every chunk."""
 
     def _exact_step(self, plan) -> bool:
@@ -65,7 +66,7 @@ def config(**kw):
 
 
 def test_budget_covering_the_context_equals_full_exactly():
-    sparse = SparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=config(token_budget=10**6, rank=2))
+    sparse = EagerSparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=config(token_budget=10**6, rank=2))
     tiered = TieredKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=config(token_budget=10**6))
     dense = DenseKVCache(L, HKV, D, device="cpu", dtype=torch.float32)
     for _, _, (a, b, c) in feed([sparse, tiered, dense], [37, 1, 1, 1, 5, 1, 1]):
@@ -90,18 +91,18 @@ def test_full_rank_sparse_machinery_over_every_chunk_equals_full(rope):
 
 
 def test_derived_rope_matches_the_tables():
-    cache = SparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=config())
+    cache = EagerSparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=config())
     for _ in feed([cache], [30, 1, 1]):
         pass
     torch.testing.assert_close(cache._cos[:32], ROPE.cos[:32], atol=1e-5, rtol=0)
     torch.testing.assert_close(cache._sin[:32], ROPE.sin[:32], atol=1e-5, rtol=0)
 
 
-def reference(cache: SparseKVCache, layer: int, q: torch.Tensor, keys, values) -> torch.Tensor:
+def reference(cache: EagerSparseKVCache, layer: int, q: torch.Tensor, keys, values) -> torch.Tensor:
     """Attention over the chunks the cache's own scorer picks per head, with exact keys (rebuild=False)."""
     total = keys.shape[0]
     plan = cache.plan(total)
-    top = cache.scorers[layer].top_chunks(q[0], plan.sink_end, plan.window_start, min(plan.picks, plan.candidates))
+    top = cache.index[layer].top_chunks(q[0], plan.sink_end, plan.window_start, min(plan.picks, plan.candidates))
     ids, keep = merge_picks(top, plan)
     mask = torch.ones(HKV, total, dtype=torch.bool)
     mask[:, : plan.sealed * C] = False
@@ -115,8 +116,8 @@ def reference(cache: SparseKVCache, layer: int, q: torch.Tensor, keys, values) -
 
 def test_per_head_picks_on_tiers_with_prefetch_stats(tmp_path):
     cfg = config(token_budget=24, kv_gpu_budget=30 * CB, cpu_budget=8 * CB, disk_dir=str(tmp_path))
-    cache = SparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=cfg,
-                          options=TieredOptions(batch_tokens=8, io_threads=2), sparse=SparseOptions(rebuild=False))
+    cache = EagerSparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=cfg,
+                               options=TieredOptions(batch_tokens=8, io_threads=2), sparse=SparseOptions(rebuild=False))
     dense = DenseKVCache(L, HKV, D, device="cpu", dtype=torch.float32)
     steps = [120] + [1] * 30
     for t, layer, (out, _) in feed([cache, dense], steps, seed=3):
@@ -149,7 +150,7 @@ def _capture_queries(monkeypatch):
 
 
 def test_append_needs_pre_rope_keys():
-    cache = SparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=config())
+    cache = EagerSparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=config())
     with pytest.raises(ValueError, match="k_pre"):
         cache.append(0, torch.zeros(1, HKV, D), torch.zeros(1, HKV, D))
 
@@ -161,7 +162,7 @@ def small_budget(tmp_path=None, **kw):
     return config(token_budget=24, rank=6, **tiers, **kw)
 
 
-def sparse_cache(rope, tmp_path=None, fold=8, cls=SparseKVCache):
+def sparse_cache(rope, tmp_path=None, fold=8, cls=EagerSparseKVCache):
     return cls(L, HKV, D, device="cpu", dtype=torch.float32, config=small_budget(tmp_path), rope=rope,
                options=TieredOptions(batch_tokens=8, io_threads=1), sparse=SparseOptions(fold_tokens=fold))
 
@@ -191,7 +192,7 @@ def outputs(cache, steps, data: Tokens = TOKENS) -> list[torch.Tensor]:
     return outs
 
 
-def copy_via_session_format(src: SparseKVCache, dst: SparseKVCache) -> None:
+def copy_via_session_format(src: EagerSparseKVCache, dst: EagerSparseKVCache) -> None:
     """What a session save + load does: K/V in blocks across layers, extra state through safetensors bytes."""
     from safetensors.torch import load, save
 
@@ -265,7 +266,7 @@ def test_truncate_then_continue_matches_a_cache_that_stopped_there(cut, fold):
         outputs(b, [57] + [1] * (n - 57))
     for layer in range(L):
         assert (a._fitted[layer], a.shadows[layer].covered) == (b._fitted[layer], b.shadows[layer].covered)
-        assert getattr(a.scorers[layer], "count", 0) == getattr(b.scorers[layer], "count", 0)
+        assert getattr(a.index[layer], "count", 0) == getattr(b.index[layer], "count", 0)
     assert a.seq_len == b.seq_len == n and a._fitted[0] == (cut in ("after-fit", "pending"))
     steps = [3] + [1] * 12
     for x, y in zip(outputs(a, steps), outputs(b, steps)):
@@ -277,8 +278,8 @@ def test_outlier_chunks_use_the_keys_read_from_their_tier_and_keep_no_device_cop
     """Every chunk an outlier (threshold 0): the same outputs as attending picked chunks with exact keys, while
     the shadows hold no exact keys on the device (they would sit outside the KV budget)."""
     opts = TieredOptions(batch_tokens=8, io_threads=1)
-    make = lambda sp, d: SparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32, config=small_budget(d),  # noqa: E731
-                                       rope=ROPE, options=opts, sparse=sp)
+    make = lambda sp, d: EagerSparseKVCache(L, HKV, D, device="cpu", dtype=torch.float32,  # noqa: E731
+                                            config=small_budget(d), rope=ROPE, options=opts, sparse=sp)
     outliers = make(SparseOptions(fold_tokens=8, outlier_threshold=0.0), tmp_path / "a")
     exact = make(SparseOptions(fold_tokens=8, rebuild=False), tmp_path / "b")
     steps = [40] + [1] * 30
