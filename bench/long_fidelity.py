@@ -61,7 +61,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared 2-core box)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="PNG path for the agreement / NLL-change plot")
+    ap.add_argument("--variants", default=None,
+                    help="sparse settings to compare, ';' between variants, ',' between fields: 'rank=160;score_rank=96'")
     a = ap.parse_args()
+    try:
+        variants = [dict((k, int(v)) for k, v in (f.split("=") for f in part.split(",")))
+                    for part in (a.variants or "").split(";") if part] or [{}]
+    except ValueError:
+        sys.exit(f"--variants {a.variants!r}: give fields as name=integer, e.g. 'rank=160;score_rank=96'")
     methods = [m for m in a.methods.split(",") if m]
     if any(m not in METHODS or m == "full" for m in methods):
         sys.exit(f"--methods {a.methods!r}: use sparse and/or oracle (full always runs)")
@@ -83,7 +90,7 @@ def main() -> None:
     rows = []
     for n in contexts:
         rows += context_rows(llm, ids[:n + a.steps], n, budgets, methods,
-                             log=lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
+                             log=lambda row: print(json.dumps(row), file=sys.stderr, flush=True), variants=variants)
     tier = llm.tier
     doc = {"bench": "long_fidelity", "model": f"{a.model} ({llm.cfg.model_type}) {str(llm.dtype).split('.')[-1]}",
            "source": llm.source, "text": label, "steps": a.steps, "layer_windows": list(llm.cfg.layer_windows),

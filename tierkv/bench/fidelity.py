@@ -126,19 +126,22 @@ def parse_budget(text: str) -> int | float:
 
 
 def context_rows(llm, ids: Sequence[int], n: int, budgets: Sequence[str], methods: Sequence[str] = ("sparse", "oracle"),
-                 log=None) -> list[dict]:
+                 log=None, variants: Sequence[dict] = ({},)) -> list[dict]:
     """Score tokens n.. of ids (teacher-forced) with full attention, then with each method at each budget (labels
-    parse_budget reads), all from one prefill of ids[:n]. Returns the full row (its mean NLL) and one row per
-    (budget, method) with compare()'s fields; a method the factory refuses gets its error instead."""
+    parse_budget reads) and each variant (TierConfig fields over the LLM's, e.g. {"rank": 160}), all from one
+    prefill of ids[:n]. Returns the full row (its mean NLL) and one row per (budget, variant, method) with
+    compare()'s fields; a method the factory refuses gets its error instead."""
     x = torch.tensor(list(ids), dtype=torch.long, device=llm.device)
     targets = x[n:].cpu()
     snap = PrefillSnapshot(llm, x[:n])
     ref, _, seconds = _scores(llm, snap, x, "full", llm.tier)
     rows = [{"context": n, "method": "full", "positions": len(targets), "nll": compare(ref, ref, targets)["nll"],
              "prefill_s": round(snap.seconds, 1), "seconds": round(seconds, 1)}]
-    for label in budgets:
-        tier = llm.tier.replace(token_budget=parse_budget(label))
+    for label, variant in ((b, v) for b in budgets for v in variants):
+        tier = llm.tier.replace(token_budget=parse_budget(label), **variant)
         base = {"context": n, "budget": label, "token_budget": tier.token_budget, "budget_tokens": tier.budget_tokens(n)}
+        if variant:
+            base["variant"] = dict(variant)
         for method in methods:
             try:
                 lp, st, seconds = _scores(llm, snap, x, method, tier)
