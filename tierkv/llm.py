@@ -303,7 +303,7 @@ class LLM:
             pass
         kept, _ = self._kept.get("generate", (None, None))
         if kept is not None:
-            self._release(kept)
+            self.release_cache(kept)
         self.last_stats = GenStats()
         return time.perf_counter() - t0
 

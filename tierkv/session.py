@@ -60,13 +60,17 @@ def model_identity(llm) -> dict:
     cfg = dataclasses.asdict(llm.cfg)
     name = cfg.pop("name") or llm.source
     template = getattr(llm.tokenizer, "chat_template", None) or ""
-    return {"name": name, "source": llm.source, "config": json.loads(json.dumps(cfg)),
-            "fingerprint": f"{_weights_crc(llm.model):08x}", "chat_template_crc32": f"{crc32(template.encode()):08x}"}
+    outer = [llm.model.embed_tokens[:4], llm.model.lm_head[-4:]]
+    inner = [llm.model.layers[0].qkv_proj[:4], llm.model.layers[-1].down_proj[:4]]
+    # the layer rows are unread (meta) when those layers' weights stay on disk (weights offload): then only the
+    # embedding and lm_head rows, which always load, identify the weights
+    full = None if any(t.is_meta for t in inner) else f"{_rows_crc(outer + inner):08x}"
+    return {"name": name, "source": llm.source, "config": json.loads(json.dumps(cfg)), "fingerprint": full,
+            "outer_fingerprint": f"{_rows_crc(outer):08x}", "chat_template_crc32": f"{crc32(template.encode()):08x}"}
 
 
-def _weights_crc(model) -> int:
-    """CRC-32 of a few rows of four weight matrices, rounded to bf16 so fp32 and bf16 loads agree."""
-    rows = [model.embed_tokens[:4], model.lm_head[-4:], model.layers[0].qkv_proj[:4], model.layers[-1].down_proj[:4]]
+def _rows_crc(rows: list[torch.Tensor]) -> int:
+    """CRC-32 of a few weight rows, rounded to bf16 so fp32 and bf16 loads agree."""
     acc = 0
     for t in rows:
         acc = crc32(np.ascontiguousarray(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy())) ^ (acc * 31)
@@ -74,11 +78,21 @@ def _weights_crc(model) -> int:
     return acc
 
 
+def _same_weights(mine: dict, theirs: dict) -> bool:
+    """Whether two identities name the same weights, by the finest fingerprint both have (a session saved before
+    outer_fingerprint existed, loaded where the layer rows are on disk, has none in common: trusted on its shape)."""
+    if mine["fingerprint"] and theirs.get("fingerprint"):
+        return mine["fingerprint"] == theirs["fingerprint"]
+    if theirs.get("outer_fingerprint"):
+        return mine["outer_fingerprint"] == theirs["outer_fingerprint"]
+    return True
+
+
 def check_compatible(path: Path, saved: dict, llm) -> None:
     """Raise SessionMismatchError when the session at path cannot run on llm (model, dtype or attention)."""
     mine, theirs = model_identity(llm), saved["model"]
     for key in ("config", "fingerprint", "chat_template_crc32"):
-        if mine[key] != theirs[key]:
+        if (mine[key] != theirs[key]) if key != "fingerprint" else not _same_weights(mine, theirs):
             what = {"config": "shape", "fingerprint": "weights", "chat_template_crc32": "chat template"}[key]
             raise SessionMismatchError(
                 f"session {path} was made with model {theirs['name']!r} but this LLM is {mine['name']!r} (their "

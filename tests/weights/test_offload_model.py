@@ -182,3 +182,20 @@ def test_cli_bad_gpu_budget_is_one_line():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and r.stderr.strip() == ("error: gpu_budget='twelve' is not a size; use e.g. '512MiB', "
                                                       "'24GiB' or '1.5GB'")
+
+
+def test_a_session_saved_with_layer_0_on_disk_resumes_on_a_resident_load(tmp_path):
+    """Layer 0's weights stay on disk (never read at load), so the session identifies the weights by the embedding
+    and lm_head rows; the resident load of the same model takes the session and replies as the placed one."""
+    placed = tierkv.load("llama-tiny", device="cpu", placement="disk=0 host=1", disk_dir=str(tmp_path / "spill"))
+    try:
+        chat = placed.chat(max_new_tokens=4)
+        chat.send("hello there")
+        chat.save(tmp_path / "session")
+        want = chat.send("and again")
+    finally:
+        placed.unload()
+    resident = tierkv.load("llama-tiny", device="cpu")
+    resumed = tierkv.Chat.load(tmp_path / "session", resident, max_new_tokens=4)
+    assert resumed.send("and again") == want
+    resumed.close()
