@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.kernels.kutil import TOL, max_diff, randn
-from tierkv.kernels.span_attention import span_attention_fused, span_attention_torch
+from tierkv.kernels.span_attention import causal_gqa_attention, span_attention_fused, span_attention_torch
 from tierkv.kernels.online_softmax import OnlineSoftmax
 
 SHAPES = [(8, 2, 16), (9, 3, 8), (4, 4, 64)]  # (Hq, Hkv, D)
@@ -66,6 +66,29 @@ def test_fused_matches_reference_cuda(gen, dtype, hq, hkv, d, causal):
     if not torch.cuda.is_available():
         pytest.skip("the fused CUDA path needs a GPU (the interpreter does not run ATen kernels)")
     _fused_vs_reference(gen, "cuda", dtype, hq, hkv, d, causal)
+
+
+def _whole_layer_vs_reference(gen, device, dtype, hq, hkv, d):
+    q, k, v = (randn(gen, 300, h, d, dtype=dtype, device=device) for h in (hq, hkv, hkv))
+    out = causal_gqa_attention(q, k, v)
+    want, _ = span_attention_torch(q, k, v, causal=True)
+    assert out.dtype == dtype and out.shape == (300, hq, d)
+    assert max_diff(f"whole-layer {dtype}", out.float(), want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", SHAPES)
+def test_whole_layer_causal_gqa_matches_reference_cpu(gen, dtype, hq, hkv, d):
+    _whole_layer_vs_reference(gen, "cpu", dtype, hq, hkv, d)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (4, 1, 256)])
+def test_whole_layer_causal_gqa_matches_reference_cuda(gen, dtype, hq, hkv, d):
+    if not torch.cuda.is_available():
+        pytest.skip("the fused CUDA path needs a GPU (the interpreter does not run ATen kernels)")
+    _whole_layer_vs_reference(gen, "cuda", dtype, hq, hkv, d)
 
 
 def test_online_softmax_merges_spans_and_masked_batches(gen):
