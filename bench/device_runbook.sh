@@ -6,6 +6,7 @@
 #   offload   the 8B shape at 32K under gpu_budget 12/16/24 GiB beside hf-accelerate; the CUDA offload tests
 #   soak      2,000 graph sparse steps at 32K with the disk tier (memory sampled every 100 steps)
 #   tests     the CUDA tests (kernels, graphs, rings, weight streaming, OOM guard) on random-weight shapes
+#   rank      what a larger shadow rank costs on the 8B shape (decode ms/token, peak) before it becomes a default
 # The real-model rows need the model carried first (bench/device_smollm2.sh, bench/device_gemma3.sh), then:
 #   smol      graph == eager on SmolLM2 with chat turns, and the CUDA tests that load SmolLM2
 #   gemma     Gemma 3 270M long-context fidelity (8K/16K/32K, bf16) and the passkey sweep
@@ -31,6 +32,13 @@ case "${1:-}" in
       step 150 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget $b \
           --systems tierkv-sparse,hf-accelerate --reserve 2GiB --json "$OUT/offload-8b-32k-$b.json"
     done ;;
+  rank)
+    # session 8 found the shadow rank, not the budget, limits fidelity on Gemma 3 270M (rank 96 -> 160: +1.2 to
+    # +2.3 points at 16K-32K); the 8B cost decides whether a larger default is affordable
+    for r in 96 160 256; do
+      step 180 python -m tierkv bench decode llama3.1-8b --context 32K,128K --gpu-budget 24GiB --systems tierkv-sparse \
+          --rank $r --json "$OUT/decode-rank$r.json"
+    done ;;
   soak)
     # the session-7 attempt ran 300 steps in 10 minutes (0.3 s/step: most picks missed host memory); a larger
     # cpu_budget keeps the disk tier in use with fewer misses
@@ -44,7 +52,9 @@ case "${1:-}" in
   gemma)
     step 420 python bench/long_fidelity.py --device cuda --out "$OUT/long-fidelity-gemma3-270m-h200.json" \
         --plot "$OUT/long-fidelity-gemma3-270m-h200.png"
+    step 200 python bench/long_fidelity.py --device cuda --contexts 16K,32512 --budgets 2048,4096,1/8 \
+        --methods sparse --variants "rank=96;rank=160;rank=256,score_rank=128" --out "$OUT/long-fidelity-ranks-h200.json"
     step 150 python bench/passkey_sweep.py --device cuda --lengths 8K,16K,32700 \
         --out "$OUT/passkey-gemma3-270m-h200.json" --plot "$OUT/passkey-gemma3-270m-h200.png" ;;
-  *) echo "usage: $0 8b|offload|soak|tests|smol|gemma"; exit 2 ;;
+  *) echo "usage: $0 8b|offload|rank|soak|tests|smol|gemma"; exit 2 ;;
 esac

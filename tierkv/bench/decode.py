@@ -88,7 +88,7 @@ def _document(spec: DecodeSpec, cfg: ModelConfig, rates: Rates, rows: dict[tuple
 
 def _settings(spec: DecodeSpec) -> dict:
     keys = ("gpu_budget", "kv_gpu_budget", "cpu_budget", "disk_dir", "reserve", "steps", "warmup", "token_budget",
-            "chunk_size", "prefill_chunk", "profile", "seed")
+            "rank", "chunk_size", "prefill_chunk", "profile", "seed")
     return {k: getattr(spec, k) for k in keys}
 
 
@@ -123,7 +123,7 @@ def _offload_family(spec, contexts, systems, total_steps, record, log) -> None:
         for s in systems:
             attention = "sparse" if s.startswith("tierkv-sparse") else "full"
             log(f"loading {spec.model} under gpu budget {format_size(spec.gpu_budget)} for {s} at {format_context(c)}")
-            extra = {"token_budget": spec.token_budget} if attention == "sparse" else {}
+            extra = {"token_budget": spec.token_budget, "rank": spec.rank} if attention == "sparse" else {}
             try:
                 llm = tierkv.load(spec.model, device=spec.device, dtype=spec.dtype, gpu_budget=spec.gpu_budget,
                                   ctx_size=c + total_steps + 8, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,

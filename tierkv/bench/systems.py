@@ -49,6 +49,7 @@ class DecodeSpec:
     steps: int = 16
     warmup: int = 4
     token_budget: int | float = 2048
+    rank: int = TierConfig.rank  # sparse: the key shadow's rank
     chunk_size: int = 32
     prefill_chunk: int = 2048
     profile: bool = False
@@ -149,7 +150,7 @@ def tier_config(system: str, spec: DecodeSpec, kv_gpu: int) -> TierConfig:
     return TierConfig(kv_gpu_budget=kv_gpu, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
                       chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk,
                       attention="sparse" if sparse else "full", prefetch_picks=system == "tierkv-sparse-prefetch",
-                      **({"token_budget": spec.token_budget} if sparse else {}))
+                      **({"token_budget": spec.token_budget, "rank": spec.rank} if sparse else {}))
 
 
 def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -> Row:
@@ -165,7 +166,7 @@ def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -
     row.settings = {"kv_gpu_budget": kv, "kv_gpu_budget_from": how, "cpu_budget": spec.cpu_budget,
                     "disk_dir": spec.disk_dir, "chunk_size": spec.chunk_size}
     if sparse:
-        row.settings["token_budget"] = spec.token_budget
+        row.settings.update(token_budget=spec.token_budget, rank=spec.rank)
     if kv is None:
         row.status, row.reason = "cannot_run", (f"weights leave no GPU room for KV ({how}); drop --kv-gpu-budget so "
                                                  f"the planner offloads weights under --gpu-budget")

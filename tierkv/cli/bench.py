@@ -73,6 +73,7 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
                                               "tierkv-sparse-prefetch, tierkv-sparse-eager, tierkv-exact, hf-default, "
                                               "hf-offloaded, hf-accelerate.")
 @click.option("--token-budget", default="2048", show_default=True, help="Sparse: tokens attended per step (or a fraction < 1).")
+@click.option("--rank", type=int, default=None, help="Sparse: the key shadow's rank (default: tierkv's default).")
 @click.option("--chunk-size", type=int, default=32, show_default=True)
 @click.option("--prefill-chunk", type=int, default=2048, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -84,7 +85,7 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
 @click.option("--plot", "plot_path", default=None, help="Write ms/token vs context as a PNG (needs matplotlib).")
 @click.option("--profile", is_flag=True, help="Profile 4 extra steps per row after the measured ones; print top ops.")
 def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budget, disk_dir, steps, warmup, systems,
-                   token_budget, chunk_size, prefill_chunk, device, dtype, io_json, hbm_gbps, json_path, append,
+                   token_budget, rank, chunk_size, prefill_chunk, device, dtype, io_json, hbm_gbps, json_path, append,
                    plot_path, profile) -> None:
     """Decode ms/token of tierkv and the transformers baselines for MODEL (a folder, .gguf or built-in shape)."""
     from tierkv.bench import decode as dec
@@ -107,7 +108,7 @@ def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budg
                       kv_gpu_budget=parse_size(kv_gpu_budget, "--kv-gpu-budget"),
                       cpu_budget=parse_size(cpu_budget, "--cpu-budget"), disk_dir=disk_dir,
                       reserve=parse_size(reserve, "--reserve"), steps=steps, warmup=warmup,
-                      token_budget=_token_budget(token_budget), chunk_size=chunk_size, prefill_chunk=prefill_chunk,
+                      token_budget=_token_budget(token_budget), **({"rank": rank} if rank else {}), chunk_size=chunk_size, prefill_chunk=prefill_chunk,
                       profile=profile)
     previous = dec.load_previous(json_path, model) if append and json_path else None
 
