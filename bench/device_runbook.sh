@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What session 8 (2026-12-05, no GPU lent) built and could not measure: the GPU runs it leaves, grouped into
 # device calls of at most 10 minutes each (30 minutes of device time per session). Run from the repo root on the
-# device machine, one case per call:  bash bench/device_runbook.sh CASE   (results and logs go to $OUT).
-#   8b        prefill (whole-layer attention) and first tokens at 32K/128K, chat vs generate per token (8B shape)
+# device machine, one or more cases per call:  bash bench/device_runbook.sh CASE [CASE ...]   (results and logs go to $OUT).
+#   quick     the CUDA tests of the code written without a GPU (session 8)
+#   8b        prefill (whole-layer attention) at 32K/128K; first tokens, chat vs generate per token at 32K (8B shape)
+#   8b-long   first tokens, chat vs generate per token and a saved/resumed session at 128K (8B shape)
 #   offload   the 8B shape at 32K under gpu_budget 12/16/24 GiB beside hf-accelerate; the CUDA offload tests
 #   soak      2,000 graph sparse steps at 32K with the disk tier (memory sampled every 100 steps)
 #   tests     the CUDA tests (kernels, graphs, rings, weight streaming, OOM guard) on random-weight shapes
@@ -15,20 +17,24 @@ set -u
 OUT=${OUT:-/tmp/tierkv-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-step() { local t=$1; shift; echo "== $(date +%T) $*"; timeout "$t" "$@" 2>&1 | grep -v -i "warn" | tail -30; echo "== rc=${PIPESTATUS[0]}"; }
+step() { local t=$1; shift; echo "== $(date +%T) $*"; timeout "$t" "$@" 2>&1 | tee -a "$OUT/runbook.log" | grep -v -i "warn" | tail -30; echo "== rc=${PIPESTATUS[0]}"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-case "${1:-}" in
+run_case() {
+case "$1" in
+  quick)
+    # the CUDA tests of code no GPU has run yet (whole-layer attention, window rings, weight streaming, OOM guard)
+    step 170 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_kernels_span_attention.py \
+        tests/weights/test_offload_cuda.py tests/kv/test_window_split.py tests/faults/test_memory.py ;;
   8b)
     step 240 python bench/profile_sparse_prefill.py --shape llama3.1-8b --contexts 32768,130048 \
         --kv-gpu-budget 5GiB --out "$OUT/profile-sparse-prefill-whole-layer.json"
     step 150 python bench/chat_graph.py --model llama3.1-8b --context 32768 --kv-gpu-budget 24GiB \
-        --out "$OUT/chat-graph-32k.json"
+        --out "$OUT/chat-graph-32k.json" ;;
+  8b-long)
     step 200 python bench/chat_graph.py --model llama3.1-8b --context 130000 --kv-gpu-budget 24GiB \
         --max-new-tokens 32 --turns 2 --out "$OUT/chat-graph-128k.json" ;;
   offload)
-    step 60 python -m pytest -q -p no:cacheprovider tests/weights/test_offload_cuda.py
-    step 60 python -m tierkv bench io --json "$OUT/io.json"
-    for b in 12GiB 16GiB 24GiB; do
+    for b in 12GiB 24GiB 16GiB; do
       step 150 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget $b \
           --systems tierkv-sparse,hf-accelerate --reserve 2GiB --json "$OUT/offload-8b-32k-$b.json"
     done ;;
@@ -56,5 +62,8 @@ case "${1:-}" in
         --methods sparse --variants "rank=96;rank=160;rank=256,score_rank=128" --out "$OUT/long-fidelity-ranks-h200.json"
     step 150 python bench/passkey_sweep.py --device cuda --lengths 8K,16K,32700 \
         --out "$OUT/passkey-gemma3-270m-h200.json" --plot "$OUT/passkey-gemma3-270m-h200.png" ;;
-  *) echo "usage: $0 8b|offload|rank|soak|tests|smol|gemma"; exit 2 ;;
+  *) echo "usage: $0 CASE [CASE ...], CASE one of quick 8b 8b-long offload rank soak tests smol gemma"; exit 2 ;;
 esac
+}
+for c in "$@"; do run_case "$c"; done
+[ $# -gt 0 ] || run_case ""
