@@ -71,6 +71,7 @@ def _turn(chat, text: str) -> dict:
     end = t0 + st["last_turn"]["prefill_s"]
     per_piece = 1000 * (times[-1] - times[2]) / max(1, len(times) - 3) if len(times) > 3 else None
     step, turn = chat.graph_step, chat.last_turn
+    kv = chat.cache.stats()  # counters since the cache was built (a capacity move builds a new one)
     return {"context": st["tokens_in_context"], "prefilled": st["last_turn"]["prefilled"],
             "prefill_s": round(st["last_turn"]["prefill_s"], 3),
             "prefill_end_to_first_piece_ms": round(1000 * (times[0] - end), 2) if times else None,
@@ -78,7 +79,10 @@ def _turn(chat, text: str) -> dict:
             "new_tokens": turn.new_tokens, "pieces": len(times),
             "ms_per_piece": round(per_piece, 3) if per_piece else None,
             "reply": chat.messages[-1]["content"], "captures": step.captures if step else 0,
-            "cache": st["cache"], "token_budget": chat.llm.tier.budget_tokens(st["tokens_in_context"])}
+            "cache": st["cache"], "token_budget": chat.llm.tier.budget_tokens(st["tokens_in_context"]),
+            "rolled_back": st["last_turn"]["rolled_back"], "capacity": chat.cache.capacity,
+            "kv": {k: kv.get(k) for k in ("fits", "folds", "covered", "sparse_steps", "dense_steps")}
+            | {"keys_resident": kv.get("resident_values", {}).get("keys_too")}}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -117,6 +117,12 @@ def test_captured_token_copies_again_at_every_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.allclose(out, expected(), atol=1e-5)
+    eager = token()  # an eager pass after the capture (the next call's prefill) waits on no captured event
+    torch.cuda.synchronize()
+    assert torch.allclose(eager, expected(), atol=1e-5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(out, expected(), atol=1e-5)
 
 
 def test_peak_memory_within_gpu_budget():
@@ -128,5 +134,6 @@ def test_peak_memory_within_gpu_budget():
         got = list(llm.stream_ids(ids, max_new_tokens=8))
         assert len(got) == 8
         assert llm.stats["peak_memory"] <= budget
+        assert list(llm.stream_ids(ids, max_new_tokens=8)) == got  # a second call: eager prefill after a replay
     finally:
         llm.unload()

@@ -22,7 +22,7 @@ copies are captured with it: the copy stream joins the capture at begin_token; a
 the capture (the slots the previous token prefetched) is left out, since a replay starts only after the previous
 replay, its tail copies included, finished on the same stream (an eager pass likewise ends waiting for its copies);
 end_token joins the prefetch copies of the next token back, so the graph ends when they land (after lm_head, which
-they overlap). Each token's sequence of fetches, copies and releases is the same,
+they overlap), and hands the events the capture recorded to the graph, since CUDA refuses eager waits on them. Each token's sequence of fetches, copies and releases is the same,
 so one captured token replays correctly for every token. Disk reads and pageable staging wait on the host and
 cannot be captured (`capturable` is False then).
 """
@@ -120,6 +120,7 @@ class WeightStreamer:
         self.fetched = [False] * slots  # fetched and not yet released
         self._capturing = False
         self._captured = {"ready": set(), "free": set()}  # slots whose event was recorded in the running capture
+        self._graph_events: list[torch.cuda.Event] = []  # events captured graphs record and wait on (kept alive)
         self._timed: list[tuple] = []  # (kind, start event, end event) on CUDA, resolved in stats()
         self._n = {"copies": 0, "bytes": 0, "fetches": 0, "disk_copies": 0, "disk_bytes": 0,
                    "copy_s": 0.0, "wait_s": 0.0}
@@ -159,6 +160,7 @@ class WeightStreamer:
         if self._capturing:
             for s in self._captured["ready"]:
                 current.wait_event(self.ready[s])
+            self._retire_captured_events()
             self._capturing = False
         else:
             current.wait_stream(self.copy_stream)
@@ -259,6 +261,17 @@ class WeightStreamer:
             self.ready[s].record(self.copy_stream)
             if self._capturing:
                 self._captured["ready"].add(s)
+
+    def _retire_captured_events(self) -> None:
+        """Give every slot whose event this capture recorded a fresh event. CUDA refuses an eager wait on an event
+        last recorded inside a capture (invalid argument), and an eager pass after a replay needs none: begin_token
+        orders the copy stream after the replayed graph. The graph keeps using the old events, kept alive here."""
+        for kind in ("ready", "free"):
+            events = getattr(self, kind)
+            for s in self._captured[kind]:
+                self._graph_events.append(events[s])
+                events[s] = torch.cuda.Event()
+        self._captured = {"ready": set(), "free": set()}
 
     def _drain(self) -> None:
         if self.copy_stream is not None:

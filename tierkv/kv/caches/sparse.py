@@ -40,6 +40,7 @@ from tierkv.kv.sparse.select import DeviceStepPlan, plan_on_device, plan_step
 from tierkv.kv.sparse.shadow import KeyShadow, fold_due
 from tierkv.kv.sparse.options import RopeTables, SparseOptions
 from tierkv.kv.sparse.index import LowRankIndex
+from tierkv.kv.sparse.state import PendingKeys
 from tierkv.kv.storage.host import check_host_budget, map_pinned
 
 
@@ -91,6 +92,9 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self.outlier = torch.zeros((num_layers, self.n_chunks), dtype=torch.bool, device=self.device)
         self.covered_chunks = torch.zeros(1, dtype=torch.long, device=self.device)  # device mirror of `covered`
         self._fit_buf: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # k_pre on the host until the fit
+        # per layer: positions [0, n) whose pre-RoPE keys the fit un-rotates from the pool (after a rollback that
+        # unfits, or an import); _fit_buf then holds the keys from n on
+        self._pool_pre = [0] * num_layers
         self.fitted, self.fit_at = False, 0  # fit_at: tokens (the first sparse step's included) when the fit ran
         # bumped whenever a buffer that a captured decode graph reads is reallocated (pool, fit, resident copies,
         # disk tier): tierkv/graph.py captures again then
@@ -101,7 +105,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self.res: ResidentChunks | None = None  # GPU copies of the last chunks (`_alloc_resident`)
         self._alloc_host_pool()
-        self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0}
+        self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0, "fits": 0}  # fits: whole fits and refits
         # what sparse steps read beyond the shadow: [fixed-entry tokens (their K and V) over heads and layers,
         # attended picks, picks with exact keys, picks and fixed tokens in resident slots, exact-key picks in
         # resident slots]; with the chunk cache also [exact-key misses, hits, picks]
@@ -286,13 +290,24 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
     def _fit(self, layer: int, total: int) -> None:
         """The first sparse step: fit on the tokens before it (EagerSparseKVCache's rule), pre-RoPE keys from the host
         buffer and post-RoPE keys from the pool, then index this step's token as any later one. Eager only."""
-        pre = torch.cat(self._fit_buf[layer])  # (total, Hkv, D) on the host
-        self._fit_buf[layer] = []
         posts = self._flat(self.k_host, layer)
+        pre = self._pending_keys(layer)  # (total, Hkv, D)
+        self._fit_buf[layer], self._pool_pre[layer] = [], 0
         self._fit_keys(layer, total - 1, pre, posts)
         self.index[layer].extend(posts[total - 1:total].clone())
         if layer == self.num_layers - 1:
             self._finish_fit(total)
+
+    def _pending_keys(self, layer: int) -> PendingKeys:
+        """The pre-RoPE keys of the layer's tokens that wait for the fit; the pool part is read only when sliced."""
+        upto = self._pool_pre[layer]
+        if upto and self.row_shift:
+            raise RuntimeError("pre-RoPE keys to recover from the pool, but part of it is on disk")
+        buf = self._fit_buf[layer]
+        tail = torch.cat(buf) if buf else self.k_pre.new_zeros((0, self.hkv, self.d), device="cpu")
+        if upto:
+            self.rope.ensure(upto + 1)
+        return PendingKeys(self._flat(self.k_host, layer), upto, tail, self.rope.cos, self.rope.sin)
 
     def _fit_keys(self, layer: int, seen: int, pre: torch.Tensor, posts: torch.Tensor) -> None:
         """Fit the layer's shadow and index on tokens [0, seen) and index them: pre holds their pre-RoPE keys
@@ -325,6 +340,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         the disk spill follow. fit_at counts the step's token too: a rollback that removes it refits, so the
         result equals a fresh prefill of the new tokens (which fits on all of them)."""
         self.fitted, self.fit_at = True, total
+        self._n["fits"] += 1
         self._keep_outlier_keys(total)
         self._spill_to_disk(total)
 
@@ -516,3 +532,4 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self._host = []
         self.k_host = self.v_host = torch.empty(0)
         self._fit_buf = [[] for _ in range(self.num_layers)]
+        self._pool_pre = [0] * self.num_layers

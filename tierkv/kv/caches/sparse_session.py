@@ -4,8 +4,8 @@ SparseKVCache (kv/caches/sparse.py): it uses the cache's pool, shadows, index an
 
 The rule for a cut (as the oracle's, kv/caches/eager_sparse.py): the fit is kept when the cut leaves every token it
 was fitted on and every folded token; otherwise the cache is unfitted and refits at its next sparse step, with the
-pre-RoPE keys of folded tokens recovered from the stored post-RoPE keys (kv/sparse/state.unrope) and the unfolded
-ones, exact, from the ring. The refit writes the new bases in place, so a captured graph stays valid
+pre-RoPE keys of folded tokens recovered from the stored post-RoPE keys (kv/sparse/state.PendingKeys, slice by slice at the
+refit, with no host copy) and the unfolded ones, exact, from the ring. The refit writes the new bases in place, so a captured graph stays valid
 (`buffers_epoch` moves only when a buffer is reallocated: the host pool on a spill, the resident copies).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tierkv.kv.sparse.state import SCORERS, check_meta, checked, unrope
+from tierkv.kv.sparse.state import SCORERS, check_meta, checked
 
 # 3: the graph-capturable cache's own layout (shadow and index of every layer fitted together, one fit point);
 # the oracle's sessions (format 2, kv/caches/eager_sparse.py) are refused with check_meta's message
@@ -76,10 +76,8 @@ class SparseSessionState:
         super().finish_import(num_tokens)
         self.pos.fill_(num_tokens)
         self.fitted, self.fit_at = False, 0
-        self.rope.ensure(num_tokens + 1)
-        for layer in range(self.num_layers):
-            k = self._flat(self.k_host, layer)[:num_tokens]
-            self._fit_buf[layer] = [unrope(k, self.rope.cos, self.rope.sin).to("cpu")] if num_tokens else []
+        self._fit_buf = [[] for _ in range(self.num_layers)]
+        self._pool_pre = [num_tokens] * self.num_layers  # un-rotated from the pool at the fit, if one comes
 
     # ---- shadows, index and unfolded keys ------------------------------------------------------------------
     def _meta(self) -> torch.Tensor:
@@ -97,8 +95,7 @@ class SparseSessionState:
         for layer in range(self.num_layers):
             p = f"sparse.{layer}."
             if not self.fitted:
-                pre = torch.cat(self._fit_buf[layer]) if self._fit_buf[layer] else self.k_pre.new_zeros(
-                    (0, self.hkv, self.d), device="cpu")
+                pre = self._pending_keys(layer)[0:n].to("cpu")
                 if pre.shape[0] != n:
                     raise RuntimeError("the sparse state can be saved between forwards only (keys are pending)")
                 out[p + "k_pre"] = pre
@@ -122,6 +119,7 @@ class SparseSessionState:
             for layer in range(self.num_layers):
                 pre = checked(tensors, f"sparse.{layer}.k_pre", (n, self.hkv, self.d), self.dtype)
                 self._fit_buf[layer] = [pre.to("cpu")] if n else []
+            self._pool_pre = [0] * self.num_layers
             return
         for layer in range(self.num_layers):
             p, sh, ix = f"sparse.{layer}.", self.shadows[layer], self.index[layer]
@@ -138,7 +136,7 @@ class SparseSessionState:
             ix.count = n
             pre = checked(tensors, p + "k_pre", (n - cov, self.hkv, self.d), self.dtype)
             self.k_pre[layer].index_copy_(0, self._ring_rows(cov, n), pre.to(dev))
-            self._fit_buf[layer] = []
+            self._fit_buf[layer], self._pool_pre[layer] = [], 0
             self._mark_outliers(layer, 0, cov)
         self.fitted, self.fit_at = True, int(tensors["sparse.fit_at"])
         self._keep_outlier_keys(n)
@@ -160,7 +158,9 @@ class SparseSessionState:
             for ix in self.index:
                 ix.count = min(ix.count, n)
         else:
-            self._fit_buf = [[torch.cat(buf)[:n]] if buf and n else [] for buf in self._fit_buf]
+            for layer, buf in enumerate(self._fit_buf):  # keys of [pool_pre, seq_len) wait in the buffer
+                upto = self._pool_pre[layer] = min(self._pool_pre[layer], n)
+                self._fit_buf[layer] = [torch.cat(buf)[:n - upto]] if buf and n > upto else []
         self.seq_len = n
         self.pos.fill_(n)
         if self.chunk_cache:
@@ -171,10 +171,8 @@ class SparseSessionState:
         keys of [0, n) for the refit: folded ones un-rotated from the pool, unfolded ones from the ring."""
         if self.disk_chunks is not None:
             self._unspill(n)
-        self.rope.ensure(n + 1)
-        for layer in range(self.num_layers):
-            cov = min(self.shadows[layer].covered, n)
-            folded = unrope(self._flat(self.k_host, layer)[:cov], self.rope.cos, self.rope.sin)
+        for layer in range(self.num_layers):  # folded keys stay in the pool until the refit un-rotates them
+            cov = self._pool_pre[layer] = min(self.shadows[layer].covered, n)
             exact = self.k_pre[layer].index_select(0, self._ring_rows(cov, n))
-            self._fit_buf[layer] = [torch.cat([folded, exact]).to("cpu")] if n else []
+            self._fit_buf[layer] = [exact.to("cpu")] if n > cov else []
         self.fitted, self.fit_at = False, 0

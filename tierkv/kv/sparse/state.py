@@ -30,6 +30,27 @@ def unrope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return ((kf * c - rotate_half(kf) * s) / (c * c + s * s).clamp_min(1e-30)).to(k.dtype)
 
 
+class PendingKeys:
+    """The pre-RoPE keys (n, H, D) a fit is waiting for, without a host copy of them all: positions [0, upto)
+    un-rotated from the stored post-RoPE keys `post` only when a slice is asked for (on post's device), the rest
+    from `tail`. Slicing is all the fit needs, so a refit after a rollback or a session import reads the pool
+    slice by slice, as the prefill's fit reads its device copies, instead of a GiB-sized host round trip."""
+
+    def __init__(self, post: torch.Tensor, upto: int, tail: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        self.post, self.upto, self.tail, self.cos, self.sin = post, upto, tail, cos, sin
+        self.shape = (upto + tail.shape[0], *tail.shape[1:])
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        s, e, _ = sl.indices(self.shape[0])
+        parts = []
+        if s < min(e, self.upto):
+            a, b = s, min(e, self.upto)
+            parts.append(unrope(self.post[a:b], self.cos[a:], self.sin[a:]))
+        if e > max(s, self.upto):
+            parts.append(self.tail[max(s, self.upto) - self.upto:e - self.upto].to(self.post.device))
+        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else self.tail[:0].to(self.post.device)
+
+
 def take_tokens(buf: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first n tokens of a list of (k_pre, k) runs (T, Hkv, D), without copying the runs kept whole."""
     out, left = [], n
