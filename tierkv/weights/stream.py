@@ -22,8 +22,9 @@ copies are captured with it: the copy stream joins the capture at begin_token; a
 the capture (the slots the previous token prefetched) is left out, since a replay starts only after the previous
 replay, its tail copies included, finished on the same stream (an eager pass likewise ends waiting for its copies);
 end_token joins the prefetch copies of the next token back, so the graph ends when they land (after lm_head, which
-they overlap), and hands the events the capture recorded to the graph, since CUDA refuses eager waits on them. Each token's sequence of fetches, copies and releases is the same,
-so one captured token replays correctly for every token. Disk reads and pageable staging wait on the host and
+they overlap), and leaves the events the capture recorded to the graph, since CUDA refuses eager waits on them.
+Each token's sequence of fetches, copies and releases is the same, so one captured token replays correctly for
+every token. Disk reads and pageable staging wait on the host and
 cannot be captured (`capturable` is False then).
 """
 

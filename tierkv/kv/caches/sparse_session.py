@@ -4,9 +4,10 @@ SparseKVCache (kv/caches/sparse.py): it uses the cache's pool, shadows, index an
 
 The rule for a cut (as the oracle's, kv/caches/eager_sparse.py): the fit is kept when the cut leaves every token it
 was fitted on and every folded token; otherwise the cache is unfitted and refits at its next sparse step, with the
-pre-RoPE keys of folded tokens recovered from the stored post-RoPE keys (kv/sparse/state.PendingKeys, slice by slice at the
-refit, with no host copy) and the unfolded ones, exact, from the ring. The refit writes the new bases in place, so a captured graph stays valid
-(`buffers_epoch` moves only when a buffer is reallocated: the host pool on a spill, the resident copies).
+pre-RoPE keys of folded tokens recovered from the stored post-RoPE keys (kv/sparse/state.PendingKeys, slice by
+slice at the refit, with no host copy) and the unfolded ones, exact, from the ring. The refit writes the new bases
+in place, so a captured graph stays valid (`buffers_epoch` moves only when a buffer is reallocated: the host pool
+on a spill, the resident copies).
 """
 
 from __future__ import annotations

@@ -42,13 +42,12 @@ class PendingKeys:
 
     def __getitem__(self, sl: slice) -> torch.Tensor:
         s, e, _ = sl.indices(self.shape[0])
-        parts = []
-        if s < min(e, self.upto):
-            a, b = s, min(e, self.upto)
-            parts.append(unrope(self.post[a:b], self.cos[a:], self.sin[a:]))
-        if e > max(s, self.upto):
-            parts.append(self.tail[max(s, self.upto) - self.upto:e - self.upto].to(self.post.device))
-        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else self.tail[:0].to(self.post.device)
+        cut = max(s, min(e, self.upto))  # [s, cut) from the pool, [cut, e) from the tail
+        tail = self.tail[cut - self.upto:e - self.upto].to(self.post.device) if e > cut else None
+        if cut == s:
+            return tail if tail is not None else self.tail[:0].to(self.post.device)
+        head = unrope(self.post[s:cut], self.cos[s:], self.sin[s:])
+        return head if tail is None else torch.cat([head, tail])
 
 
 def take_tokens(buf: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
