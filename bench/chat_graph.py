@@ -49,15 +49,18 @@ def _generate(llm, ids: list[int], max_new: int) -> dict:
     t0 = time.perf_counter()
     toks, times = _timed_tokens(llm.stream_ids(ids, max_new_tokens=max_new))
     s = llm.stats
-    end = t0 + len(ids) / s["prefill_tok_s"]  # stream_ids syncs at prefill end and times it
+    # stream_ids builds (or empties) the call's cache, then prefills, syncs and times both
+    end = t0 + s["cache_setup_s"] + s["prefill_s"]
     steady = 1000 * (times[-1] - times[2]) / max(1, len(times) - 3) if len(times) > 3 else None
     _, step = llm.kept("generate")
-    return {"prefill_s": round(s["prompt_tokens"] / s["prefill_tok_s"], 3) if s["prefill_tok_s"] else None,
+    return {"cache_setup_s": round(s["cache_setup_s"], 3), "prefill_s": round(s["prefill_s"], 3),
+            "call_to_first_token_s": round(times[0] - t0, 3),
             "prefill_end_to_first_token_ms": round(1000 * (times[0] - end), 2),
             "prefill_end_to_second_token_ms": round(1000 * (times[1] - end), 2),
             "decode_ms_per_token": round(s["decode_ms_per_token"], 3), "steady_ms_per_token": round(steady, 3)
             if steady else None, "tokens": toks,
-            "captures": step.captures if step is not None else 0, "kv_path": s["kv"]["path"],
+            "captures": step.captures if step is not None else 0,
+            "capture_s": round(step.capture_s, 3) if step is not None else 0, "kv_path": s["kv"]["path"],
             "token_budget": llm.tier.budget_tokens(len(ids) + len(toks))}
 
 

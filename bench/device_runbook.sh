@@ -8,6 +8,8 @@
 #   offload   the 8B shape at 32K under gpu_budget 12/16/24 GiB beside hf-accelerate; the CUDA offload tests
 #   soak      2,000 graph sparse steps at 32K with the disk tier (memory sampled every 100 steps)
 #   tests     the CUDA tests (kernels, graphs, rings, weight streaming, OOM guard) on random-weight shapes
+#   pin       how long pinning the sparse host pool takes by method (the first call of a capacity class pins it)
+#   chat32    first tokens, chat vs generate per token and a saved/resumed session at 32K (8B shape)
 #   rank      what a larger shadow rank costs on the 8B shape (decode ms/token, peak) before it becomes a default
 # The real-model rows need the model carried first (bench/device_smollm2.sh, bench/device_gemma3.sh), then:
 #   smol      graph == eager on SmolLM2 with chat turns, and the CUDA tests that load SmolLM2
@@ -28,6 +30,11 @@ case "$1" in
   8b)
     step 240 python bench/profile_sparse_prefill.py --shape llama3.1-8b --contexts 32768,130048 \
         --kv-gpu-budget 5GiB --out "$OUT/profile-sparse-prefill-whole-layer.json"
+    step 150 python bench/chat_graph.py --model llama3.1-8b --context 32768 --kv-gpu-budget 24GiB \
+        --out "$OUT/chat-graph-32k.json" ;;
+  pin)
+    step 120 python bench/pin_speed.py --gib 8 --out "$OUT/pin-speed.json" ;;
+  chat32)
     step 150 python bench/chat_graph.py --model llama3.1-8b --context 32768 --kv-gpu-budget 24GiB \
         --out "$OUT/chat-graph-32k.json" ;;
   8b-long)
@@ -62,7 +69,7 @@ case "$1" in
         --methods sparse --variants "rank=96;rank=160;rank=256,score_rank=128" --out "$OUT/long-fidelity-ranks-h200.json"
     step 150 python bench/passkey_sweep.py --device cuda --lengths 8K,16K,32700 \
         --out "$OUT/passkey-gemma3-270m-h200.json" --plot "$OUT/passkey-gemma3-270m-h200.png" ;;
-  *) echo "usage: $0 CASE [CASE ...], CASE one of quick 8b 8b-long offload rank soak tests smol gemma"; exit 2 ;;
+  *) echo "usage: $0 CASE [CASE ...], CASE one of quick pin chat32 8b 8b-long offload rank soak tests smol gemma"; exit 2 ;;
 esac
 }
 for c in "$@"; do run_case "$c"; done

@@ -15,6 +15,8 @@ reallocated a buffer the graph reads (`buffers_epoch`) or the RoPE tables grew; 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from tierkv.kv.caches.base import KVCache
@@ -38,10 +40,12 @@ class GraphStep:
         self.token = torch.zeros(1, dtype=torch.long, device=model.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = self.replays = self.captures = 0
+        self.capture_s = 0.0  # wall seconds spent in captures (warm-up steps included)
         self._captured_for: tuple | None = None  # (buffers_epoch, rope cos, rope sin) the graph was captured with
         model.rope.ensure(cache.capacity + 1)  # tables are never reallocated after capture
 
     def _capture(self) -> None:
+        t0 = time.perf_counter()
         model, cache = self.model, self.cache
         saved_len, saved_pos = cache.seq_len, cache.pos.clone()
         side = torch.cuda.Stream(model.device)
@@ -59,6 +63,8 @@ class GraphStep:
         self._captured_for = self._inputs()
         cache.seq_len = saved_len
         cache.pos.copy_(saved_pos)
+        torch.cuda.current_stream(model.device).synchronize()  # once per capture: its time is measured whole
+        self.capture_s += time.perf_counter() - t0
 
     def _inputs(self) -> tuple:
         """What a capture is valid for: the cache's buffer epoch and the RoPE tables (by identity)."""

@@ -194,7 +194,9 @@ class LLM:
         stats = self.last_stats = GenStats(prompt_tokens=len(ids))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
         cache = self.call_cache(len(ids) + max_new + 1, "generate")
+        stats.extra["cache_setup_s"] = time.perf_counter() - t0  # a new capacity class allocates and pins here
         try:
             t0 = time.perf_counter()
             x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
