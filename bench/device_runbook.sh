@@ -26,7 +26,8 @@ case "$1" in
   quick)
     # the CUDA tests of code no GPU has run yet (whole-layer attention, window rings, weight streaming, OOM guard)
     step 170 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_kernels_span_attention.py \
-        tests/weights/test_offload_cuda.py tests/kv/test_window_split.py tests/faults/test_memory.py ;;
+        tests/weights/test_offload_cuda.py tests/kv/test_window_split.py tests/faults/test_memory.py \
+        tests/io/test_pinned.py ;;
   8b)
     step 240 python bench/profile_sparse_prefill.py --shape llama3.1-8b --contexts 32768,130048 \
         --kv-gpu-budget 5GiB --out "$OUT/profile-sparse-prefill-whole-layer.json"

@@ -93,8 +93,9 @@ class LayerPrefillSteps:
         """Write the staged layer to the host pool, the resident copies and the key ring, and fit its shadow and
         index when the next step will be sparse (else its pre-RoPE keys wait on the host, as a sliced prefill's do)."""
         st, n = self.staging, self.staging.n
-        self._flat(self.k_host, layer)[:n].copy_(st.k)
-        self._flat(self.v_host, layer)[:n].copy_(st.v)
+        k_pool, v_pool = self.pool_layer(layer)  # pins this layer's part while the GPU works on earlier ones
+        k_pool[:n].copy_(st.k)
+        v_pool[:n].copy_(st.v)
         k_res, v_res = self.res.flat(layer)
         first = self.res.start * self.chunk
         if first < n:  # resident copies hold the last chunks: rows count from their first token

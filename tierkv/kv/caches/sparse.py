@@ -23,6 +23,7 @@ import torch
 
 from tierkv.config import TierConfig, format_size
 from tierkv.errors import BudgetError, ConfigError
+from tierkv.io.pinned import RegionPinned
 from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kernels.append_token import append_token
@@ -152,20 +153,46 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self._set_pool(shape)
 
     def _set_pool(self, shape: tuple[int, ...]) -> None:
-        """Allocate the host pool (K and V of `shape` each) and its device-readable views k_host, v_host."""
+        """Allocate the host pool (K and V of `shape` each) and its device-readable views k_host, v_host. On CUDA
+        the pool is pinned a layer at a time (io/pinned.RegionPinned): a layer-major prefill pins each layer as
+        it writes it (`pool_layer`); any other use of k_host/v_host pins what is left first."""
         nbytes = math.prod(shape) * torch.finfo(self.dtype).bits // 8
         check_host_budget(2 * nbytes, "host memory for the sparse cache's K/V")
-        pin = self.device.type == "cuda" and pinning_available()
-        self._host = [alloc_host(nbytes, pin=pin) for _ in range(2)]  # uint8 storage; keeps it alive
         if self.device.type == "cuda":
-            if not pin:
+            if not pinning_available():
                 raise RuntimeError("the sparse graph cache needs pinned host memory, which torch cannot allocate here")
+            self._pins = [RegionPinned(nbytes, regions=shape[0]) for _ in range(2)]
+            self._host = [p.tensor for p in self._pins]  # uint8 storage; keeps it alive
             views = [map_pinned(h, self.device) for h in self._host]
         else:
-            views = self._host
-        self.k_host, self.v_host = (v.view(self.dtype).view(shape) for v in views)  # device-readable views
+            self._pins = []
+            self._host = views = [alloc_host(nbytes, pin=False) for _ in range(2)]
+        self._k_pool, self._v_pool = (v.view(self.dtype).view(shape) for v in views)  # device-readable views
+        self.pool_shape = tuple(shape)
         self.host_bytes = 2 * nbytes
         self.buffers_epoch += 1
+
+    @property
+    def k_host(self) -> torch.Tensor:
+        """The pool's keys (L, rows, C, Hkv, D), readable by the compute device; pinned whole on first use."""
+        self._pin_pool()
+        return self._k_pool
+
+    @property
+    def v_host(self) -> torch.Tensor:
+        self._pin_pool()
+        return self._v_pool
+
+    def _pin_pool(self) -> None:
+        if self._pins and not self._pins[-1].all_pinned:
+            for p in self._pins:
+                p.pin_all()
+
+    def pool_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V rows (rows * C, Hkv, D), that layer's part of the pool pinned first (prefill)."""
+        for p in self._pins:
+            p.pin(layer)
+        return self._flat(self._k_pool, layer), self._flat(self._v_pool, layer)
 
     def _alloc_resident(self, keys: bool = False) -> None:
         """GPU copies (kv/storage/resident.py) of the values (keys=True: and keys) of as many of the last chunks as
@@ -174,7 +201,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self.buffers_epoch += 1
         per_chunk = self._chunk_bytes() * (2 if keys else 1)
         n = max(0, min(self.n_chunks, self._resident_room() // per_chunk - 1))  # - 1: the scratch row
-        self.res = ResidentChunks(self.k_host.shape, n, keys=keys, device=self.device, dtype=self.dtype)
+        self.res = ResidentChunks(self.pool_shape, n, keys=keys, device=self.device, dtype=self.dtype)
 
     def _chunk_bytes(self) -> int:
         """Bytes of one chunk's values (or keys) over all layers."""
@@ -529,7 +556,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         if self.disk_chunks is not None:
             self.disk_chunks.close()
             self.disk_chunks = None
-        self._host = []
-        self.k_host = self.v_host = torch.empty(0)
+        self._host, self._pins = [], []
+        self._k_pool = self._v_pool = torch.empty(0)
         self._fit_buf = [[] for _ in range(self.num_layers)]
         self._pool_pre = [0] * self.num_layers

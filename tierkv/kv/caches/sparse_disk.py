@@ -54,7 +54,7 @@ class DiskTierSteps:
         if self.res.n and self.res.start < hi:  # resident copies hold a suffix: keep the part after the disk region
             keys = self.res.k is not None
             self.res = None
-            self.res = ResidentChunks(self.k_host.shape, self.n_chunks - hi, keys=keys, device=self.device,
+            self.res = ResidentChunks(self.pool_shape, self.n_chunks - hi, keys=keys, device=self.device,
                                       dtype=self.dtype)
             self.res.copy_from(self.k_host, self.v_host, total)
         old = [h.view(self.num_layers, self.n_chunks, -1) for h in self._host]  # (L, N, row bytes) per K, V
