@@ -8,6 +8,7 @@ Methods, each on a fresh anonymous mapping of --gib GiB:
   torch             torch.empty(pin_memory=True) (PyTorch's caching host allocator, cudaHostAlloc)
   register-bg       hugepage + register in 64 MiB pieces on a thread while the GPU runs matmuls: the pin time
                     and how much the GPU work slows (the cost of overlapping the pin with prefill)
+  register-queued   register 2 GiB on the main thread while about 3 s of GPU work is queued: does it wait?
     python bench/pin_speed.py --gib 8 --out $OUT/pin-speed.json
 """
 
@@ -109,6 +110,29 @@ def timed_background(nbytes: int) -> dict:
             "matmuls_beside_pin": n}
 
 
+def timed_queued(nbytes: int) -> dict:
+    """Register on the main thread while the GPU works through queued matmuls (what a layer-major prefill does):
+    whether cudaHostRegister waits for the queue (then the pinning does not overlap the GPU's work)."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    per = _matmuls(a, 200) / 200
+    mem, t = _mapping(nbytes, True)
+    queued = max(100, int(3.0 / per))  # about 3 s of GPU work
+    for _ in range(queued):
+        a = a @ a
+        a = a / a.norm()
+    t0 = time.perf_counter()
+    _register(t.data_ptr(), nbytes)
+    reg = time.perf_counter() - t0
+    busy_after = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    _unregister(t.data_ptr())
+    del t
+    mem.close()
+    return {"gpu_queue_s": round(queued * per, 3), "register_s": round(reg, 3),
+            "gpu_still_busy_after_register": busy_after, "register_then_drain_s": round(total, 3)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gib", type=float, default=8.0)
@@ -125,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     res["populate-hugepage"] = timed_register(nbytes, huge=True, populate=True)
     res["torch"] = timed_torch(nbytes)
     res["register-bg"] = timed_background(nbytes)
+    res["register-queued"] = timed_queued(min(nbytes, 2 * 1024**3))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res))
