@@ -116,3 +116,39 @@ def unpinned_fallback(nbytes: int, error: BaseException, *, growing: bool, limit
         raise BudgetError(f"pinning {format_size(nbytes)} more host memory failed ({cause}) under the locked-memory "
                           f"limit RLIMIT_MEMLOCK={lim}; raise it (ulimit -l) or lower cpu_budget")
     return f"pinning {format_size(nbytes)} failed ({cause}) under RLIMIT_MEMLOCK={lim}: pageable memory, copied in"
+
+
+class WholePinned:
+    """RegionPinned's interface over one buffer pinned whole at once (`pinned_empty`, which may fall back to
+    PyTorch's pinned allocator)."""
+
+    all_pinned = True
+
+    def __init__(self, nbytes: int) -> None:
+        self.tensor = pinned_empty(nbytes)
+
+    def pin(self, region: int) -> None:
+        pass
+
+    def pin_all(self) -> None:
+        pass
+
+
+def pool_buffer(nbytes: int, regions: int) -> RegionPinned | WholePinned:
+    """Host memory the GPU reads in place, pinned region by region where the locked-memory limit allows all of it
+    (else whole, the way that may still succeed under the limit)."""
+    limit = memlock_limit()
+    ok = limit is None or limit >= nbytes or _can_ignore_memlock()
+    return RegionPinned(nbytes, regions) if ok else WholePinned(nbytes)
+
+
+def _can_ignore_memlock() -> bool:
+    """Whether this process holds CAP_IPC_LOCK (root usually does), which lifts RLIMIT_MEMLOCK (Linux)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 14 & 1)
+    except OSError:
+        pass
+    return False
+

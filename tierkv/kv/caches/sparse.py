@@ -23,7 +23,7 @@ import torch
 
 from tierkv.config import TierConfig, format_size
 from tierkv.errors import BudgetError, ConfigError
-from tierkv.io.pinned import RegionPinned
+from tierkv.io.pinned import pool_buffer
 from tierkv.io.staging import alloc_host, pinning_available
 from tierkv.kernels import chunk_topk, shadow_paged_attention, sparse_entries
 from tierkv.kernels.append_token import append_token
@@ -161,7 +161,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         if self.device.type == "cuda":
             if not pinning_available():
                 raise RuntimeError("the sparse graph cache needs pinned host memory, which torch cannot allocate here")
-            self._pins = [RegionPinned(nbytes, regions=shape[0]) for _ in range(2)]
+            self._pins = [pool_buffer(nbytes, regions=shape[0]) for _ in range(2)]
             self._host = [p.tensor for p in self._pins]  # uint8 storage; keeps it alive
             views = [map_pinned(h, self.device) for h in self._host]
         else:
