@@ -53,7 +53,9 @@ def test_region_pinned_pins_regions_on_demand_and_maps_them():
     buf.pin_all()
     assert buf.all_pinned
     buf.tensor.copy_(torch.arange(4 * region, dtype=torch.int64).remainder(251).to(torch.uint8))
-    assert torch.equal(view.cpu(), buf.tensor)
+    for r in range(4):  # a copy-engine read may not span two registrations (H100: invalid argument)
+        part = slice(r * region, (r + 1) * region)
+        assert torch.equal(view[part].cpu(), buf.tensor[part])
     # parts that would share a page: one region
     assert RegionPinned(3 * 1000, regions=3).region_bytes == 3000
 
