@@ -151,4 +151,3 @@ def _can_ignore_memlock() -> bool:
     except OSError:
         pass
     return False
-

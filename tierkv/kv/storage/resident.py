@@ -51,4 +51,7 @@ class ResidentChunks:
         for pool, res in ((v_pool, self.v), (k_pool, self.k)):
             if res is not None:
                 flat = (pool.shape[0], -1, *pool.shape[-2:])
-                res.view(flat)[:, :total - first].copy_(pool.view(flat)[:, first:total])
+                # layer by layer: a pool pinned per layer (io/pinned.RegionPinned) is one registration per layer,
+                # and a copy-engine copy spanning two failed on an H100 (invalid argument)
+                for dst, src in zip(res.view(flat), pool.view(flat)):
+                    dst[:total - first].copy_(src[first:total])
