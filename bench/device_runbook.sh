@@ -10,6 +10,7 @@
 #   tests     the CUDA tests (kernels, graphs, rings, weight streaming, OOM guard) on random-weight shapes
 #   pin       how long pinning the sparse host pool takes by method (the first call of a capacity class pins it)
 #   chat32    first tokens, chat vs generate per token and a saved/resumed session at 32K (8B shape)
+#   firstcall where the first call's 4 s between prefill end and the second token goes (cProfile, capture phases)
 #   rank      what a larger shadow rank costs on the 8B shape (decode ms/token, peak) before it becomes a default
 # The real-model rows need the model carried first (bench/device_smollm2.sh, bench/device_gemma3.sh), then:
 #   smol      graph == eager on SmolLM2 with chat turns, and the CUDA tests that load SmolLM2
@@ -46,6 +47,9 @@ case "$1" in
       step 150 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget $b \
           --systems tierkv-sparse,hf-accelerate --reserve 2GiB --json "$OUT/offload-8b-32k-$b.json"
     done ;;
+  firstcall)
+    step 150 python bench/profile_first_call.py --context 32768 --kv-gpu-budget 24GiB --out "$OUT/first-call-32k.json"
+    step 200 python bench/profile_first_call.py --context 130000 --kv-gpu-budget 24GiB --out "$OUT/first-call-128k.json" ;;
   rank)
     # session 8 found the shadow rank, not the budget, limits fidelity on Gemma 3 270M (rank 96 -> 160: +1.2 to
     # +2.3 points at 16K-32K); the 8B cost decides whether a larger default is affordable
@@ -70,7 +74,7 @@ case "$1" in
         --methods sparse --variants "rank=96;rank=160;rank=256,score_rank=128" --out "$OUT/long-fidelity-ranks-h200.json"
     step 150 python bench/passkey_sweep.py --device cuda --lengths 8K,16K,32700 \
         --out "$OUT/passkey-gemma3-270m-h200.json" --plot "$OUT/passkey-gemma3-270m-h200.png" ;;
-  *) echo "usage: $0 CASE [CASE ...], CASE one of quick pin chat32 8b 8b-long offload rank soak tests smol gemma"; exit 2 ;;
+  *) echo "usage: $0 CASE [CASE ...], CASE one of quick firstcall pin chat32 8b 8b-long offload rank soak tests smol gemma"; exit 2 ;;
 esac
 }
 for c in "$@"; do run_case "$c"; done

@@ -41,6 +41,7 @@ class GraphStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = self.replays = self.captures = 0
         self.capture_s = 0.0  # wall seconds spent in captures (warm-up steps included)
+        self.capture_phases = {"warmup_s": 0.0, "record_s": 0.0, "sync_s": 0.0}  # capture_s split by phase
         self._captured_for: tuple | None = None  # (buffers_epoch, rope cos, rope sin) the graph was captured with
         model.rope.ensure(cache.capacity + 1)  # tables are never reallocated after capture
 
@@ -56,6 +57,7 @@ class GraphStep:
                 cache.pos.copy_(saved_pos)
                 cache.seq_len = saved_len
         torch.cuda.current_stream(model.device).wait_stream(side)
+        t1 = time.perf_counter()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = model.forward(self.token, cache.pos, cache)  # (1, V)
@@ -63,8 +65,12 @@ class GraphStep:
         self._captured_for = self._inputs()
         cache.seq_len = saved_len
         cache.pos.copy_(saved_pos)
+        t2 = time.perf_counter()
         torch.cuda.current_stream(model.device).synchronize()  # once per capture: its time is measured whole
-        self.capture_s += time.perf_counter() - t0
+        t3 = time.perf_counter()
+        self.capture_s += t3 - t0
+        for key, dt in (("warmup_s", t1 - t0), ("record_s", t2 - t1), ("sync_s", t3 - t2)):
+            self.capture_phases[key] += dt
 
     def _inputs(self) -> tuple:
         """What a capture is valid for: the cache's buffer epoch and the RoPE tables (by identity)."""
