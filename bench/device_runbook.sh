@@ -48,6 +48,7 @@ case "$1" in
           --systems tierkv-sparse,hf-accelerate --reserve 2GiB --json "$OUT/offload-8b-32k-$b.json"
     done ;;
   firstcall)
+    step 60 python bench/eigh_speed.py --out "$OUT/eigh-speed.json"
     step 150 python bench/profile_first_call.py --context 32768 --kv-gpu-budget 24GiB --out "$OUT/first-call-32k.json"
     step 200 python bench/profile_first_call.py --context 130000 --kv-gpu-budget 24GiB --out "$OUT/first-call-128k.json" ;;
   rank)

@@ -1,9 +1,9 @@
 """Where the first generate call of a process spends the time between prefill end and the second token.
 
 Session 10 measured 4.1-4.6 s of decode-graph capture on the first call at 32K and 128K (H100, 8B shape), in two
-processes with a warm Triton cache; the target is 1.5 s. This runs one first call under cProfile and reports the
+processes with a warm Triton cache; the target is 1.5 s. This runs one first call and reports the
 capture split by phase (eager warm-up steps, graph recording, the sync that ends it), the Triton kernels compiled
-during the call, and the functions with the most cumulative and own time. A second, warm call follows for contrast.
+during the call, and the functions with the most cumulative and own time inside the capture (cProfile). A second, warm call follows for contrast.
 
     python bench/profile_first_call.py --model llama3.1-8b --context 32768 --kv-gpu-budget 24GiB --out r.json
 CPU smoke run (no graph, so no capture): --model llama-tiny --context 1024 --device cpu
@@ -26,9 +26,38 @@ import torch
 import tierkv
 
 
-def _triton_cache_files() -> int:
+def _triton_kernels() -> set[str]:
+    """Entries of Triton's on-disk cache, as 'hash/kernel.json' (one per compiled specialization)."""
     root = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
-    return sum(1 for _ in root.rglob("*.json")) if root.exists() else 0
+    return {f"{f.parent.name}/{f.name}" for f in root.rglob("*.json")
+            if not f.name.startswith("__grp__")} if root.exists() else set()
+
+
+def _triton_cache_files() -> int:
+    return len(_triton_kernels())
+
+
+class _CaptureProfile:
+    """cProfile around each GraphStep._capture only (the generator of a stream confuses a whole-call profile)."""
+
+    def __init__(self) -> None:
+        from tierkv.graph import GraphStep
+        self.prof, self.cls, self.orig = cProfile.Profile(), GraphStep, GraphStep._capture
+        prof, orig = self.prof, self.orig
+
+        self.calls = 0
+
+        def _capture(step) -> None:
+            self.calls += 1
+            prof.enable()
+            try:
+                orig(step)
+            finally:
+                prof.disable()
+        GraphStep._capture = _capture
+
+    def close(self) -> None:
+        self.cls._capture = self.orig
 
 
 def _top(prof: cProfile.Profile, key: str, n: int) -> str:
@@ -38,30 +67,28 @@ def _top(prof: cProfile.Profile, key: str, n: int) -> str:
 
 
 def _call(llm, ids: list[int], max_new: int, profile: bool) -> dict:
-    prof = cProfile.Profile() if profile else None
-    kernels_before = _triton_cache_files()
+    kernels_before = _triton_kernels()
+    cap = _CaptureProfile() if profile else None
     t0 = time.perf_counter()
-    if prof:
-        prof.enable()
     times = []
     for _ in llm.stream_ids(ids, max_new_tokens=max_new):
         times.append(time.perf_counter())
-    if prof:
-        prof.disable()
+    if cap:
+        cap.close()
     s = llm.stats
     end = t0 + s["cache_setup_s"] + s["prefill_s"]
     _, step = llm.kept("generate")
     out = {"cache_setup_s": round(s["cache_setup_s"], 3), "prefill_s": round(s["prefill_s"], 3),
            "prefill_end_to_first_token_ms": round(1000 * (times[0] - end), 1),
            "prefill_end_to_second_token_ms": round(1000 * (times[1] - end), 1),
-           "triton_cache_files_added": _triton_cache_files() - kernels_before}
+           "triton_kernels_compiled": sorted(_triton_kernels() - kernels_before)}
     if step is not None:
         out |= {"captures": step.captures, "capture_s": round(step.capture_s, 3),
                 "capture_phases": {k: round(v, 3) for k, v in step.capture_phases.items()},
                 "eager_steps": step.eager_steps}
-    if prof:
-        out["profile_cumulative"] = _top(prof, "cumulative", 45)
-        out["profile_tottime"] = _top(prof, "tottime", 30)
+    if cap and cap.calls:
+        out["capture_profile"] = _top(cap.prof, "cumulative", 70)
+        out["capture_profile_tottime"] = _top(cap.prof, "tottime", 30)
     return out
 
 
@@ -91,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
            "first_call": first, "warm_call": warm}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    for key in ("profile_cumulative", "profile_tottime"):
+    for key in ("capture_profile", "capture_profile_tottime"):
         print(first.pop(key, ""))
     print(json.dumps(res))
 

@@ -221,7 +221,10 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         """After the fit: when most chunks are outliers (keys the shadow cannot rebuild, read exactly on every pick)
         and the budget holds keys and values of every chunk, keep the keys on the GPU too. (Short of every chunk,
         keys halve the resident chunks and, for evenly spread picks, read more over the link than they save.)
-        Eager: one host sync."""
+        Eager: one host sync. Keys already resident stay (appends and prefills write them): reallocating would
+        make a captured decode graph capture again."""
+        if self.res is not None and self.res.k is not None:
+            return
         if self._resident_room() < 2 * (self.n_chunks + 1) * self._chunk_bytes():
             return
         if float(self.outlier[:, :total // self.chunk].float().mean()) <= 0.5:

@@ -61,7 +61,7 @@ class LowRankIndex:
     def fit_grams(self, grams: torch.Tensor) -> None:
         """Per-KV-head bases from the Gram matrices (Hkv, D, D) of the keys (summed over slices by the caller);
         nothing is indexed yet: the caller extends with the keys. Mutates."""
-        self.set_basis(torch.stack([basis_from_gram(g, self.rank)[0] for g in grams]))
+        self.set_basis(basis_from_gram(grams, self.rank)[0])
         self.count = 0
 
     def set_basis(self, basis: torch.Tensor) -> None:

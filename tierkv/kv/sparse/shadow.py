@@ -35,12 +35,14 @@ def grown_capacity(need: int, cap: int) -> int:
 
 
 def basis_from_gram(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fit_basis` from the Gram matrix x.T @ x (F, F) fp32, which callers may sum over slices of x."""
+    """`fit_basis` from the Gram matrix x.T @ x (F, F) fp32, which callers may sum over slices of x. A batch
+    (..., F, F) gives (..., r, F) bases and (...) dropped energies in one eigensolver call (on CUDA one call, not
+    one per head: each call ends in a host sync)."""
     evals, evecs = torch.linalg.eigh(gram.double())  # ascending
-    f = gram.shape[0]
+    f = gram.shape[-1]
     r = min(rank, f)
-    basis = evecs[:, -r:].flip(-1).T.float().contiguous()  # (r, F), largest first
-    dropped = evals[:-r].clamp_min(0).sum().float() if r < f else torch.zeros((), device=gram.device)
+    basis = evecs[..., -r:].flip(-1).transpose(-1, -2).float().contiguous()  # (..., r, F), largest first
+    dropped = evals[..., :-r].clamp_min(0).sum(-1).float() if r < f else evals.new_zeros(evals.shape[:-1]).float()
     return basis, dropped
 
 
