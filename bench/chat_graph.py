@@ -84,7 +84,7 @@ def _turn(chat, text: str) -> dict:
             "reply": chat.messages[-1]["content"], "captures": step.captures if step else 0,
             "cache": st["cache"], "token_budget": chat.llm.tier.budget_tokens(st["tokens_in_context"]),
             "rolled_back": st["last_turn"]["rolled_back"], "capacity": chat.cache.capacity,
-            "kv": {k: kv.get(k) for k in ("fits", "folds", "covered", "sparse_steps", "dense_steps")}
+            "kv": {k: kv.get(k) for k in ("fits", "folds", "unfolds", "covered", "sparse_steps", "dense_steps")}
             | {"keys_resident": kv.get("resident_values", {}).get("keys_too")}}
 
 

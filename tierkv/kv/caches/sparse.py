@@ -97,6 +97,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         # unfits, or an import); _fit_buf then holds the keys from n on
         self._pool_pre = [0] * num_layers
         self.fitted, self.fit_at = False, 0  # fit_at: tokens (the first sparse step's included) when the fit ran
+        self._fold_starts: list[int] = []  # `covered` before each fold since the fit: where a rollback can unfold to
         # bumped whenever a buffer that a captured decode graph reads is reallocated (pool, fit, resident copies,
         # disk tier): tierkv/graph.py captures again then
         self.buffers_epoch = 0
@@ -106,7 +107,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self.res: ResidentChunks | None = None  # GPU copies of the last chunks (`_alloc_resident`)
         self._alloc_host_pool()
-        self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0, "fits": 0}  # fits: whole fits and refits
+        self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0, "fits": 0, "unfolds": 0}  # fits: and refits
         # what sparse steps read beyond the shadow: [fixed-entry tokens (their K and V) over heads and layers,
         # attended picks, picks with exact keys, picks and fixed tokens in resident slots, exact-key picks in
         # resident slots]; with the chunk cache also [exact-key misses, hits, picks]
@@ -310,6 +311,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self._mark_outliers(layer, start, end)
         if layer == self.num_layers - 1:
             self._n["folds"] += 1
+            self._fold_starts.append(start)
 
     def _mark_outliers(self, layer: int, start: int, end: int) -> None:
         sh, c = self.shadows[layer], self.chunk
@@ -369,7 +371,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         """After the last layer's fit on the tokens before step `total`: decode steps may replay; outlier keys and
         the disk spill follow. fit_at counts the step's token too: a rollback that removes it refits, so the
         result equals a fresh prefill of the new tokens (which fits on all of them)."""
-        self.fitted, self.fit_at = True, total
+        self.fitted, self.fit_at, self._fold_starts = True, total, []
         self._n["fits"] += 1
         self._keep_outlier_keys(total)
         self._spill_to_disk(total)

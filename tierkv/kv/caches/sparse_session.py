@@ -2,8 +2,10 @@
 included), the shadows, index and unfolded pre-RoPE keys as named tensors, and `truncate`. A mixin of
 SparseKVCache (kv/caches/sparse.py): it uses the cache's pool, shadows, index and ring.
 
-The rule for a cut (as the oracle's, kv/caches/eager_sparse.py): the fit is kept when the cut leaves every token it
-was fitted on and every folded token; otherwise the cache is unfitted and refits at its next sparse step, with the
+The rule for a cut: the fit is kept when the cut leaves every token it was fitted on. Folds that took in removed
+tokens are undone while the ring still holds their pre-RoPE keys (a chat turn's rollback of the last reply), so the
+state equals that of a cache that never saw those tokens. Otherwise (as the oracle, kv/caches/eager_sparse.py, does
+on any cut below a folded token) the cache is unfitted and refits at its next sparse step, with the
 pre-RoPE keys of folded tokens recovered from the stored post-RoPE keys (kv/sparse/state.PendingKeys, slice by
 slice at the refit, with no host copy) and the unfolded ones, exact, from the ring. The refit writes the new bases
 in place, so a captured graph stays valid (`buffers_epoch` moves only when a buffer is reallocated: the host pool
@@ -140,6 +142,7 @@ class SparseSessionState:
             self._fit_buf[layer], self._pool_pre[layer] = [], 0
             self._mark_outliers(layer, 0, cov)
         self.fitted, self.fit_at = True, int(tensors["sparse.fit_at"])
+        self._fold_starts = []  # not saved: a cut below the saved folds refits
         self._keep_outlier_keys(n)
         self._spill_to_disk(n)
 
@@ -153,7 +156,7 @@ class SparseSessionState:
         n = num_tokens
         if not 0 <= n <= self.seq_len:
             raise ValueError(f"cannot truncate {self.seq_len} cached positions to {n}")
-        if self.fitted and (n < self.fit_at or any(n < sh.covered for sh in self.shadows)):
+        if self.fitted and (n < self.fit_at or any(n < sh.covered for sh in self.shadows)) and not self._unfold(n):
             self._unfit(n)
         elif self.fitted:
             for ix in self.index:
@@ -166,6 +169,29 @@ class SparseSessionState:
         self.pos.fill_(n)
         if self.chunk_cache:
             self.cached_ids.fill_(-1)
+
+    def _unfold(self, n: int) -> bool:
+        """A cut that keeps the fit's tokens but removes tokens a fold took in: undo the folds past the cut instead
+        of refitting (a chat turn's rollback of the last reply would otherwise refit every shadow: 1.3 s at 32K on
+        an H100). Exact while the ring still holds the pre-RoPE keys from the earliest undone fold's start on, so
+        the state equals that of a cache that never saw the removed tokens. False when a refit is needed."""
+        if n < self.fit_at:
+            return False
+        starts = self._fold_starts
+        ends = starts[1:] + [self.covered]  # fold i took in tokens [starts[i], ends[i])
+        undo = next((i for i, e in enumerate(ends) if e > n), None)  # the first fold that took in a token >= n
+        if undo is None or self.seq_len + 1 - starts[undo] > self.ring:
+            return False
+        to = starts[undo]
+        for layer, sh in enumerate(self.shadows):
+            sh.unfold(to)
+            self.outlier[layer, to // self.chunk:] = False
+        self.covered_chunks.fill_(to // self.chunk)
+        self._fold_starts = starts[:undo]
+        for ix in self.index:
+            ix.count = min(ix.count, n)
+        self._n["unfolds"] += 1
+        return True
 
     def _unfit(self, n: int) -> None:
         """Drop the fit: bring chunks on disk back to the host pool (the refit spills again), and buffer the pre-RoPE

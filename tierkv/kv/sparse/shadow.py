@@ -134,6 +134,15 @@ class KeyShadow:
         self.covered = end
         self._judge(start, flat - a @ b, flat, k_post)
 
+    def unfold(self, to: int) -> None:
+        """Forget the coefficients of tokens [to, covered): the tokens a rollback removed folded in, so that the
+        next fold projects them again. `to` is an earlier `covered` (chunk-aligned); only without kept exact keys
+        (keep_exact=False: their rows could not be given back). Mutates; the stale rows are never read."""
+        if self.keep_exact or to % self.c or not 0 <= to <= self.covered:
+            raise ValueError(f"cannot unfold a shadow covering {self.covered} tokens to {to}")
+        self.chunk_err[to // self.c:] = 0
+        self.covered = to
+
     def _judge(self, start: int, resid: torch.Tensor, flat: torch.Tensor, k_post: torch.Tensor) -> None:
         """Relative error per whole chunk in [start, start+T); keep exact keys of chunks above the threshold."""
         c = self.c
