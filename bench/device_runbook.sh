@@ -43,10 +43,13 @@ case "$1" in
     step 200 python bench/chat_graph.py --model llama3.1-8b --context 130000 --kv-gpu-budget 24GiB \
         --max-new-tokens 32 --turns 2 --out "$OUT/chat-graph-128k.json" ;;
   offload)
+    # hf-accelerate in its own step: at 12/16 GiB it ran past a shared 150 s step (session 11)
     for b in 12GiB 24GiB 16GiB; do
       step 150 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget $b \
-          --systems tierkv-sparse,hf-accelerate --reserve 2GiB --json "$OUT/offload-8b-32k-$b.json"
-    done ;;
+          --systems tierkv-sparse --reserve 2GiB --json "$OUT/offload-8b-32k-$b.json"
+    done
+    step 400 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget 12GiB \
+        --systems hf-accelerate --reserve 2GiB --json "$OUT/offload-8b-32k-12GiB-hf.json" ;;
   firstcall)
     step 60 python bench/eigh_speed.py --out "$OUT/eigh-speed.json"
     step 150 python bench/profile_first_call.py --context 32768 --kv-gpu-budget 24GiB --out "$OUT/first-call-32k.json"
@@ -55,7 +58,7 @@ case "$1" in
     # session 8 found the shadow rank, not the budget, limits fidelity on Gemma 3 270M (rank 96 -> 160: +1.2 to
     # +2.3 points at 16K-32K); the 8B cost decides whether a larger default is affordable
     for r in 96 160 256; do
-      step 180 python -m tierkv bench decode llama3.1-8b --context 32K,128K --gpu-budget 24GiB --systems tierkv-sparse \
+      step 180 python -m tierkv bench decode llama3.1-8b --context 32K,130000 --gpu-budget 24GiB --systems tierkv-sparse \
           --rank $r --json "$OUT/decode-rank$r.json"
     done ;;
   soak)
