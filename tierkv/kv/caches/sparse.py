@@ -107,7 +107,8 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self.res: ResidentChunks | None = None  # GPU copies of the last chunks (`_alloc_resident`)
         self._alloc_host_pool()
-        self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0, "fits": 0, "unfolds": 0}  # fits: and refits
+        # fits: whole fits and refits; unfolds: rollbacks that undid folds instead of refitting
+        self._n = {"sparse_steps": 0, "dense_steps": 0, "folds": 0, "fits": 0, "unfolds": 0}
         # what sparse steps read beyond the shadow: [fixed-entry tokens (their K and V) over heads and layers,
         # attended picks, picks with exact keys, picks and fixed tokens in resident slots, exact-key picks in
         # resident slots]; with the chunk cache also [exact-key misses, hits, picks]
