@@ -16,7 +16,7 @@ from tierkv.engine import DecodeStep, GenStats, eager_step, generate_ids, prefil
 from tierkv.errors import ConfigError, ContextTooLongError
 from tierkv.graph import GraphStep
 from tierkv.kv.caches.base import KVCache
-from tierkv.kv.factory import CacheRequest, build_cache, capacity_class, choose
+from tierkv.kv.factory import CacheRequest, build_cache, capacity_class, capacity_classes, choose
 from tierkv.models.build import build_model, random_model
 from tierkv.models.config import ModelConfig
 from tierkv.models.llama import LlamaModel
@@ -296,7 +296,8 @@ class LLM:
     def warm_up(self, tokens: int = 4096) -> float:
         """Run one short throwaway generate call (random ids, a sparse context at default settings) so the kernels
         a decode step uses are compiled or read from Triton's on-disk cache, and CUDA and cuBLAS are initialised,
-        before the user's first call. Leaves no cache, graph or stats behind. Returns its seconds. `load` calls it
+        before the user's first call; with the sparse cache, also the selection kernels of every capacity class up
+        to the context size. Leaves no cache, graph or stats behind. Returns its seconds. `load` calls it
         on CUDA unless warm_up=False; on the CPU there is nothing to compile."""
         t0 = time.perf_counter()
         n = min(tokens, self.context_size - 8)
@@ -307,6 +308,13 @@ class LLM:
         if kept is not None:
             self.release_cache(kept)
         self.last_stats = GenStats()
+        if self.device.type == "cuda" and choose(self.cache_request(1)).kind == "sparse":
+            # the selection kernels specialise per capacity class: compile every class this LLM can reach now,
+            # not inside the first call's graph capture (kv/sparse/warm.py)
+            from tierkv.kv.sparse.warm import warm_classes
+
+            classes = capacity_classes(self.context_size, self.cfg.max_position_embeddings + 1)
+            warm_classes(self.cfg, self.tier, classes, self.device, self.dtype)
         return time.perf_counter() - t0
 
     @property

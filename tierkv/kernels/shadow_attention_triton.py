@@ -23,7 +23,12 @@ def _r_step(block_r: int) -> int:
     return block_r if block_r <= 64 else 32
 
 
-@triton.jit
+# keys per block of a split; kv/sparse/warm.py plans the same splits to compile the merge at load
+SPLIT_BLOCK_N = 64
+
+
+# the resident range depends on the KV budget, not on the kernel's shapes: no recompile per budget
+@triton.jit(do_not_specialize=["res_lo", "n_res"])
 def _shadow_split_kernel(
     q_ptr, a_ptr, b_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, cid_ptr, po_ptr, pl_ptr,
     kc_ptr, vc_ptr, csrc_ptr, vr_ptr, kr_ptr,
@@ -161,7 +166,7 @@ def shadow_paged_attention_triton(
     n_items = slots.shape[1] * chunk
     f32_dot = q.dtype == torch.float32 or q.device.type != "cuda"  # the CPU interpreter's bf16 dot is wrong
     lowp = not f32_dot and a3.dtype == b3.dtype and a3.dtype in (torch.bfloat16, torch.float16)
-    block_n = 64
+    block_n = SPLIT_BLOCK_N
     block_r = max(16, triton.next_power_of_2(rank))
     num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
     if cache is not None:

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["res_lo"])  # the resident start follows the KV budget: one compile for all
 def _entries_kernel(top_ptr, score_ptr, picks_ptr, covered_ptr, outlier_ptr, fid_ptr, flen_ptr,
                     slot_ptr, len_ptr, cid_ptr, count_ptr, n_fixed, k, n_chunks, chunk, res_lo, res_hi, s_th, s_oh,
                     BLOCK: tl.constexpr, COUNT: tl.constexpr):

@@ -88,6 +88,16 @@ def capacity_class(need: int, limit: int) -> int:
     return min(-(-max(need, 1024) // step) * step, max(limit, need))
 
 
+def capacity_classes(upto: int, limit: int) -> list[int]:
+    """Every capacity class from the smallest up to the one holding `upto` positions, ascending."""
+    out, need = [], 1
+    last = capacity_class(upto, limit)
+    while not out or out[-1] < last:
+        out.append(capacity_class(need, limit))
+        need = out[-1] + 1
+    return out
+
+
 def build_cache(req: CacheRequest, rope) -> tuple[KVCache, CacheChoice]:
     """A fresh cache for req (rope: the model's RoPE tables, for the sparse shadows) and the choice it came from."""
     choice = choose(req)
