@@ -37,7 +37,7 @@ from tierkv.kv.caches.layer_prefill import LayerPrefillSteps
 from tierkv.kernels.online_softmax import OnlineSoftmax
 from tierkv.kv.sparse.predict import PickPrefetch
 from tierkv.kv.storage.resident import ResidentChunks
-from tierkv.kv.sparse.select import DeviceStepPlan, plan_on_device, plan_step
+from tierkv.kv.sparse.select import DeviceStepPlan, class_sizes, plan_on_device, plan_step
 from tierkv.kv.sparse.shadow import KeyShadow, fold_due
 from tierkv.kv.sparse.options import RopeTables, SparseOptions
 from tierkv.kv.sparse.index import LowRankIndex
@@ -72,9 +72,10 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
             raise ValueError("SparseKVCache supports the 'lowrank' scorer with rebuilt keys only")
         self.device, self.dtype, self.config, self.rope = torch.device(device), dtype, config, rope
         self.num_layers, self.hkv, self.d = num_layers, num_kv_heads, head_dim
-        c = self.chunk = config.chunk_size
-        self.n_chunks = -(-max(1, capacity) // c)
-        self.capacity = self.n_chunks * c
+        sizes = class_sizes(config, capacity)
+        c = self.chunk = sizes.chunk
+        self.n_chunks, self.capacity = sizes.n_chunks, sizes.capacity
+        self.sink_chunks, self.window_chunks, self.max_picks = sizes.sink_chunks, sizes.window_chunks, sizes.max_picks
         self.seq_len = 0
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.step_plan: DeviceStepPlan | None = None  # this step's plan, made at layer 0 (read by kv/sparse/predict.py)
@@ -102,9 +103,6 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         # disk tier): tierkv/graph.py captures again then
         self.buffers_epoch = 0
         self._disk_step_ran = False
-        self.sink_chunks = -(-config.sink_tokens // c)
-        self.window_chunks = -(-config.window_tokens // c)
-        self.max_picks = max(1, min(self.n_chunks, config.budget_tokens(self.capacity) // c))
         self.res: ResidentChunks | None = None  # GPU copies of the last chunks (`_alloc_resident`)
         self._alloc_host_pool()
         # fits: whole fits and refits; unfolds: rollbacks that undid folds instead of refitting

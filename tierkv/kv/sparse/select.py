@@ -14,6 +14,27 @@ import torch
 from tierkv.config import TierConfig
 
 
+class ClassSizes(NamedTuple):
+    """The chunk counts a sparse cache of one capacity class is built with (and its kernels specialise on)."""
+    chunk: int
+    n_chunks: int  # chunks the capacity rounds up to
+    max_picks: int  # chunks per KV head a step may pick: the token budget at full capacity, in chunks
+    sink_chunks: int
+    window_chunks: int
+
+    @property
+    def capacity(self) -> int:
+        return self.n_chunks * self.chunk
+
+
+def class_sizes(config: TierConfig, capacity: int) -> ClassSizes:
+    """ClassSizes of a sparse cache (kv/caches/sparse.py) that holds `capacity` positions under `config`."""
+    c = config.chunk_size
+    n_chunks = -(-max(1, capacity) // c)
+    max_picks = max(1, min(n_chunks, config.budget_tokens(n_chunks * c) // c))
+    return ClassSizes(c, n_chunks, max_picks, -(-config.sink_tokens // c), -(-config.window_tokens // c))
+
+
 @dataclass(frozen=True)
 class SelectionPlan:
     """Chunk ranges of one decode step. Sealed chunks [0, sink_end) and [window_start, sealed) plus the open

@@ -14,7 +14,7 @@ from tierkv.config import TierConfig
 from tierkv.kernels import chunk_topk, sparse_entries
 from tierkv.kv.sparse.index import LowRankIndex
 from tierkv.kv.sparse.options import SparseOptions
-from tierkv.kv.sparse.select import plan_on_device
+from tierkv.kv.sparse.select import class_sizes, plan_on_device
 from tierkv.models.config import ModelConfig
 
 
@@ -23,11 +23,9 @@ def warm_class(cfg: ModelConfig, tier: TierConfig, capacity: int, device: torch.
     """One sparse step's selection, entry list and (on CUDA) split merge for a SparseKVCache of `capacity`
     positions. Returns the entry slots (Hkv, fixed + picks)."""
     sp = sparse or SparseOptions()
-    c, hkv, d = tier.chunk_size, cfg.num_kv_heads, cfg.head_dim
-    n_chunks = -(-max(1, capacity) // c)
-    cap = n_chunks * c
-    max_picks = max(1, min(n_chunks, tier.budget_tokens(cap) // c))  # as SparseKVCache
-    sinks, window = -(-tier.sink_tokens // c), -(-tier.window_tokens // c)
+    hkv, d = cfg.num_kv_heads, cfg.head_dim
+    c, n_chunks, max_picks, sinks, window = sizes = class_sizes(tier, capacity)
+    cap = sizes.capacity
     ix = LowRankIndex(hkv, d, sp.score_rank or tier.score_rank, c, shared=False, reduce=sp.reduce, device=device,
                       dtype=dtype)
     ix.reserve(cap)
