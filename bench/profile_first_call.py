@@ -17,6 +17,8 @@ import io
 import json
 import os
 import pstats
+import random
+import string
 import sys
 import time
 from pathlib import Path
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--kv-gpu-budget", default=None)
     p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--prompt", choices=("random", "text"), default="random",
+                   help="random token ids, or bench/chat_graph.py's letters-and-spaces text (what its first call sees)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -107,13 +111,18 @@ def main(argv: list[str] | None = None) -> None:
     llm = tierkv.load(args.model, device=args.device, **tier)
     load_s = time.perf_counter() - t0
     files_at_load = _triton_cache_files() - files0
-    ids = torch.randint(0, llm.cfg.vocab_size, (args.context,), generator=torch.Generator().manual_seed(1)).tolist()
+    if args.prompt == "text":
+        rng = random.Random(0)
+        text = "".join(rng.choice(string.ascii_lowercase + "  ") for _ in range(args.context))
+        ids = llm.encode(prompt=text)[:args.context]
+    else:
+        ids = torch.randint(0, llm.cfg.vocab_size, (args.context,), generator=torch.Generator().manual_seed(1)).tolist()
     first = _call(llm, ids, args.max_new_tokens, profile=True)
     warm = _call(llm, ids, args.max_new_tokens, profile=False)
     dev = torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu"
     llm.close()
     res = {"device": dev, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-           "context": args.context, "load_s_with_warm_up": round(load_s, 2),
+           "context": args.context, "prompt": args.prompt, "tokens": len(ids), "load_s_with_warm_up": round(load_s, 2),
            "triton_cache_files_added_at_load": files_at_load,
            "first_call": first, "warm_call": warm}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

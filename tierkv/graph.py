@@ -8,6 +8,10 @@ A cache may also ask, after a replay, for the step to be redone (`redo_step()`: 
 lacked picked chunks in host memory; it reads them and the step is replayed again, or run eagerly when the
 misses were many or persist after REPLAYS_ON_MISS retries). The hooks are kv/interface.GraphHooks.
 
+A step that must capture runs eagerly for real first (that run warms what the recording needs: kernels,
+allocator, lazy handles) and records the graph after it; the recording executes nothing, so capturing costs one
+eager step plus the recording, not eager warm-up steps that are thrown away.
+
 One GraphStep serves a cache for as long as the cache lives: generate calls and chat turns between its steps
 (prefill, truncate) move only values on the device, so the graph replays on. It captures again only when the cache
 reallocated a buffer the graph reads (`buffers_epoch`) or the RoPE tables grew; `captures` counts captures.
@@ -33,34 +37,37 @@ class GraphStep:
     The cache needs `pos` (1,) on the device and `capacity`, and the kv/interface.GraphHooks it inherits.
     """
 
-    def __init__(self, model: LlamaModel, cache: KVCache, warmup: int = 2) -> None:
+    def __init__(self, model: LlamaModel, cache: KVCache) -> None:
         if model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
-        self.model, self.cache, self.warmup = model, cache, warmup
+        self.model, self.cache = model, cache
         self.token = torch.zeros(1, dtype=torch.long, device=model.device)
+        self._stream = torch.cuda.Stream(model.device)  # captures run on a side stream, as CUDA requires
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = self.replays = self.captures = 0
-        self.capture_s = 0.0  # wall seconds spent in captures (warm-up steps included)
-        self.capture_phases = {"warmup_s": 0.0, "record_s": 0.0, "sync_s": 0.0}  # capture_s split by phase
+        self.capture_s = 0.0  # wall seconds spent in captures (the eager step before each included)
+        # capture_s split by phase: the real eager step that precedes a recording, the recording, the sync ending it
+        self.capture_phases = {"eager_step_s": 0.0, "record_s": 0.0, "sync_s": 0.0}
         self._captured_for: tuple | None = None  # (buffers_epoch, rope cos, rope sin) the graph was captured with
         model.rope.ensure(cache.capacity + 1)  # tables are never reallocated after capture
 
     def _capture(self) -> None:
-        t0 = time.perf_counter()
+        """Record the step at the cache's current position (nothing runs: position and length are put back)."""
+        t1 = time.perf_counter()
         model, cache = self.model, self.cache
         saved_len, saved_pos = cache.seq_len, cache.pos.clone()
-        side = torch.cuda.Stream(model.device)
-        side.wait_stream(torch.cuda.current_stream(model.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):  # the warm-up writes the slot at `pos`, which the real step rewrites
-                model.forward(self.token, cache.pos, cache)
-                cache.pos.copy_(saved_pos)
-                cache.seq_len = saved_len
-        torch.cuda.current_stream(model.device).wait_stream(side)
-        t1 = time.perf_counter()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.forward(self.token, cache.pos, cache)  # (1, V)
+        # capture_begin/end rather than torch.cuda.graph, which first empties the device and pinned-host caching
+        # allocators: the next prefill would then allocate everything from the driver again
+        main = torch.cuda.current_stream(model.device)
+        self._stream.wait_stream(main)
+        with torch.cuda.stream(self._stream):
+            self.graph.capture_begin()
+            try:
+                self.logits = model.forward(self.token, cache.pos, cache)  # (1, V)
+            finally:
+                self.graph.capture_end()
+        main.wait_stream(self._stream)
         self.captures += 1
         self._captured_for = self._inputs()
         cache.seq_len = saved_len
@@ -68,8 +75,8 @@ class GraphStep:
         t2 = time.perf_counter()
         torch.cuda.current_stream(model.device).synchronize()  # once per capture: its time is measured whole
         t3 = time.perf_counter()
-        self.capture_s += t3 - t0
-        for key, dt in (("warmup_s", t1 - t0), ("record_s", t2 - t1), ("sync_s", t3 - t2)):
+        self.capture_s += t3 - t1
+        for key, dt in (("record_s", t2 - t1), ("sync_s", t3 - t2)):
             self.capture_phases[key] += dt
 
     def _inputs(self) -> tuple:
@@ -86,8 +93,16 @@ class GraphStep:
             self.eager_steps += 1
             return self.model.forward(token.view(1), self.cache.pos, self.cache)
         if not self._current():
-            self.token.copy_(token)
-            self._capture()
+            # this step runs eagerly and warms the recording, which follows it where the next step may replay
+            t0 = time.perf_counter()
+            self.eager_steps += 1
+            logits = self.model.forward(token.view(1), self.cache.pos, self.cache)
+            if not self.cache.needs_eager():
+                dt = time.perf_counter() - t0
+                self.capture_s += dt
+                self.capture_phases["eager_step_s"] += dt
+                self._capture()
+            return logits
         self.token.copy_(token)
         for _ in range(1 + REPLAYS_ON_MISS):
             self.cache.before_replay()
