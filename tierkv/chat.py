@@ -174,7 +174,8 @@ class Chat:
 
     def _prefill(self, ids: Sequence[int], progress: bool) -> torch.Tensor:
         x = torch.tensor(list(ids), dtype=torch.long, device=self.llm.device)
-        logits = prefill(self.llm.model, x, self.cache, self.llm.tier.prefill_chunk, progress=progress)
+        logits = prefill(self.llm.model, x, self.cache, self.llm.tier.prefill_chunk, progress=progress,
+                         device_limit=self.llm.device_limit)
         logits.sum().item()  # wait for the prefill so its time is billed to it
         return logits
 

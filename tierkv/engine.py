@@ -54,19 +54,24 @@ def _sync(device: torch.device) -> None:
 
 
 def prefill(model: LlamaModel, ids: torch.Tensor, cache: KVCache, chunk: int, *, progress: bool = False,
-            all_logits: bool = False, by_layer: bool = True) -> torch.Tensor:
+            all_logits: bool = False, by_layer: bool = True, device_limit: int | None = None) -> torch.Tensor:
     """Feed ids (T,) through the model in slices of `chunk` tokens, appending to cache (mutates it).
 
     A cache that takes it (`begin_layer_prefill`; by_layer=False never asks) is filled layer after layer, with
-    the same logits. Returns logits of the last token (1, V), or of every token (T, V) when all_logits.
+    the same logits; device_limit (LLM.device_limit) caps the device memory that takes. Returns logits of the last
+    token (1, V), or of every token (T, V) when all_logits.
     """
     n, start = ids.shape[0], cache.seq_len
     model.rope.ensure(start + n + 1)
-    if by_layer and not all_logits and n > chunk and cache.begin_layer_prefill(n, model.layer_prefill_bytes(n)):
+    if by_layer and not all_logits and n > chunk and \
+            cache.begin_layer_prefill(n, model.layer_prefill_bytes(n), device_limit):
         bar = tqdm(total=model.cfg.num_layers, desc="prefill", unit="layer",
                    disable=not (progress and sys.stderr.isatty()), leave=False)
         pos = torch.arange(start, start + n, device=ids.device)
-        logits = model.forward_by_layer(ids, pos, cache, chunk, on_layer=lambda i: bar.update(1))
+        try:
+            logits = model.forward_by_layer(ids, pos, cache, chunk, on_layer=lambda i: bar.update(1))
+        finally:
+            cache.end_layer_prefill()  # after the model let go of its whole-prompt activations
         bar.close()
         return logits
     outs = []

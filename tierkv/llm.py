@@ -118,6 +118,14 @@ class LLM:
         return cache
 
     @property
+    def device_limit(self) -> int | None:
+        """The most device bytes torch may hold while a prefill runs layer after layer: load's gpu_budget less
+        what its plan keeps for a slice's activations and the workspace (None without gpu_budget, or off CUDA)."""
+        if self.plan is None or self.device.type != "cuda":
+            return None
+        return self.plan.budgets["gpu"] - self.plan.gpu["activations"] - self.plan.gpu["workspace"]
+
+    @property
     def weights_capturable(self) -> bool:
         """Whether the layer weights allow a captured decode step: resident, or streamed from pinned memory (disk
         reads and CPU-computed layers wait on the host, so their decode runs eagerly)."""
@@ -200,7 +208,8 @@ class LLM:
         try:
             t0 = time.perf_counter()
             x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
-            logits = prefill(self.model, x, cache, self.tier.prefill_chunk, progress=progress)
+            logits = prefill(self.model, x, cache, self.tier.prefill_chunk, progress=progress,
+                              device_limit=self.device_limit)
             logits.sum().item()  # wait for prefill so its time is not billed to decode
             stats.prefill_s = time.perf_counter() - t0
             step = self.decode_step(cache, "generate", graph=max_new > 1)
@@ -275,7 +284,8 @@ class LLM:
         cache = self.call_cache(n + 1, "score")
         try:
             x = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
-            rows = [prefill(self.model, x[:prefill_len], cache, self.tier.prefill_chunk)[-1]]
+            rows = [prefill(self.model, x[:prefill_len], cache, self.tier.prefill_chunk,
+                            device_limit=self.device_limit)[-1]]
             step = eager_step(self.model, cache)
             for pos in range(prefill_len, n - 1):
                 rows.append(step(x[pos:pos + 1], pos)[-1])

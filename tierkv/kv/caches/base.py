@@ -61,11 +61,15 @@ class KVCache(GraphHooks, PickPrefetchHooks, SessionState, ABC):
         """Commit n tokens appended to every layer."""
         self.seq_len += n
 
-    def begin_layer_prefill(self, n: int, activation_bytes: int) -> bool:
+    def begin_layer_prefill(self, n: int, activation_bytes: int, device_limit: int | None = None) -> bool:
         """Whether this cache takes the next prefill of n tokens layer after layer (`LlamaModel.forward_by_layer`:
         each layer's appends cover the whole prompt, slice by slice, before the next layer's start); the model
-        needs `activation_bytes` more device memory for it. None here: prefill goes slice after slice."""
+        needs `activation_bytes` more device memory for it, and torch's allocations may reach `device_limit` at
+        most (None: no limit but free memory). None here: prefill goes slice after slice."""
         return False
+
+    def end_layer_prefill(self) -> None:
+        """After a prefill `begin_layer_prefill` took, once the model freed its activations (or it failed)."""
 
     def attends_whole_layer(self, layer: int) -> bool:
         """Within a layer-major prefill: whether the model should append every slice of `layer` first and then

@@ -44,21 +44,61 @@ class LayerStaging:
 
 
 class LayerPrefillSteps:
-    """SparseKVCache's layer-major prefill; `staging` is None outside one."""
+    """SparseKVCache's layer-major prefill; `staging` is None outside one. `_lent` is set while the resident value
+    copies are freed for one (what they were: addresses, chunks, keys)."""
 
     staging: LayerStaging | None = None
+    _lent: tuple | None = None
 
-    def begin_layer_prefill(self, n: int, activation_bytes: int) -> bool:
+    def begin_layer_prefill(self, n: int, activation_bytes: int, device_limit: int | None = None) -> bool:
         """Take the next prefill of n tokens layer after layer when the cache is empty and the device has room for
-        the staging buffers plus `activation_bytes` (the model's whole-prompt residual stream). Mutates."""
+        the staging buffers plus `activation_bytes` (the model's whole-prompt residual stream). device_limit: the
+        most bytes torch may have allocated on the device meanwhile (load's gpu_budget less what its plan keeps for
+        a slice's activations and workspace; None: only free device memory counts). Where the buffers do not fit
+        under it, the resident value copies (empty before a prefill, and most of a tight budget) are freed for the
+        prefill and refilled from the host pool after it (`end_layer_prefill`). Mutates."""
         if self.seq_len or self.disk_chunks is not None or n > self.capacity:
             return False
         need = LayerStaging.nbytes(n, self.hkv, self.d, self.dtype) + activation_bytes
-        if self.device.type == "cuda" and need + LAYER_PREFILL_RESERVE > torch.cuda.mem_get_info(self.device)[0]:
-            return False
+        lend = False
+        if self.device.type == "cuda":
+            held = self.res.nbytes if self.res is not None else 0
+            if device_limit is not None:
+                allocated = torch.cuda.memory_allocated(self.device)
+                if allocated + need > device_limit:
+                    if allocated - held + need > device_limit:
+                        return False
+                    lend = True
+            if need + LAYER_PREFILL_RESERVE > torch.cuda.mem_get_info(self.device)[0] + (held if lend else 0):
+                return False
+        if lend:
+            self._lent = self._resident_layout()
+            self.res = None
+            self._n["resident_lent"] = self._n.get("resident_lent", 0) + 1
         self.staging = LayerStaging(n, self.hkv, self.d, self.device, self.dtype)
         self._n["layer_prefills"] = self._n.get("layer_prefills", 0) + 1
         return True
+
+    def end_layer_prefill(self) -> None:
+        """After a layer-major prefill (or its failure): the resident copies freed for it come back, filled from the
+        host pool. Where they land where they were, a captured decode graph stays valid. Blocks on nothing."""
+        self.staging = None
+        if self._lent is None:
+            return
+        lent, self._lent = self._lent, None
+        epoch = self.buffers_epoch
+        self._alloc_resident(keys=lent[2])
+        if self._resident_layout() == lent:
+            self.buffers_epoch = epoch
+        self.res.copy_from(self.k_host, self.v_host, self.seq_len)
+        if self.fitted:  # what _finish_fit skipped while the copies were lent
+            self._keep_outlier_keys(self.seq_len + 1)
+
+    def _resident_layout(self) -> tuple:
+        """What a captured graph reads of the resident copies: their addresses and first chunk, and whether keys
+        are kept."""
+        r = self.res
+        return r.v.data_ptr(), r.k.data_ptr() if r.k is not None else 0, r.k is not None, r.start
 
     def attends_whole_layer(self, layer: int) -> bool:
         # on CUDA one fused causal GQA call per layer runs at about twice the FLOP rate of per-slice spans
@@ -96,12 +136,13 @@ class LayerPrefillSteps:
         k_pool, v_pool = self.pool_layer(layer)  # pins this layer's part while the GPU works on earlier ones
         k_pool[:n].copy_(st.k)
         v_pool[:n].copy_(st.v)
-        k_res, v_res = self.res.flat(layer)
-        first = self.res.start * self.chunk
-        if first < n:  # resident copies hold the last chunks: rows count from their first token
-            v_res[:n - first].copy_(st.v[first:])
-            if k_res is not None:
-                k_res[:n - first].copy_(st.k[first:])
+        if self.res is not None:  # (None while lent to this prefill: end_layer_prefill fills them)
+            k_res, v_res = self.res.flat(layer)
+            first = self.res.start * self.chunk
+            if first < n:  # resident copies hold the last chunks: rows count from their first token
+                v_res[:n - first].copy_(st.v[first:])
+                if k_res is not None:
+                    k_res[:n - first].copy_(st.k[first:])
         lo = max(0, n - self.ring)  # the ring holds the newest pre-RoPE keys (position mod ring)
         at = torch.arange(lo, n, device=self.device)
         self.k_pre[layer].index_copy_(0, at.remainder(self.ring), st.k_pre[lo:])

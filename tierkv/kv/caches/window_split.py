@@ -89,8 +89,12 @@ class WindowSplitKVCache(KVCache):
         if self._own_pos:
             self.pos.add_(n)
 
-    def begin_layer_prefill(self, n: int, activation_bytes: int) -> bool:
-        return self.inner is not None and self.inner.begin_layer_prefill(n, activation_bytes)
+    def begin_layer_prefill(self, n: int, activation_bytes: int, device_limit: int | None = None) -> bool:
+        return self.inner is not None and self.inner.begin_layer_prefill(n, activation_bytes, device_limit)
+
+    def end_layer_prefill(self) -> None:
+        if self.inner is not None:
+            self.inner.end_layer_prefill()
 
     def attends_whole_layer(self, layer: int) -> bool:
         # a ring holds only its window, so its layers attend slice by slice
