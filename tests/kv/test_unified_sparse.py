@@ -65,7 +65,7 @@ class Lockstep:
     def seq_len(self) -> int:
         return self.cache.seq_len
 
-    def begin_layer_prefill(self, n: int, activation_bytes: int) -> bool:
+    def begin_layer_prefill(self, n: int, activation_bytes: int, device_limit: int | None = None) -> bool:
         return False
 
     def predicted_query(self, layer: int, make_q) -> None:

@@ -81,7 +81,7 @@ class LayerPrefillSteps:
 
     def end_layer_prefill(self) -> None:
         """After a layer-major prefill (or its failure): the resident copies freed for it come back, filled from the
-        host pool. Where they land where they were, a captured decode graph stays valid. Blocks on nothing."""
+        host pool. Where they land where they were, a captured decode graph stays valid."""
         self.staging = None
         if self._lent is None:
             return
