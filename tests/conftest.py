@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist workers (CI runs two on its two cores): one thread each
+    torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
