@@ -3,9 +3,8 @@ are not fixtures live in tests/helpers.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import pytest
 import torch

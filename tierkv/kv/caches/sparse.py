@@ -223,7 +223,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         keys halve the resident chunks and, for evenly spread picks, read more over the link than they save.)
         Eager: one host sync. Keys already resident stay (appends and prefills write them): reallocating would
         make a captured decode graph capture again."""
-        if self.res is not None and self.res.k is not None or self._lent is not None:
+        if (self.res is not None and self.res.k is not None) or self._lent is not None:
             return  # (while lent to a layer-major prefill, end_layer_prefill asks again)
         if self._resident_room() < 2 * (self.n_chunks + 1) * self._chunk_bytes():
             return
