@@ -86,8 +86,9 @@ class LayerPrefillSteps:
         if self._lent is None:
             return
         lent, self._lent = self._lent, None
+        _, _, keys, _ = lent
         epoch = self.buffers_epoch
-        self._alloc_resident(keys=lent[2])
+        self._alloc_resident(keys=keys)
         if self._resident_layout() == lent:
             self.buffers_epoch = epoch
         self.res.copy_from(self.k_host, self.v_host, self.seq_len)
