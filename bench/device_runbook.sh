@@ -64,7 +64,7 @@ case "$1" in
   soak)
     # the session-7 attempt ran 300 steps in 10 minutes (0.3 s/step: most picks missed host memory); a larger
     # cpu_budget keeps the disk tier in use with fewer misses
-    step 580 python bench/soak_graph_sparse.py --steps 2000 --cpu-budget 3GiB --token-budget 1024 \
+    step 580 python bench/soak_graph_sparse.py --steps 2000 --cpu-budget 3GiB --token-budget 1024 --max-seconds 480 \
         --out "$OUT/soak-graph-sparse-llama8b-32k.json" ;;
   tests)
     step 560 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/kv tests/weights \

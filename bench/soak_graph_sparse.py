@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--disk-dir", default=None, help="default: a fresh temp directory")
     ap.add_argument("--token-budget", type=int, default=2048,
                     help="tokens attended per step: the disk tier needs a budget whose host slots fit below the pool")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop decoding after this long (the record says how many steps ran): a device call is time-boxed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     disk_dir = Path(args.disk_dir or tempfile.mkdtemp(prefix="tierkv-soak-"))
@@ -47,11 +49,16 @@ def main() -> None:
                       disk_dir=str(disk_dir))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, llm.cfg.vocab_size, (args.context,), generator=g).tolist()
-    samples, t0 = [], time.perf_counter()
-    for step, _ in enumerate(llm.stream_ids(ids, max_new_tokens=args.steps), start=1):
+    samples, t0, stopped_early = [], time.perf_counter(), False
+    stream = llm.stream_ids(ids, max_new_tokens=args.steps)
+    for step, _ in enumerate(stream, start=1):
         if step % args.every == 0:
             samples.append(sample(step, t0, disk_dir))
             print(samples[-1], file=sys.stderr, flush=True)
+            if args.max_seconds is not None and time.perf_counter() - t0 > args.max_seconds and step < args.steps:
+                stopped_early = True
+                stream.close()  # ends the call the way a user's break does: the cache is released
+                break
     kv = llm.stats.get("kv", {})
     llm.close()
     torch.cuda.synchronize()
@@ -61,7 +68,8 @@ def main() -> None:
     # the steady state: the second half only (the first samples may still fill host slots for disk chunks)
     mid = samples[len(samples) // 2]
     growth_second_half = {k: last[k] - mid[k] for k in ("host_rss", "cuda_allocated", "cuda_reserved")}
-    record = {"model": args.model, "context": args.context, "steps": len(samples) * args.every,
+    record = {"model": args.model, "context": args.context, "steps": len(samples) * args.every, "steps_asked": args.steps,
+              "stopped_early_at_max_seconds": stopped_early,
               "kv_gpu_budget": args.kv_gpu_budget, "cpu_budget": args.cpu_budget, "disk_dir": str(disk_dir),
               "decode_ms_per_token": llm.stats.get("decode_ms_per_token"), "kv_disk_backend": kv.get("disk_backend"),
               "growth_bytes": growth, "growth_bytes_second_half": growth_second_half,
