@@ -13,7 +13,7 @@ import torch
 
 from tierkv.bench.clock import StepClock
 from tierkv.bench.common import now, sync
-from tierkv.bench.floor import kv_bytes
+from tierkv.bench.floor import kv_bytes, weight_bytes
 from tierkv.bench.systems import DecodeSpec, Row, free_memory, peak_memory, random_ids
 from tierkv.config import format_size
 from tierkv.models.config import ModelConfig
@@ -45,11 +45,21 @@ def build_hf(spec: DecodeSpec, cfg: ModelConfig, max_positions: int, device: tor
 
     if spec.model in SHAPES:
         hf_cfg = hf_config(cfg, max_positions)
-        with torch.device(device):
+        # random weights are drawn on the GPU when the whole model fits there, then moved: transformers'
+        # initialisation of an 8B model on the host took minutes, longer than a device call's step
+        build_on = device
+        if torch.device(device).type == "cpu" and torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            if weight_bytes(cfg, spec.dtype) < 0.8 * free:
+                build_on = "cuda"
+        with torch.device(build_on):
             model = AutoModelForCausalLM.from_config(hf_cfg, dtype=spec.dtype)
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+        if build_on != device:
+            model = model.to(device)
+            torch.cuda.empty_cache()
         return model.eval(), hf_cfg
     from tierkv.models.weights import resolve_model
 
