@@ -6,6 +6,7 @@ import torch
 
 from tierkv.config import TierConfig
 from tierkv.engine import eager_step, prefill
+from tierkv.kv.caches.base import copy_state
 from tierkv.kv.sparse.options import SparseOptions
 from tierkv.models.build import random_model
 from tierkv.models.shapes import shape_config
@@ -71,3 +72,43 @@ def test_a_cut_below_the_fit_or_below_an_overwritten_ring_refits():
         assert not cache.fitted and cache.stats()["unfolds"] == 0
     finally:
         cache.close()
+
+
+def test_a_copied_state_keeps_its_fold_history_so_the_copy_unfolds_too():
+    """A resumed session or a cache grown into a larger class (copy_state) undoes a fold as the live cache would;
+    a state saved without fold starts (before they were kept) still loads, and such a cut refits."""
+    model = random_model(shape_config("llama-tiny"), "cpu", torch.float32)
+    ids = torch.randint(0, model.cfg.vocab_size, (600,), generator=torch.Generator().manual_seed(2))
+    a, b = new_sparse_cache(model, TIER, 640, sparse=OPTS), new_sparse_cache(model, TIER, 640, sparse=OPTS)
+    copies = [new_sparse_cache(model, TIER, 640, sparse=OPTS) for _ in range(2)]
+    try:
+        for cache in (a, b):
+            prefill(model, ids[:PROMPT], cache, 512)
+        run(model, a, ids, PROMPT, 470)  # folds [384, 448) at 448
+        run(model, b, ids, PROMPT, 430)
+        state = a.extra_state()
+        assert state["sparse.fold_starts"].tolist() == [384]
+        assert state["sparse.0.k_pre"].shape[0] == 470 - 384  # the fold's keys travel with the unfolded ones
+        copy_state(a, copies[0])
+        copies[0].truncate(430)
+        assert copies[0].covered == 384 and copies[0].fitted and copies[0].stats()["unfolds"] == 1
+        outs = [run(model, cache, ids, 430, 500) for cache in (copies[0], b)]
+        for x, y in zip(*outs):
+            assert torch.equal(x, y)
+        for sa, sb in zip(copies[0].shadows, b.shadows):
+            assert torch.equal(sa.coeffs[:sa.covered], sb.coeffs[:sb.covered]) and sa.covered == sb.covered
+
+        old = {k: v for k, v in state.items() if k != "sparse.fold_starts"}  # the earlier layout
+        for layer in range(a.num_layers):
+            old[f"sparse.{layer}.k_pre"] = old[f"sparse.{layer}.k_pre"][448 - 384:]  # unfolded keys only
+        copies[1].begin_import(470)
+        for layer in range(a.num_layers):
+            copies[1].import_kv(layer, 0, a.export_kv(layer, 0, 470))
+        copies[1].finish_import(470)
+        copies[1].load_extra_state(old)
+        assert copies[1].covered == 448
+        copies[1].truncate(430)
+        assert not copies[1].fitted and copies[1].stats()["unfolds"] == 0
+    finally:
+        for cache in (a, b, *copies):
+            cache.close()

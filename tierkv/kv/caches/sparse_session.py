@@ -95,6 +95,9 @@ class SparseSessionState:
         n = self.seq_len
         out = {"sparse.meta": self._meta(), "sparse.fitted": torch.tensor(int(self.fitted), dtype=torch.uint8),
                "sparse.fit_at": torch.tensor(self.fit_at)}
+        starts = self._undoable_folds() if self.fitted else []
+        if self.fitted:
+            out["sparse.fold_starts"] = torch.tensor(starts, dtype=torch.int64)
         for layer in range(self.num_layers):
             p = f"sparse.{layer}."
             if not self.fitted:
@@ -105,12 +108,18 @@ class SparseSessionState:
                 continue
             sh, ix = self.shadows[layer], self.index[layer]
             cov = sh.covered
+            keep = min([cov] + starts)  # pre-RoPE keys from the earliest fold a rollback may still undo
             out |= {p + "shadow.covered": torch.tensor(cov), p + "shadow.basis": sh.basis,
                     p + "shadow.coeffs": sh.coeffs[:cov], p + "shadow.chunk_err": sh.chunk_err[:cov // self.chunk],
                     p + "shadow.predicted_sq_err": sh.predicted_sq_err, p + "index.basis": ix.basis,
                     p + "index.coeffs": ix.coeffs[:, :n], p + "index.row_scale": ix.row_scale[:, :n],
-                    p + "k_pre": self.k_pre[layer].index_select(0, self._ring_rows(cov, n))}
+                    p + "k_pre": self.k_pre[layer].index_select(0, self._ring_rows(keep, n))}
         return out
+
+    def _undoable_folds(self) -> list[int]:
+        """The fold starts a later cut could undo: those whose pre-RoPE keys the ring still holds (the rule of
+        `_unfold`). Saved with the state so a resumed session or a grown cache unfolds as the live one would."""
+        return [s for s in self._fold_starts if self.seq_len + 1 - s <= self.ring]
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore `extra_state` after finish_import, into the reserved buffers. Raises ConfigError for a state saved
@@ -118,6 +127,8 @@ class SparseSessionState:
         after a fit. Mutates."""
         check_meta(tensors["sparse.meta"], self._meta())
         n, dev = self.seq_len, self.device
+        # absent from states saved before fold starts were kept: a cut below their folds refits
+        starts = [int(x) for x in tensors.get("sparse.fold_starts", torch.zeros(0, dtype=torch.int64)).tolist()]
         if not int(tensors["sparse.fitted"]):
             for layer in range(self.num_layers):
                 pre = checked(tensors, f"sparse.{layer}.k_pre", (n, self.hkv, self.d), self.dtype)
@@ -137,12 +148,17 @@ class SparseSessionState:
             ix.coeffs[:, :n].copy_(checked(tensors, p + "index.coeffs", (self.hkv, n, ix.rank), torch.int8))
             ix.row_scale[:, :n].copy_(checked(tensors, p + "index.row_scale", (self.hkv, n), torch.float32))
             ix.count = n
-            pre = checked(tensors, p + "k_pre", (n - cov, self.hkv, self.d), self.dtype)
-            self.k_pre[layer].index_copy_(0, self._ring_rows(cov, n), pre.to(dev))
+            saved = tensors.get(p + "k_pre")
+            rows = saved.shape[0] if saved is not None and saved.dim() and n - cov <= saved.shape[0] <= n else n - cov
+            pre = checked(tensors, p + "k_pre", (rows, self.hkv, self.d), self.dtype)
+            # keys before the fit's cover are those of undoable folds; this cache's ring may hold fewer of them
+            starts = [x for x in starts if x >= n - rows and n + 1 - x <= self.ring]
+            keep = min([cov] + starts)
+            self.k_pre[layer].index_copy_(0, self._ring_rows(keep, n), pre[keep - (n - rows):].to(dev))
             self._fit_buf[layer], self._pool_pre[layer] = [], 0
             self._mark_outliers(layer, 0, cov)
         self.fitted, self.fit_at = True, int(tensors["sparse.fit_at"])
-        self._fold_starts = []  # not saved: a cut below the saved folds refits
+        self._fold_starts = starts
         self._keep_outlier_keys(n)
         self._spill_to_disk(n)
 
@@ -175,14 +191,16 @@ class SparseSessionState:
         of refitting (a chat turn's rollback of the last reply would otherwise refit every shadow: 1.3 s at 32K on
         an H100). Exact while the ring still holds the pre-RoPE keys from the earliest undone fold's start on, so
         the state equals that of a cache that never saw the removed tokens. False when a refit is needed."""
-        if n < self.fit_at:
-            return False
         starts = self._fold_starts
+        if n < self.fit_at or not starts:
+            return False
         ends = starts[1:] + [self.covered]  # fold i took in tokens [starts[i], ends[i])
         undo = next((i for i, e in enumerate(ends) if e > n), None)  # the first fold that took in a token >= n
         if undo is None or self.seq_len + 1 - starts[undo] > self.ring:
             return False
         to = starts[undo]
+        if to > n:  # the cut falls in a fold older than the kept history (a resumed state keeps the undoable ones)
+            return False
         for layer, sh in enumerate(self.shadows):
             sh.unfold(to)
             self.outlier[layer, to // self.chunk:] = False
