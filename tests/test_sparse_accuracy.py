@@ -23,7 +23,8 @@ def eighth_budget_scores(smol, text_ids):
         ids = text_ids[:CONTEXT + STEPS]
         assert len(ids) == CONTEXT + STEPS
         full = with_tier(smol, attention="full").score(ids, CONTEXT)
-        sparse_llm = with_tier(smol, attention="sparse", token_budget=0.125)
+        # 1/8 of the context alone: without budget_floor_tokens=0 the default floor would attend 2,048 tokens
+        sparse_llm = with_tier(smol, attention="sparse", token_budget=0.125, budget_floor_tokens=0)
         assert sparse_llm.tier.budget_tokens(CONTEXT + STEPS) <= (CONTEXT + STEPS) // 8  # sinks, window included
         sparse = sparse_llm.score(ids, CONTEXT)
     finally:
@@ -66,9 +67,12 @@ def test_passkey_at_1k_tokens_is_retrieved_in_sparse_mode(smol, one_thread, key,
     prompt = passkey_prompt(key, at)
     assert 1000 <= len(smol.encode(prompt)) <= 1200
     assert str(key) in with_tier(smol, attention="full").generate(prompt, max_new_tokens=6)
-    # 1/8 of the context: 16-token chunks, 16 sink and 32 window tokens leave room for picks
-    eighth = with_tier(smol, attention="sparse", token_budget=0.125, chunk_size=16, sink_tokens=16, window_tokens=32)
+    # 1/8 of the context (the fraction alone: the default 2,048-token floor would attend all ~1.1K tokens): 16-token
+    # chunks, 16 sink and 32 window tokens leave room for picks
+    eighth = with_tier(smol, attention="sparse", token_budget=0.125, budget_floor_tokens=0, chunk_size=16,
+                       sink_tokens=16, window_tokens=32)
     assert str(key) in eighth.generate(prompt, max_new_tokens=6)
     assert eighth.stats["kv"]["sparse_steps"] > 0
-    quarter = with_tier(smol, attention="sparse", token_budget=0.25)  # default chunk, sinks and window
+    # default chunk, sinks and window
+    quarter = with_tier(smol, attention="sparse", token_budget=0.25, budget_floor_tokens=0)
     assert str(key) in quarter.generate(prompt, max_new_tokens=6)

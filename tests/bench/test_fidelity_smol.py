@@ -21,9 +21,10 @@ CONTEXT, STEPS = 1100, 24
 
 @pytest.mark.parametrize("attention", ["full", "sparse"])
 def test_replayed_prefill_scores_as_llm_score(smol, text_ids, one_thread, attention):
-    # 16-token chunks, 16 sinks and a 32-token window leave picks at 1/8 of 1.1K; 512-token slices: three of them
-    tier = smol.tier.replace(attention=attention, token_budget=0.125, chunk_size=16, sink_tokens=16,
-                             window_tokens=32, prefill_chunk=512)
+    # 16-token chunks, 16 sinks and a 32-token window leave picks at 1/8 of 1.1K (the fraction alone: no 2,048-token
+    # floor); 512-token slices: three of them
+    tier = smol.tier.replace(attention=attention, token_budget=0.125, budget_floor_tokens=0, chunk_size=16,
+                             sink_tokens=16, window_tokens=32, prefill_chunk=512)
     llm = LLM(smol.model, smol.tokenizer, tier, smol.source)
     ids = text_ids[:CONTEXT + STEPS]
     want = llm.score(ids, CONTEXT)

@@ -49,7 +49,8 @@ def test_oracle_attends_the_top_mass_chunks_exactly(budget):
     torch.manual_seed(0)
     total, hkv, hq, d = 4 * 11 + 3, 2, 4, 8  # 11 sealed chunks and an open one of 3 tokens
     k, v, q = torch.randn(total, hkv, d) * 2, torch.randn(total, hkv, d), torch.randn(1, hq, d)
-    tier = TierConfig(chunk_size=C, sink_tokens=SINKS, window_tokens=WINDOW, token_budget=budget)
+    # the fraction alone (no 2,048-token floor): at 47 tokens the floor would attend every chunk
+    tier = TierConfig(chunk_size=C, sink_tokens=SINKS, window_tokens=WINDOW, token_budget=budget, budget_floor_tokens=0)
     cache = filled(OracleKVCache, k, v, tier=tier)
     want, plan = brute_force(q, k, v, tier.budget_tokens(total))
     assert 0 < plan.picks < plan.candidates  # a real selection, not the dense fallback

@@ -72,7 +72,8 @@ def test_budget_covering_the_context_equals_full_exactly():
     for _, _, (a, b, c) in feed([sparse, tiered, dense], [37, 1, 1, 1, 5, 1, 1]):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
-    assert sparse.stats()["sparse"]["dense_steps"] == 5
+    st = sparse.stats()["sparse"]
+    assert st["dense_steps"] == 5 and (st["token_budget"], st["budget_floor_tokens"]) == (10**6, 2048)
 
 
 @pytest.mark.parametrize("rope", [ROPE, None])

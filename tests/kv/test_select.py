@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from tierkv.kv.sparse.select import merge_picks, plan_on_device, plan_selection
+from tierkv.config import TierConfig
+from tierkv.kv.sparse.select import class_sizes, merge_picks, plan_on_device, plan_selection, plan_step
 from tierkv.kv.sparse.index import ChunkLandmarks, LowRankIndex, make_index
 
 HKV, G, D, C = 2, 3, 8, 4
@@ -21,19 +22,45 @@ def test_plan_counts_sinks_window_and_open_chunk_in_the_budget():
     assert (short.sink_end, short.window_start, short.candidates) == (2, 2, 0) and short.dense
 
 
-@pytest.mark.parametrize("budget", [40, 10, 0.25])
-def test_device_plan_equals_the_host_plan(budget):
-    """The captured step's plan (tensors) does plan_selection's arithmetic: same sealed, window, picks (capped at
-    the candidates) and fixed entries sinks | window | open chunk with their valid tokens."""
-    for total in (1, 3, 4, 9, 33, 101, 400):
-        want = plan_selection(total, 4, 8, 8, max(1, int(budget * total)) if isinstance(budget, float) else budget)
-        got = plan_on_device(torch.tensor([total]), 4, sink_chunks=2, window_chunks=2, token_budget=budget)
+@pytest.mark.parametrize("budget,floor", [(40, 0), (10, 0), (40, 2048), (0.25, 0), (0.25, 24), (0.125, 2048)])
+def test_device_plan_equals_the_host_plan(budget, floor):
+    """The captured step's plan (tensors) does plan_step's arithmetic (TierConfig.budget_tokens, floor included):
+    same sealed, window, picks (capped at the candidates) and fixed entries sinks | window | open chunk with their
+    valid tokens."""
+    tier = TierConfig(chunk_size=4, sink_tokens=8, window_tokens=8, token_budget=budget, budget_floor_tokens=floor)
+    for total in (1, 3, 4, 9, 33, 101, 400, 2047, 2048, 2049, 8191, 16383, 16384, 16385, 16400, 40000):
+        want = plan_step(total, tier)
+        assert want == plan_selection(total, 4, 8, 8, tier.budget_tokens(total))
+        got = plan_on_device(torch.tensor([total]), 4, sink_chunks=2, window_chunks=2, token_budget=budget,
+                             floor_tokens=floor)
         assert (got.total.item(), got.sealed.item(), got.window_start.item()) == (total, want.sealed, want.window_start)
         assert got.picks.item() == min(want.picks, want.candidates)
         sinks, window = range(2), range(want.window_start, want.window_start + 2)
         assert got.fixed_ids.tolist() == [*sinks, *window, want.sealed]
         assert got.fixed_len.tolist() == [4 if i < want.sink_end else 0 for i in sinks] + \
             [4 if i < want.sealed else 0 for i in window] + [want.open_tokens]
+
+
+def test_the_floor_sets_the_picks_below_8x_the_floor():
+    """Default budget (1/8, at least 2,048 tokens) with 32-token chunks, 64 sink and 128 window tokens: below 16K
+    the step picks (2048 - fixed) // 32 chunks; from 16K on, an eighth of the context."""
+    tier = TierConfig()
+    fixed = 2 * 32 + 4 * 32 + 1  # sinks, window, the open chunk's one token
+    for total, budget in ((4097, 2048), (16385, 2048), (32769, 4096), (131073, 16384)):
+        assert plan_step(total, tier).picks == (budget - fixed) // 32
+        got = plan_on_device(torch.tensor([total]), 32, 2, 4, tier.token_budget, tier.budget_floor_tokens)
+        assert got.picks.item() == (budget - fixed) // 32
+    eighth = TierConfig(budget_floor_tokens=0)
+    assert plan_step(4097, eighth).picks == (512 - fixed) // 32 == 9
+
+
+@pytest.mark.parametrize("capacity,max_picks,no_floor", [(4096, 64, 16), (16384, 64, 64), (32768, 128, 128),
+                                                         (131072, 512, 512), (1000, 32, 4)])
+def test_class_sizes_reserve_picks_for_the_floor(capacity, max_picks, no_floor):
+    """max_picks, the picks a cache of this capacity is built for, is the budget at full capacity in chunks (at most
+    every chunk): the floor raises it at short capacities."""
+    assert class_sizes(TierConfig(), capacity).max_picks == max_picks
+    assert class_sizes(TierConfig(budget_floor_tokens=0), capacity).max_picks == no_floor
 
 
 def test_merge_picks_per_head():

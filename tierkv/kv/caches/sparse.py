@@ -428,7 +428,7 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         c = self.chunk
         if layer == 0:  # the plan and the fixed entries are the same in every layer: once per step
             self.step_plan = plan_on_device(self.pos + 1, c, self.sink_chunks, self.window_chunks,
-                                            self.config.token_budget)
+                                            self.config.token_budget, self.config.budget_floor_tokens)
         total, sealed, window_start, picks, fixed_ids, fixed_len = self.step_plan
         top, score = self.rank_chunks(layer, q)  # (Hkv, K)
         slots, lengths, cids = sparse_entries(top, score, picks, self.covered_chunks, self.outlier[layer],

@@ -90,15 +90,19 @@ class DeviceStepPlan(NamedTuple):
 
 
 def plan_on_device(total: torch.Tensor, chunk_size: int, sink_chunks: int, window_chunks: int,
-                   token_budget: int | float) -> DeviceStepPlan:
-    """`plan_selection`'s arithmetic on a (1,) device tensor `total`; token_budget as TierConfig's (a float < 1 is a
-    fraction of the context)."""
+                   token_budget: int | float, floor_tokens: int) -> DeviceStepPlan:
+    """`plan_selection`'s arithmetic on a (1,) device tensor `total`; token_budget and floor_tokens as TierConfig's
+    token_budget and budget_floor_tokens (a float is a fraction of the context, attending at least floor_tokens):
+    the budget is TierConfig.budget_tokens(total)."""
     c, device = chunk_size, total.device
     sealed = torch.div(total, c, rounding_mode="floor")
     sink_end = torch.clamp(sealed, max=sink_chunks)
     window_start = torch.maximum(sink_end, sealed - window_chunks)
     tb = token_budget
-    budget = (total.double() * tb).floor().long().clamp_min(1) if isinstance(tb, float) else torch.full_like(total, tb)
+    if isinstance(tb, float):
+        budget = (total.double() * tb).floor().long().clamp_min(max(1, floor_tokens))
+    else:
+        budget = torch.full_like(total, tb)
     fixed = (sink_end + sealed - window_start) * c + total - sealed * c
     picks = torch.clamp(torch.div(budget - fixed, c, rounding_mode="floor"), min=0)
     picks = torch.minimum(picks, window_start - sink_end)

@@ -31,7 +31,8 @@ def warm_class(cfg: ModelConfig, tier: TierConfig, capacity: int, device: torch.
     ix.reserve(cap)
     ix.fit_grams(torch.eye(d, device=device).expand(hkv, d, d).contiguous())
     total = torch.full((1,), cap // 2, dtype=torch.long, device=device)
-    _, _, window_start, picks, fixed_ids, fixed_len = plan_on_device(total, c, sinks, window, tier.token_budget)
+    plan = plan_on_device(total, c, sinks, window, tier.token_budget, tier.budget_floor_tokens)
+    _, _, window_start, picks, fixed_ids, fixed_len = plan
     q = torch.zeros((cfg.num_heads, d), device=device, dtype=dtype)
     top, score = chunk_topk(ix.project_query(q), ix.coeffs, total, window_start, max_picks, c, 1.0 / math.sqrt(d),
                             sinks, sp.reduce, row_scale=ix.row_scale)
