@@ -1,6 +1,6 @@
 """The planner's arithmetic against hand-computed cases (tierkv/plan/). Defaults throughout unless a test says:
-bf16, token budget 1/8 of the context, chunk 32, shadow rank 96, score rank 48, 64 sinks + 128 window tokens,
-prefill slice 2048, bandwidths HBM 2.5 TB/s, link 52 GB/s, CPU 20 GB/s, disk 1 GB/s.
+bf16, token budget 1/8 of the context (at least 2,048 tokens), chunk 32, shadow rank 96, score rank 48, 64 sinks +
+128 window tokens, prefill slice 2048, bandwidths HBM 2.5 TB/s, link 52 GB/s, CPU 20 GB/s, disk 1 GB/s.
 
 Shared numbers (Llama-3.1-8B: hidden 4096, 32 heads, 8 KV heads, head_dim 128, intermediate 14336, vocab 128256):
   layer L = 2 B * (6144*4096 [qkv] + 4096*4096 [o] + 3*14336*4096 [mlp] + 2*4096 [norms]) = 436,224,000
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 
+from tierkv.config import TierConfig
 from tierkv.errors import BudgetError, ConfigError
 from tierkv.kv.caches.window_ring import ROLLBACK_ROOM
 from tierkv.models.shapes import shape_config
@@ -192,3 +193,33 @@ def test_probe_cpu_rate_is_the_measured_cpu_gemv():
     assert got[0]["gbps"]["median"] > 0
     doc = {"results": [*got, {"name": "host_to_host", "size": 4 << 20, "gbps": {"median": 1e6}}]}
     assert bandwidths_from_probe(doc, "x.json").cpu == pytest.approx(got[0]["gbps"]["median"] * 1e9)
+
+
+@pytest.mark.parametrize("context,settings,tokens", [(8192, {}, 2048), (8192, {"budget_floor_tokens": 0}, 1024),
+                                                     (1000, {}, 1000), (32768, {}, 4096), (131072, {}, 16384),
+                                                     (8192, {"token_budget": 512}, 512),
+                                                     (8192, {"token_budget": 0.25, "budget_floor_tokens": 3000}, 3000)])
+def test_the_sparse_budget_is_the_runtimes(context, settings, tokens):
+    """The planner attends what TierConfig.budget_tokens gives (floor included), at most the context."""
+    inp = PlanInputs(shape_config("llama3.1-8b"), context, 24 * GiB, 64 * GiB, attention="sparse", **settings)
+    assert inp.budget_tokens() == tokens == min(context, TierConfig(**settings).budget_tokens(context))
+    assert make_plan(inp).token_budget_tokens == tokens
+
+
+def test_the_planner_refuses_a_bad_floor_as_the_runtime_does():
+    with pytest.raises(ConfigError, match=r"budget_floor_tokens=-1 must be a token count \(int >= 0\)"):
+        PlanInputs(shape_config("llama3.1-8b"), 8192, 24 * GiB, 64 * GiB, budget_floor_tokens=-1)
+
+
+def test_load_plans_with_the_floor_it_was_given():
+    """tierkv.load(gpu_budget=..., budget_floor_tokens=...) plans with that floor (plan/load.py threads it)."""
+    import torch
+
+    from tierkv.plan.load import Offload, plan_for_load
+
+    cfg, cpu = shape_config("llama-tiny"), torch.device("cpu")
+    assert plan_for_load(cfg, torch.float32, cpu, 8192, "512MiB", attention="sparse").plan.token_budget_tokens == 2048
+    off = Offload("512MiB", None, 8192)
+    given = {"attention": "sparse", "budget_floor_tokens": 0}
+    tier, _ = off.prepare(cfg, cpu, torch.float32, TierConfig(**given), given, None)
+    assert off.plan.token_budget_tokens == 1024 == tier.budget_tokens(8192)

@@ -25,7 +25,8 @@ class PlanInputs:
     index, staging slots, activations); cpu_budget covers host memory (pinned weight blocks, CPU-computed layers,
     the host KV pool, the host embedding); disk_budget is what the disk may hold (0: no disk tier).
 
-    attention None lets the planner choose; token_budget is TierConfig's (tokens, or a fraction of the context).
+    attention None lets the planner choose; token_budget and budget_floor_tokens are TierConfig's (tokens, or a
+    fraction of the context attending at least budget_floor_tokens).
     layer_windows: per-layer sliding window (None entries: full attention); None takes the config's own (ModelConfig.window).
     """
 
@@ -37,6 +38,7 @@ class PlanInputs:
     dtype: str = "bf16"
     attention: str | None = None
     token_budget: int | float = TierConfig().token_budget
+    budget_floor_tokens: int = TierConfig().budget_floor_tokens
     sparse: SparseShape = field(default_factory=default_sparse_shape)
     bandwidths: Bandwidths = field(default_factory=default_bandwidths)
     layer_windows: tuple[int | None, ...] | None = None
@@ -56,13 +58,16 @@ class PlanInputs:
         if windows is not None and len(windows) != self.model.num_layers:
             raise ConfigError(f"layer_windows has {len(windows)} entries for {self.model.num_layers} layers; "
                               "give one per layer (None for full attention)")
-        # validates token_budget the way the runtime does
-        TierConfig(token_budget=self.token_budget)
+        self._budget_tier()  # validates token_budget and budget_floor_tokens the way the runtime does
 
     @property
     def elem_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    def _budget_tier(self) -> TierConfig:
+        """The runtime's settings of the token budget (its other fields at their defaults)."""
+        return TierConfig(token_budget=self.token_budget, budget_floor_tokens=self.budget_floor_tokens)
+
     def budget_tokens(self) -> int:
         """Tokens a sparse step attends to at this context (TierConfig.budget_tokens), at most the context."""
-        return min(self.context, TierConfig(token_budget=self.token_budget).budget_tokens(self.context))
+        return min(self.context, self._budget_tier().budget_tokens(self.context))

@@ -53,7 +53,7 @@ def check_device_budget(nbytes: int, device: torch.device) -> None:
 
 def plan_for_load(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, context: int, gpu_budget,
                   cpu_budget=None, disk_dir: str | None = None, attention: str | None = None,
-                  token_budget: int | float | None = None) -> LoadPlan:
+                  token_budget: int | float | None = None, budget_floor_tokens: int | None = None) -> LoadPlan:
     """The plan for loading cfg under the budgets (strings like '12GiB' or bytes); BudgetError for a budget
     that does not parse (ConfigError), exceeds this machine, or cannot hold the model (PlanDoesNotFitError)."""
     import psutil
@@ -67,7 +67,8 @@ def plan_for_load(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, co
         check_cpu_budget(cpu)
     disk = int(shutil.disk_usage(disk_dir).free * DISK_SHARE) if disk_dir else 0
     gpu_name = torch.cuda.get_device_properties(device).name if device.type == "cuda" else None
-    extra = {} if token_budget is None else {"token_budget": token_budget}
+    asked = {"token_budget": token_budget, "budget_floor_tokens": budget_floor_tokens}
+    extra = {k: v for k, v in asked.items() if v is not None}
     inputs = PlanInputs(cfg, context, gpu, cpu, disk, dtype=DTYPE_NAMES[dtype], attention=attention,
                         bandwidths=load_bandwidths(None, gpu_name), **extra)
     plan = make_plan(inputs)
@@ -99,7 +100,7 @@ class Offload:
         if self.gpu_budget is not None:
             context = min(self.ctx_size or cfg.max_position_embeddings, cfg.max_position_embeddings)
             lp = plan_for_load(cfg, dt, dev, context, self.gpu_budget, given.get("cpu_budget"), tier.disk_dir,
-                               given.get("attention"), given.get("token_budget"))
+                               given.get("attention"), given.get("token_budget"), given.get("budget_floor_tokens"))
             self.plan, places = lp.plan, lp.placement
             changes = {}
             if "kv_gpu_budget" not in given:
