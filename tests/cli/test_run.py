@@ -112,6 +112,7 @@ def test_prompt_file_may_be_a_pipe(tmp_path):
     (("llama-tiny", "-p", "hi", "--raw", "--system", "be brief"), "--system"),
     (("a", "b", "c"), "3 positional arguments"),
     (("-m", "llama-tiny", "-p", "hi", "extra"), "-m names the model"),
+    (("llama-tiny", "-p", "hi", "--budget-floor-tokens", "-1"), "budget_floor_tokens=-1 must be a token count"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, fragment):
     _one_line_error(tierkv("run", *args), fragment)
@@ -181,3 +182,18 @@ def test_one_positional_with_a_slash_is_the_prompt_for_the_default_model():
     assert r.returncode == 0, r.stderr
     stats = json.loads(next(ln for ln in r.stderr.splitlines() if ln.startswith("{")))
     assert stats["prompt_tokens"] > 10 and stats["new_tokens"] >= 1 and r.stdout.strip()
+
+
+def test_tier_flags_carry_the_token_budget_and_its_floor_and_the_help_says_the_defaults():
+    from click.testing import CliRunner
+
+    from tierkv.cli import chat, run
+    from tierkv.cli.common import tier_settings
+
+    flags = {"token_budget": "0.25", "budget_floor_tokens": 0, "rank": None, "temperature": 0.0}
+    assert tier_settings(flags) == {"token_budget": 0.25, "budget_floor_tokens": 0}
+    assert flags == {"temperature": 0.0}  # taken out; unset flags keep TierConfig's defaults
+    for command in (run.command, chat.command):
+        text = " ".join(CliRunner().invoke(command, ["--help"], terminal_width=200).output.split())
+        assert "a fraction of the context (default: 0.125, at least --budget-floor-tokens)" in text
+        assert "attends at least this many tokens (default: 2048; 0: the fraction alone)" in text

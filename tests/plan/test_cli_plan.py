@@ -86,3 +86,17 @@ def test_gpu_budget_above_device_memory(monkeypatch):
     check_gpu_budget(total)
     with pytest.raises(BudgetError, match="gpu_budget=.* is more than"):
         check_gpu_budget(total + 1)
+
+
+@pytest.mark.parametrize("flags,tokens", [((), 2048), (("--budget-floor-tokens", "0"), 1024),
+                                          (("--token-budget", "0.25", "--budget-floor-tokens", "0"), 2048),
+                                          (("--token-budget", "512"), 512)])
+def test_plan_token_budget_flags(flags, tokens):
+    from click.testing import CliRunner
+
+    from tierkv.cli.plan import command
+
+    r = CliRunner().invoke(command, ["llama3.1-8b", "--gpu-budget", "24GiB", "--cpu-budget", "64GiB", "--context",
+                                     "8K", "--attention", "sparse", "--any-machine", "--json", *flags])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["token_budget_tokens"] == tokens

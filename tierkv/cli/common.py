@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
+from tierkv.config import TierConfig
 from tierkv.errors import ConfigError
+
+TOKEN_BUDGET_HELP = (f"Sparse mode: tokens attended per step (e.g. 2048) or a fraction of the context (default: "
+                     f"{TierConfig.token_budget}, at least --budget-floor-tokens).")
+FLOOR_HELP = (f"Sparse mode: a fractional --token-budget attends at least this many tokens (default: "
+              f"{TierConfig.budget_floor_tokens}; 0: the fraction alone). No effect on a token count.")
 
 MODEL_HELP = ("a Hugging Face model folder, a .gguf file, a Hugging Face id found in the local Hugging Face cache, "
               "a built-in shape (random weights) or smollm2 (the default, SmolLM2-135M-Instruct).")
@@ -31,8 +37,8 @@ def model_options(fn):
         click.option("--chunk-size", type=int, default=None, help="Tokens per KV chunk (default: TierConfig's)."),
         click.option("--attention", type=click.Choice(["full", "sparse"]), default=None,
                      help="full: attend to every chunk (exact); sparse: only the chunks selection picks."),
-        click.option("--token-budget", default=None,
-                     help="Sparse mode: tokens attended per step (e.g. 2048) or a fraction of the context (0.125)."),
+        click.option("--token-budget", default=None, help=TOKEN_BUDGET_HELP),
+        click.option("--budget-floor-tokens", type=int, default=None, help=FLOOR_HELP),
         click.option("--rank", type=int, default=None, help="Sparse mode: rank of the low-rank key shadows."),
         click.option("--score-rank", type=int, default=None,
                      help="Sparse mode: rank per KV head of the index that scores chunks."),
@@ -55,7 +61,7 @@ def model_options(fn):
 # load() keywords that are not TierConfig fields: weight placement
 LOAD_FLAGS = ("gpu_budget", "placement")
 TIER_FLAGS = (*LOAD_FLAGS, "kv_gpu_budget", "cpu_budget", "disk_dir", "chunk_size", "prefill_chunk", "attention",
-              "token_budget",
+              "token_budget", "budget_floor_tokens",
               "rank", "score_rank", "sink_tokens", "window_tokens", "gpu_chunk_cache",
               "prefetch_picks")
 

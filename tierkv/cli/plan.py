@@ -7,6 +7,7 @@ import json
 
 import click
 
+from tierkv.cli.common import FLOOR_HELP, TOKEN_BUDGET_HELP
 from tierkv.errors import ConfigError
 
 DEFAULT_CPU_SHARE = 0.8  # of the memory available now, when --cpu-budget is not given
@@ -22,7 +23,8 @@ DEFAULT_CPU_SHARE = 0.8  # of the memory available now, when --cpu-budget is not
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--attention", type=click.Choice(["full", "sparse"]), default=None,
               help="Attention mode (default: the planner chooses).")
-@click.option("--token-budget", default=None, help="Sparse: tokens attended per step, or a fraction (0.125).")
+@click.option("--token-budget", default=None, help=TOKEN_BUDGET_HELP)
+@click.option("--budget-floor-tokens", type=int, default=None, help=FLOOR_HELP)
 @click.option("--prefill-chunk", type=int, default=None, help="Prompt tokens per prefill slice (sets activations).")
 @click.option("--io-json", default=None, help="Bandwidths from this `tierkv bench io --json` file "
                                               "(default: the cached probe, else documented defaults).")
@@ -33,8 +35,8 @@ DEFAULT_CPU_SHARE = 0.8  # of the memory available now, when --cpu-budget is not
 @click.option("--any-machine", is_flag=True, help="Plan for another machine: no checks against this one's memory, "
                                                  "default bandwidths unless --io-json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def command(model, gpu_budget, cpu_budget, disk_budget, context, dtype, attention, token_budget, prefill_chunk,
-            io_json, hbm_gbps, link_gbps, cpu_gbps, disk_gbps, any_machine, as_json) -> None:
+def command(model, gpu_budget, cpu_budget, disk_budget, context, dtype, attention, token_budget, budget_floor_tokens,
+            prefill_chunk, io_json, hbm_gbps, link_gbps, cpu_gbps, disk_gbps, any_machine, as_json) -> None:
     """Plan MODEL (a folder, a .gguf, a config.json or a shape such as llama3.1-8b) under the budgets."""
     import dataclasses
 
@@ -61,7 +63,8 @@ def command(model, gpu_budget, cpu_budget, disk_budget, context, dtype, attentio
     measured = load_bandwidths(io_json, gpu_name) if io_json or not any_machine else default_bandwidths()
     bandwidths = measured.overridden(hbm=hbm_gbps, link=link_gbps, cpu=cpu_gbps,
                                                                disk=disk_gbps)
-    extra = {} if token_budget is None else {"token_budget": parse_token_budget(token_budget)}
+    asked = {"token_budget": parse_token_budget(token_budget), "budget_floor_tokens": budget_floor_tokens}
+    extra = {k: v for k, v in asked.items() if v is not None}
     inputs = PlanInputs(model_config_for(model), contexts[0], gpu, cpu, parse_size(disk_budget, "disk_budget"),
                         dtype=dtype, attention=attention, sparse=sparse, bandwidths=bandwidths, **extra)
     plan = make_plan(inputs)
