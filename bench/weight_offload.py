@@ -62,7 +62,9 @@ def main() -> None:
     ap.add_argument("--reserve", default="2GiB", help="hf-accelerate: GPU bytes kept for activations.")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--token-budget", type=int, default=2048)
+    ap.add_argument("--token-budget", type=int, default=2048,
+                    help="sparse: tokens attended per step, 2048 as in the recorded runs (tierkv bench decode's "
+                         "default is the library's: 1/8 of the context, at least 2,048 tokens)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

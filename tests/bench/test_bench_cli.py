@@ -93,9 +93,55 @@ def test_bench_decode_json_and_one_line_errors(tmp_path):
             sparse = rows[(name, c)]
             assert sparse["status"] in ("ok", "unavailable", "cannot_run"), sparse["reason"]
             assert sparse["settings"]["decode"] == "eager"  # no CUDA graphs on the CPU
+            assert sparse["settings"]["budget_tokens"] == 2048  # the default's floor at 1K and 2K
+    # the library's default budget (1/8, at least 2,048 tokens), resolved per context
+    assert (doc["settings"]["token_budget"], doc["settings"]["budget_floor_tokens"]) == (0.125, 2048)
+    assert doc["settings"]["budget_tokens"] == {"1024": 2048, "2048": 2048}
     bad = tierkv("bench", "decode", "llama-tiny", "--context", "12Q")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: context '12Q'")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flags,budget,floor,tokens", [
+    ((), 0.125, 2048, {4096: 2048, 16384: 2048, 32768: 4096, 131072: 16384}),  # the library's defaults
+    (("--token-budget", "2048"), 2048, 2048, {4096: 2048, 16384: 2048, 32768: 2048, 131072: 2048}),
+    (("--token-budget", "0.125", "--budget-floor-tokens", "0"), 0.125, 0,
+     {4096: 512, 16384: 2048, 32768: 4096, 131072: 16384})])
+def test_decode_takes_the_library_token_budget_unless_given_and_records_the_tokens(monkeypatch, flags, budget, floor,
+                                                                                    tokens):
+    import torch
+    from click.testing import CliRunner
+
+    from tierkv.bench import decode
+    from tierkv.bench.systems import tier_config
+    from tierkv.cli.bench import command
+    from tierkv.config import TierConfig
+
+    specs = []
+
+    def stop(spec, **kw):
+        specs.append(spec)
+        raise _Stop
+
+    monkeypatch.setattr(decode, "run_decode", stop)
+    r = CliRunner().invoke(command, ["decode", "llama-tiny", "--context", "4K,16K,32K,128K", "--device", "cpu", *flags])
+    assert isinstance(r.exception, _Stop), r.output
+    spec = specs[0]
+    assert (spec.token_budget, spec.budget_floor_tokens) == (budget, floor)
+    settings = decode._settings(spec)
+    assert (settings["token_budget"], settings["budget_floor_tokens"], settings["budget_tokens"]) == (budget, floor,
+                                                                                                       tokens)
+    sparse = tier_config("tierkv-sparse", spec, 1 << 30)
+    assert (sparse.token_budget, sparse.budget_floor_tokens) == (budget, floor)
+    assert {c: sparse.budget_tokens(c) for c in spec.contexts} == tokens
+    if not flags:
+        assert (budget, floor) == (TierConfig().token_budget, TierConfig().budget_floor_tokens)
+        bare = decode.DecodeSpec(model="x", contexts=[1024], device=torch.device("cpu"), dtype=torch.float32)
+        assert (bare.token_budget, bare.budget_floor_tokens) == (budget, floor)
 
 
 def test_parse_contexts_and_sizes():

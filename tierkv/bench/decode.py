@@ -20,7 +20,8 @@ from tqdm import tqdm
 from tierkv.bench.common import format_context, run_record
 from tierkv.bench.floor import Rates, floor_ms, kv_bytes_per_token, measure_rates, streamed_weight_bytes, weight_bytes
 from tierkv.bench.isolate import isolated_rows, send_row
-from tierkv.bench.systems import HF_SYSTEMS, SYSTEMS, TIERKV_SYSTEMS, DecodeSpec, Row, free_memory, run_tierkv
+from tierkv.bench.systems import HF_SYSTEMS, SYSTEMS, TIERKV_SYSTEMS, DecodeSpec, Row, budget_tokens, free_memory, \
+    run_tierkv, sparse_settings
 from tierkv.config import format_size
 from tierkv.errors import ConfigError, TierKVError
 from tierkv.models.config import ModelConfig
@@ -87,9 +88,11 @@ def _document(spec: DecodeSpec, cfg: ModelConfig, rates: Rates, rows: dict[tuple
 
 
 def _settings(spec: DecodeSpec) -> dict:
+    """The spec's settings; budget_tokens: the tokens a sparse step attends at each context (TierConfig.budget_tokens
+    of the token budget and its floor)."""
     keys = ("gpu_budget", "kv_gpu_budget", "cpu_budget", "disk_dir", "reserve", "steps", "warmup", "token_budget",
-            "rank", "chunk_size", "prefill_chunk", "profile", "seed")
-    return {k: getattr(spec, k) for k in keys}
+            "budget_floor_tokens", "rank", "chunk_size", "prefill_chunk", "profile", "seed")
+    return {**{k: getattr(spec, k) for k in keys}, "budget_tokens": {c: budget_tokens(spec, c) for c in spec.contexts}}
 
 
 def _tierkv_family(spec, cfg, contexts, total_steps, record, log) -> None:
@@ -123,7 +126,7 @@ def _offload_family(spec, contexts, systems, total_steps, record, log) -> None:
         for s in systems:
             attention = "sparse" if s.startswith("tierkv-sparse") else "full"
             log(f"loading {spec.model} under gpu budget {format_size(spec.gpu_budget)} for {s} at {format_context(c)}")
-            extra = {"token_budget": spec.token_budget, "rank": spec.rank} if attention == "sparse" else {}
+            extra = sparse_settings(spec) if attention == "sparse" else {}
             try:
                 llm = tierkv.load(spec.model, device=spec.device, dtype=spec.dtype, gpu_budget=spec.gpu_budget,
                                   ctx_size=c + total_steps + 8, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,

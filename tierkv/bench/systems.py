@@ -48,7 +48,8 @@ class DecodeSpec:
     reserve: int = 4 * 1024**3  # activations and workspace kept free of KV under the GPU budget
     steps: int = 16
     warmup: int = 4
-    token_budget: int | float = 2048
+    token_budget: int | float = TierConfig.token_budget  # sparse: the library's defaults, as a user gets them
+    budget_floor_tokens: int = TierConfig.budget_floor_tokens
     rank: int = TierConfig.rank  # sparse: the key shadow's rank
     chunk_size: int = 32
     prefill_chunk: int = 2048
@@ -150,7 +151,18 @@ def tier_config(system: str, spec: DecodeSpec, kv_gpu: int) -> TierConfig:
     return TierConfig(kv_gpu_budget=kv_gpu, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
                       chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk,
                       attention="sparse" if sparse else "full", prefetch_picks=system == "tierkv-sparse-prefetch",
-                      **({"token_budget": spec.token_budget, "rank": spec.rank} if sparse else {}))
+                      **(sparse_settings(spec) if sparse else {}))
+
+
+def sparse_settings(spec: DecodeSpec) -> dict:
+    """The TierConfig fields a sparse system takes from the spec."""
+    return {"token_budget": spec.token_budget, "budget_floor_tokens": spec.budget_floor_tokens, "rank": spec.rank}
+
+
+def budget_tokens(spec: DecodeSpec, context: int) -> int:
+    """Tokens a sparse step attends at this context under the spec (TierConfig.budget_tokens)."""
+    tier = TierConfig(token_budget=spec.token_budget, budget_floor_tokens=spec.budget_floor_tokens)
+    return tier.budget_tokens(context)
 
 
 def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -> Row:
@@ -166,7 +178,7 @@ def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -
     row.settings = {"kv_gpu_budget": kv, "kv_gpu_budget_from": how, "cpu_budget": spec.cpu_budget,
                     "disk_dir": spec.disk_dir, "chunk_size": spec.chunk_size}
     if sparse:
-        row.settings.update(token_budget=spec.token_budget, rank=spec.rank)
+        row.settings.update(sparse_settings(spec), budget_tokens=budget_tokens(spec, context))
     if kv is None:
         row.status, row.reason = "cannot_run", (f"weights leave no GPU room for KV ({how}); drop --kv-gpu-budget so "
                                                  f"the planner offloads weights under --gpu-budget")

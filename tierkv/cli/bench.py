@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from tierkv.cli.common import FLOOR_HELP, TOKEN_BUDGET_HELP
 from tierkv.config import parse_size
 from tierkv.errors import ConfigError
 
@@ -72,7 +73,8 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
 @click.option("--systems", default=None, help="Comma list (default: all but tierkv-sparse-prefetch): tierkv-sparse, "
                                               "tierkv-sparse-prefetch, tierkv-sparse-eager, tierkv-exact, hf-default, "
                                               "hf-offloaded, hf-accelerate.")
-@click.option("--token-budget", default="2048", show_default=True, help="Sparse: tokens attended per step (or a fraction < 1).")
+@click.option("--token-budget", default=None, help=TOKEN_BUDGET_HELP)
+@click.option("--budget-floor-tokens", type=int, default=None, help=FLOOR_HELP)
 @click.option("--rank", type=int, default=None, help="Sparse: the key shadow's rank (default: tierkv's default).")
 @click.option("--chunk-size", type=int, default=32, show_default=True)
 @click.option("--prefill-chunk", type=int, default=2048, show_default=True)
@@ -85,8 +87,8 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
 @click.option("--plot", "plot_path", default=None, help="Write ms/token vs context as a PNG (needs matplotlib).")
 @click.option("--profile", is_flag=True, help="Profile 4 extra steps per row after the measured ones; print top ops.")
 def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budget, disk_dir, steps, warmup, systems,
-                   token_budget, rank, chunk_size, prefill_chunk, device, dtype, io_json, hbm_gbps, json_path, append,
-                   plot_path, profile) -> None:
+                   token_budget, budget_floor_tokens, rank, chunk_size, prefill_chunk, device, dtype, io_json, hbm_gbps,
+                   json_path, append, plot_path, profile) -> None:
     """Decode ms/token of tierkv and the transformers baselines for MODEL (a folder, .gguf or built-in shape)."""
     from tierkv.bench import decode as dec
     from tierkv.bench.common import bench_device, parse_contexts
@@ -103,13 +105,15 @@ def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budg
     if plot_path:
         _check_matplotlib()
     dev = bench_device(device)
+    asked = {"token_budget": None if token_budget is None else _token_budget(token_budget),
+             "budget_floor_tokens": budget_floor_tokens, "rank": rank or None}
     spec = DecodeSpec(model=model, contexts=parse_contexts(contexts), device=dev, dtype=resolve_dtype(dtype, dev),
                       systems=names, gpu_budget=parse_size(gpu_budget, "--gpu-budget"),
                       kv_gpu_budget=parse_size(kv_gpu_budget, "--kv-gpu-budget"),
                       cpu_budget=parse_size(cpu_budget, "--cpu-budget"), disk_dir=disk_dir,
                       reserve=parse_size(reserve, "--reserve"), steps=steps, warmup=warmup,
-                      token_budget=_token_budget(token_budget), **({"rank": rank} if rank else {}), chunk_size=chunk_size, prefill_chunk=prefill_chunk,
-                      profile=profile)
+                      chunk_size=chunk_size, prefill_chunk=prefill_chunk, profile=profile,
+                      **{k: v for k, v in asked.items() if v is not None})
     previous = dec.load_previous(json_path, model) if append and json_path else None
 
     def finish(d: dict) -> dict:
