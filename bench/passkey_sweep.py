@@ -61,8 +61,9 @@ def main() -> None:
     tier = llm.tier
     doc = {"bench": "passkey", "model": f"{a.model} ({llm.cfg.model_type}) {str(llm.dtype).split('.')[-1]}",
            "source": llm.source, "prompt": "chat" if getattr(llm.tokenizer, "chat_template", None) else "plain",
-           "sparse_settings": {"token_budget": tier.token_budget, "chunk_size": tier.chunk_size,
-                               "sink_tokens": tier.sink_tokens, "window_tokens": tier.window_tokens},
+           "sparse_settings": {"token_budget": tier.token_budget, "budget_floor_tokens": tier.budget_floor_tokens,
+                               "chunk_size": tier.chunk_size, "sink_tokens": tier.sink_tokens,
+                               "window_tokens": tier.window_tokens},
            "retrieved": summary, "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows,
            **run_record(llm.device)}
     if a.plot:

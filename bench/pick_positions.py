@@ -52,7 +52,8 @@ def main() -> None:
     at = torch.cat(picks).float() / cache.n_chunks  # position of each pick as a fraction of the chunks
     quarters = [float(((at >= q / 4) & (at < (q + 1) / 4)).float().mean()) for q in range(4)]
     out = {"bench": "pick_positions", "model": "SmolLM2-135M-Instruct", "context": len(ids), "steps": args.steps,
-           "token_budget": tier.token_budget, "chunks": cache.n_chunks, "picks": at.numel(),
+           "token_budget": tier.token_budget, "budget_floor_tokens": tier.budget_floor_tokens,
+           "budget_tokens": tier.budget_tokens(len(ids)), "chunks": cache.n_chunks, "picks": at.numel(),
            "share_by_quarter": quarters, "threads": args.threads, "python": platform.python_version(),
            **run_record(torch.device("cpu"))}
     cache.close()

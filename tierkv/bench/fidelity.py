@@ -130,7 +130,8 @@ def context_rows(llm, ids: Sequence[int], n: int, budgets: Sequence[str], method
     """Score tokens n.. of ids (teacher-forced) with full attention, then with each method at each budget (labels
     parse_budget reads) and each variant (TierConfig fields over the LLM's, e.g. {"rank": 160}), all from one
     prefill of ids[:n]. Returns the full row (its mean NLL) and one row per (budget, variant, method) with
-    compare()'s fields; a method the factory refuses gets its error instead."""
+    compare()'s fields; a method the factory refuses gets its error instead. A fraction label is the fraction alone
+    (budget_floor_tokens 0 unless a variant sets it), so each row measures the budget its label names."""
     x = torch.tensor(list(ids), dtype=torch.long, device=llm.device)
     targets = x[n:].cpu()
     snap = PrefillSnapshot(llm, x[:n])
@@ -138,8 +139,9 @@ def context_rows(llm, ids: Sequence[int], n: int, budgets: Sequence[str], method
     rows = [{"context": n, "method": "full", "positions": len(targets), "nll": compare(ref, ref, targets)["nll"],
              "prefill_s": round(snap.seconds, 1), "seconds": round(seconds, 1)}]
     for label, variant in ((b, v) for b in budgets for v in variants):
-        tier = llm.tier.replace(token_budget=parse_budget(label), **variant)
-        base = {"context": n, "budget": label, "token_budget": tier.token_budget, "budget_tokens": tier.budget_tokens(n)}
+        tier = llm.tier.replace(token_budget=parse_budget(label), **{"budget_floor_tokens": 0, **variant})
+        base = {"context": n, "budget": label, "token_budget": tier.token_budget,
+                "budget_floor_tokens": tier.budget_floor_tokens, "budget_tokens": tier.budget_tokens(n)}
         if variant:
             base["variant"] = dict(variant)
         for method in methods:
