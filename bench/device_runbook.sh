@@ -6,6 +6,9 @@
 #   8b        prefill (whole-layer attention) at 32K/128K; first tokens, chat vs generate per token at 32K (8B shape)
 #   8b-long   first tokens, chat vs generate per token and a saved/resumed session at 128K (8B shape)
 #   offload   the 8B shape at 32K under gpu_budget 12/16/24 GiB beside hf-accelerate; the CUDA offload tests
+#   hf12      transformers + accelerate alone at 12 GiB (4 steps)
+#   32b       the 32B shape at 128K on a 24 GiB budget (issue 18)
+#   peak      where the 16 GiB row's peak goes (bench/profile_peak.py)
 #   soak      2,000 graph sparse steps at 32K with the disk tier (memory sampled every 100 steps)
 #   tests     the CUDA tests (kernels, graphs, rings, weight streaming, OOM guard) on random-weight shapes
 #   pin       how long pinning the sparse host pool takes by method (the first call of a capacity class pins it)
@@ -44,12 +47,25 @@ case "$1" in
         --max-new-tokens 32 --turns 2 --out "$OUT/chat-graph-128k.json" ;;
   offload)
     # hf-accelerate in its own step: at 12/16 GiB it ran past a shared 150 s step (session 11)
+    # --token-budget 2048 as in the earlier offload rows (the default is now 1/8, at least 2,048: 4,096 at 32K)
     for b in 12GiB 24GiB 16GiB; do
-      step 150 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget $b \
+      step 150 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget $b --token-budget 2048 \
           --systems tierkv-sparse --reserve 2GiB --json "$OUT/offload-8b-32k-$b.json"
     done
     step 400 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget 12GiB \
         --systems hf-accelerate --reserve 2GiB --json "$OUT/offload-8b-32k-12GiB-hf.json" ;;
+  hf12)
+    # transformers + accelerate at 12 GiB alone, few steps: each one moves ~10 GB of weights from pageable memory
+    step 330 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget 12GiB --steps 4 --warmup 1 \
+        --systems hf-accelerate --reserve 2GiB --json "$OUT/offload-8b-32k-12GiB-hf.json" ;;
+  32b)
+    # the 32B shape (61 GiB of bf16 weights) on a 24 GiB budget at 128K with sparse KV and 96 GiB of host memory
+    step 300 python bench/weight_offload.py --model qwen2.5-32b --context 128K --budgets 24GiB --cpu-budget 96GiB \
+        --systems tierkv-sparse --steps 8 --warmup 2 --out "$OUT/weight-offload-32b-128k.json" ;;
+  peak)
+    # where the 16 GiB row's peak goes (allocator history replayed at its peak)
+    step 200 python bench/profile_peak.py --model llama3.1-8b --context 32K --gpu-budget 16GiB --token-budget 2048 \
+        --out "$OUT/profile-peak-8b-32k-16GiB.json" ;;
   firstcall)
     step 60 python bench/eigh_speed.py --out "$OUT/eigh-speed.json"
     step 150 python bench/profile_first_call.py --context 32768 --kv-gpu-budget 24GiB --out "$OUT/first-call-32k.json"
@@ -78,7 +94,7 @@ case "$1" in
         --methods sparse --variants "rank=96;rank=160;rank=256,score_rank=128" --out "$OUT/long-fidelity-ranks-h200.json"
     step 150 python bench/passkey_sweep.py --device cuda --lengths 8K,16K,32700 \
         --out "$OUT/passkey-gemma3-270m-h200.json" --plot "$OUT/passkey-gemma3-270m-h200.png" ;;
-  *) echo "usage: $0 CASE [CASE ...], CASE one of quick firstcall pin chat32 8b 8b-long offload rank soak tests smol gemma"; exit 2 ;;
+  *) echo "usage: $0 CASE [CASE ...], CASE one of quick firstcall pin chat32 8b 8b-long offload hf12 32b peak rank soak tests smol gemma"; exit 2 ;;
 esac
 }
 for c in "$@"; do run_case "$c"; done

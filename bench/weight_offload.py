@@ -25,7 +25,7 @@ from tierkv.config import format_size, parse_size
 from tierkv.llm import resolve_dtype
 
 KEEP = ("system", "context", "status", "reason", "decode_ms", "peak_memory_bytes", "within_budget", "plan_ms",
-        "weights_bound_ms", "weights", "floor_ms", "settings")
+        "weights_bound_ms", "link_bound_ms", "weights", "floor_ms", "settings")
 
 
 def fmt(v, spec: str = ".2f") -> str:
@@ -33,7 +33,7 @@ def fmt(v, spec: str = ".2f") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("budget", "context", "system", "status", "ms/tok", "plan ms", "w-bound ms", "x w-bound", "peak GiB",
+    head = ("budget", "context", "system", "status", "ms/tok", "plan ms", "w-bound ms", "x w-bound", "x link-bound", "peak GiB",
             "streamed MB/tok", "GB/s", "layers gpu/host/disk/cpu")
     body = []
     for r in rows:
@@ -43,6 +43,7 @@ def table(rows: list[dict]) -> str:
         body.append((format_size(r["budget"]), format_context(r["context"]), r["system"], r["status"], fmt(ms),
                      fmt(r.get("plan_ms")), fmt(r.get("weights_bound_ms")),
                      fmt(ms / r["weights_bound_ms"] if ms and r.get("weights_bound_ms") else None, ".3f"),
+                     fmt(ms / r["link_bound_ms"] if ms and r.get("link_bound_ms") else None, ".3f"),
                      fmt(r["peak_memory_bytes"] / 2**30 if r.get("peak_memory_bytes") else None),
                      fmt(w["streamed_bytes_per_token"] / 1e6 if w.get("streamed_bytes_per_token") else None, ".0f"),
                      fmt(w.get("achieved_gbps"), ".1f"),

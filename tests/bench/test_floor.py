@@ -67,3 +67,20 @@ def test_hidden_share_is_not_claimed_for_reads_the_host_never_waits_on():
     with_disk = _tier_row({"host->device": 1e9, "disk->device": 1e8}, "by GPU gathers from mapped pinned memory")
     finish_row(with_disk, rates, cfg, spec)
     assert with_disk.copy_hidden_share == 1.0
+
+
+def test_link_bound_adds_the_kv_that_crosses_the_link_beside_the_weights():
+    """The 8B shape's 16 GiB row (H100, 2026-12-06): 1.309 GB of weights and 0.246 GB of K/V picks per token over a
+    54.2 GB/s link; the weights bound counts the first, the link bound both."""
+    from tierkv.bench.decode import finish_row
+
+    rates = Rates(hbm=2.744e12, h2d=54.2e9, d2h=53.9e9, disk=1.3e9)
+    cfg = shape_config("llama3.1-8b")
+    spec = DecodeSpec(model="llama3.1-8b", contexts=[32768], device=torch.device("cpu"), dtype=torch.bfloat16)
+    row = _tier_row({"host->device": 246_426_624.0}, "by GPU kernels from mapped pinned host memory")
+    row.weights = {"streamed_bytes_per_token": 1_308_622_848, "bytes": {"gpu": 12_650_020_864, "host": 1_308_622_848,
+                                                                      "disk": 0, "cpu": 0}}
+    finish_row(row, rates, cfg, spec)
+    assert math.isclose(row.weights_bound_ms, 1e3 * 1_308_622_848 / 54.2e9)
+    assert math.isclose(row.link_bound_ms, 1e3 * (1_308_622_848 + 246_426_624) / 54.2e9)
+    assert 28.6 < row.link_bound_ms < 28.8 and 24.1 < row.weights_bound_ms < 24.2

@@ -143,7 +143,8 @@ def _offload_family(spec, contexts, systems, total_steps, record, log) -> None:
             record(row)
             if row.decode_ms:
                 log(f"{s} at {format_context(c)}: {row.decode_ms['median']:.2f} ms/token measured, plan "
-                    f"{row.plan_ms:.2f}, weights bound {_fmt_ms(row.weights_bound_ms)}")
+                    f"{row.plan_ms:.2f}, weights bound {_fmt_ms(row.weights_bound_ms)}, "
+                    f"link bound {_fmt_ms(row.link_bound_ms)}")
             llm.unload()
             del llm
             free_memory(spec.device)
@@ -224,6 +225,8 @@ def finish_row(row: Row, rates: Rates, cfg: ModelConfig, spec: DecodeSpec) -> No
     if w.get("streamed_bytes_per_token") is not None:
         gpu_read = streamed_weight_bytes(cfg, spec.dtype) - w["bytes"]["cpu"]
         row.weights_bound_ms = 1e3 * max(w["streamed_bytes_per_token"] / rates.h2d, gpu_read / rates.hbm)
+        kv_link = (row.bytes_per_token or {}).get("host->device", 0.0)
+        row.link_bound_ms = 1e3 * max((w["streamed_bytes_per_token"] + kv_link) / rates.h2d, gpu_read / rates.hbm)
     if spec.gpu_budget is not None and row.memory_kind == "cuda" and row.peak_memory_bytes is not None:
         row.within_budget = row.peak_memory_bytes <= spec.gpu_budget
         if not row.within_budget:

@@ -60,7 +60,7 @@ def decode_table(doc: dict) -> str:
     for r in doc["rows"]:
         ctx, name = format_context(r["context"]), r["system"]
         if not r.get("decode_ms"):
-            body.append([ctx, name, r["status"]] + ["-"] * 11)
+            body.append([ctx, name, r["status"]] + ["-"] * 12)
             notes.append(f"{name} @ {ctx}: {r['status']}: {r['reason']}")
             continue
         b = r.get("bytes_per_token") or {}
@@ -74,16 +74,17 @@ def decode_table(doc: dict) -> str:
                      _fmt(disk / 1e6, ".1f"), hits, _fmt(100 * r["copy_hidden_share"], ".0f")
                      if r.get("copy_hidden_share") is not None else "-", _fmt(r.get("floor_ms")),
                      _fmt(r.get("measured_over_floor"), ".1f"), _fmt(r.get("plan_ms")),
-                     _fmt(r.get("weights_bound_ms"))])
+                     _fmt(r.get("weights_bound_ms")), _fmt(r.get("link_bound_ms"))])
         if r["status"] != "ok":
             notes.append(f"{name} @ {ctx}: {r['status']}: {r['reason']}")
     head = ["context", "system", "status", "ms/tok", "prefill tok/s", "peak GiB", "link MB/tok", "disk MB/tok",
-            "hits d/h/disk %", "hidden %*", "floor ms", "x floor", "plan ms", "w-bound ms"]
+            "hits d/h/disk %", "hidden %*", "floor ms", "x floor", "plan ms", "w-bound ms", "link-bound ms"]
     out = _table(head, body)
     out += ("\n* hidden %: estimate from host-side I/O waits (see copy_hidden_note); link MB/tok: bytes over the "
             "host link per token (measured from tier stats for tierkv, modelled for transformers); plan ms: the "
             "planner's prediction under --gpu-budget; w-bound ms: max(streamed weights / measured link, GPU-read "
-            "weights / measured HBM)")
+            "weights / measured HBM); link-bound ms: the same with the K/V bytes that cross the link beside the "
+            "weights")
     return out + "".join(f"\n{n}" for n in notes)
 
 

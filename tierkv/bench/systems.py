@@ -80,6 +80,8 @@ class Row:
     floor_ms: float | None = None
     plan_ms: float | None = None  # the planner's predicted ms/token (tierkv under --gpu-budget)
     weights_bound_ms: float | None = None  # max(streamed weights / measured link, GPU-read weights / measured HBM)
+    # the same with the K/V that crosses the link beside the weights (sparse picks read from host memory)
+    link_bound_ms: float | None = None
     weights: dict | None = None  # llm.stats["weights"]: placement, streamed bytes, GB/s, waits
     floor_parts_ms: dict | None = None
     measured_over_floor: float | None = None
