@@ -80,7 +80,9 @@ case "$1" in
   soak)
     # the session-7 attempt ran 300 steps in 10 minutes (0.3 s/step: most picks missed host memory); a larger
     # cpu_budget keeps the disk tier in use with fewer misses
-    step 580 python bench/soak_graph_sparse.py --steps 2000 --cpu-budget 3GiB --token-budget 1024 --max-seconds 480 \
+    # 3 GiB is refused since the capacity class of 32K + 2,000 (40,960 tokens) needs 3.02 GiB on the host; at 3.5 GiB
+    # and 1,024 tokens a step took 0.35 s (1,400 steps in 470 s), at 512 tokens 0.22 s (2,000 steps in 449 s)
+    step 580 python bench/soak_graph_sparse.py --steps 2000 --cpu-budget 3.5GiB --token-budget 512 --max-seconds 500 \
         --out "$OUT/soak-graph-sparse-llama8b-32k.json" ;;
   tests)
     step 560 python -m pytest -q -p no:cacheprovider -m cuda tests/kernels tests/kv tests/weights \
