@@ -103,24 +103,26 @@ class LlamaModel:
         """Prefill layer after layer: each layer runs every slice of slice_len tokens before the next layer starts,
         so a cache that took `begin_layer_prefill` keeps one layer's K/V for the whole prompt on the device. The
         slices' arithmetic is forward()'s, so the logits equal a slice-after-slice prefill's. ids, positions (T,)
-        -> logits of the last token (1, vocab) fp32. Holds the residual stream of all T tokens (2 T hidden values).
+        -> logits of the last token (1, vocab) fp32. Holds the residual stream of all T tokens (T hidden values):
+        each slice's normed input is recomputed from it, equal to the fused norm's output since both normalise the
+        rounded residual, so the prompt's normed inputs (T hidden values more) never stay on the device.
         on_layer(i) is called after each layer (progress)."""
         n = ids.shape[0]
-        h, x = self._embed(ids)  # (T, hidden) each
+        h = self._embedded(ids)  # (T, hidden)
         self._begin_pass()
         for i in range(len(self.layers)):
             w = self.fetch_layer(i)  # once per layer: a streamed layer is copied once for the whole prompt
             if cache.attends_whole_layer(i):
-                self._layer_whole(i, h, x, positions, cache, slice_len, w)
+                self._layer_whole(i, h, positions, cache, slice_len, w)
             else:
                 for s in range(0, n, slice_len):
                     e = min(n, s + slice_len)
-                    h[s:e], x[s:e] = self._layer(i, h[s:e], x[s:e], positions[s:e], cache, False, w)
+                    h[s:e] = self._layer(i, h[s:e], self._input_norm(i, h[s:e]), positions[s:e], cache, False, w)[0]
             self.release_layer(i)
             if on_layer is not None:
                 on_layer(i)
         cache.advance(n)
-        logits = F.linear(x[-1:], self.lm_head).float()
+        logits = F.linear(self._norm(h[-1:], None, self.norm, self.cfg.rms_norm_eps)[1], self.lm_head).float()
         self._end_pass()
         return logits
 
@@ -151,16 +153,16 @@ class LlamaModel:
         if self.weights is not None:
             self.weights.end_pass()
 
-    def _layer_whole(self, i: int, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                     slice_len: int, w: LayerWeights) -> None:
+    def _layer_whole(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: KVCache, slice_len: int,
+                     w: LayerWeights) -> None:
         """Layer i (weights w) over the whole prompt with one attention call: every slice's projections are
         appended and its queries kept, the cache attends them all at once (`attend_layer`), then each slice runs
-        the rest of the layer. Updates h and x (T, hidden) in place."""
-        c, n = self.cfg, x.shape[0]
-        q_all = torch.empty(n, c.num_heads, c.head_dim, device=x.device, dtype=x.dtype)
+        the rest of the layer. Updates the residual h (T, hidden) in place."""
+        c, n = self.cfg, h.shape[0]
+        q_all = torch.empty(n, c.num_heads, c.head_dim, device=h.device, dtype=h.dtype)
         for s in range(0, n, slice_len):
             e = min(n, s + slice_len)
-            q, k, k_pre, v = self._qkv(i, w, x[s:e], positions[s:e])
+            q, k, k_pre, v = self._qkv(i, w, self._input_norm(i, h[s:e]), positions[s:e])
             cache.append(i, k, v, k_pre)
             q_all[s:e] = q
         out = cache.attend_layer(i, q_all)  # (T, Hq, D)
@@ -168,20 +170,26 @@ class LlamaModel:
         for s in range(0, n, slice_len):
             e = min(n, s + slice_len)
             attn = linear(out[s:e].reshape(e - s, c.num_heads * c.head_dim), w.o_proj)
-            h[s:e], x[s:e] = self._after_attention(i, h[s:e], attn, positions[s:e], cache, False, w)
+            h[s:e] = self._after_attention(i, h[s:e], attn, positions[s:e], cache, False, w)[0]
 
     def layer_prefill_bytes(self, n: int) -> int:
-        """Device bytes forward_by_layer needs for n tokens beyond the cache's: the residual stream (h and x) and,
-        with whole-layer attention, the layer's queries and attention output."""
+        """Device bytes forward_by_layer needs for n tokens beyond the cache's: the residual stream and, with
+        whole-layer attention, the layer's queries and attention output."""
         c = self.cfg
-        return 2 * n * (c.hidden_size + c.num_heads * c.head_dim) * self.dtype.itemsize
+        return n * (c.hidden_size + 2 * c.num_heads * c.head_dim) * self.dtype.itemsize
 
     def _embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual, first layer's normed input) of ids, each (T, hidden)."""
+        return self._norm(self._embedded(ids), None, self.layers[0].input_norm, self.cfg.rms_norm_eps)
+
+    def _embedded(self, ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start: ids' embeddings (T, hidden), scaled where the architecture scales them."""
         emb = self.embed_tokens[ids]  # (T, hidden)
-        if self.embed_scale is not None:
-            emb = emb * self.embed_scale
-        return self._norm(emb, None, self.layers[0].input_norm, self.cfg.rms_norm_eps)
+        return emb if self.embed_scale is None else emb * self.embed_scale
+
+    def _input_norm(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer i's normed input from the residual h, as the previous layer's fused norm gave it."""
+        return self._norm(h, None, self.layers[i].input_norm, self.cfg.rms_norm_eps)[1]
 
     def _layer(self, i: int, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                predict: bool, w: LayerWeights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
