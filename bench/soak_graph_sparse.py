@@ -71,7 +71,10 @@ def main() -> None:
     record = {"model": args.model, "context": args.context, "steps": len(samples) * args.every, "steps_asked": args.steps,
               "stopped_early_at_max_seconds": stopped_early,
               "kv_gpu_budget": args.kv_gpu_budget, "cpu_budget": args.cpu_budget, "disk_dir": str(disk_dir),
-              "decode_ms_per_token": llm.stats.get("decode_ms_per_token"), "kv_disk_backend": kv.get("disk_backend"),
+              "decode_ms_per_token": llm.stats.get("decode_ms_per_token"),
+              # the tiered cache names its backend at the top; the sparse cache in its disk tier's stats
+              "kv_disk_backend": kv.get("disk_backend") or (kv.get("disk_tier") or {}).get("backend"),
+              "kv_disk_tier": kv.get("disk_tier"),
               "growth_bytes": growth, "growth_bytes_second_half": growth_second_half,
               "files_left_after_close": left, "after_close_cuda_allocated": torch.cuda.memory_allocated(),
               "samples": samples, **run_record(torch.device("cuda"))}
