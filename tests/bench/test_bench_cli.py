@@ -102,6 +102,16 @@ def test_bench_decode_json_and_one_line_errors(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags,msg", [
+    (("--token-budget", "-5"), "error: token_budget=-5 must be"),
+    (("--token-budget", "2048.5"), "error: token_budget=2048.5 must be"),
+    (("--budget-floor-tokens", "-1"), "error: budget_floor_tokens=-1")])
+def test_a_bad_token_budget_is_refused_in_one_line_before_any_model_loads(flags, msg):
+    bad = tierkv("bench", "decode", "llama-tiny", "--context", "1K", "--device", "cpu", *flags)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith(msg), bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "loading" not in bad.stdout + bad.stderr
+
+
 class _Stop(Exception):
     pass
 

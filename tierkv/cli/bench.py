@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from tierkv.cli.common import FLOOR_HELP, TOKEN_BUDGET_HELP
-from tierkv.config import parse_size
+from tierkv.cli.common import FLOOR_HELP, TOKEN_BUDGET_HELP, parse_token_budget
+from tierkv.config import TierConfig, parse_size
 from tierkv.errors import ConfigError
 
 DEFAULT_SIZES = "64KiB,1MiB,16MiB,256MiB"
@@ -105,8 +105,9 @@ def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budg
     if plot_path:
         _check_matplotlib()
     dev = bench_device(device)
-    asked = {"token_budget": None if token_budget is None else _token_budget(token_budget),
+    asked = {"token_budget": parse_token_budget(token_budget),
              "budget_floor_tokens": budget_floor_tokens, "rank": rank or None}
+    TierConfig(**{k: v for k, v in asked.items() if v is not None})  # refuses a bad value before any model loads
     spec = DecodeSpec(model=model, contexts=parse_contexts(contexts), device=dev, dtype=resolve_dtype(dtype, dev),
                       systems=names, gpu_budget=parse_size(gpu_budget, "--gpu-budget"),
                       kv_gpu_budget=parse_size(kv_gpu_budget, "--kv-gpu-budget"),
@@ -134,14 +135,6 @@ def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budg
 
         plot_decode(doc, plot_path)
     click.echo(summary_line(doc))
-
-
-def _token_budget(text: str) -> int | float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ConfigError(f"--token-budget {text!r} is not a number; give tokens (2048) or a fraction (0.125)") from None
-    return v if v < 1 else int(v)
 
 
 def _check_matplotlib() -> None:
