@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=2048,
                     help="tokens attended per step: the disk tier needs a budget whose host slots fit below the pool")
     ap.add_argument("--max-seconds", type=float, default=None,
-                    help="stop decoding after this long (the record says how many steps ran): a device call is time-boxed")
+                    help="stop decoding after this long (the record says how many steps ran): device calls are "
+                         "time-boxed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     disk_dir = Path(args.disk_dir or tempfile.mkdtemp(prefix="tierkv-soak-"))
@@ -68,7 +69,8 @@ def main() -> None:
     # the steady state: the second half only (the first samples may still fill host slots for disk chunks)
     mid = samples[len(samples) // 2]
     growth_second_half = {k: last[k] - mid[k] for k in ("host_rss", "cuda_allocated", "cuda_reserved")}
-    record = {"model": args.model, "context": args.context, "steps": len(samples) * args.every, "steps_asked": args.steps,
+    record = {"model": args.model, "context": args.context, "steps": len(samples) * args.every,
+              "steps_asked": args.steps,
               "stopped_early_at_max_seconds": stopped_early,
               "kv_gpu_budget": args.kv_gpu_budget, "cpu_budget": args.cpu_budget, "disk_dir": str(disk_dir),
               "decode_ms_per_token": llm.stats.get("decode_ms_per_token"),

@@ -33,7 +33,8 @@ def fmt(v, spec: str = ".2f") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("budget", "context", "system", "status", "ms/tok", "plan ms", "w-bound ms", "x w-bound", "x link-bound", "peak GiB",
+    head = ("budget", "context", "system", "status", "ms/tok", "plan ms", "w-bound ms", "x w-bound", "x link-bound",
+            "peak GiB",
             "streamed MB/tok", "GB/s", "layers gpu/host/disk/cpu")
     body = []
     for r in rows:

@@ -536,7 +536,8 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
                                     "hit_rate": res_picks / picks if picks else None}
         return {**super().stats(), **self._n, **extra,
                 "token_budget": self.config.token_budget, "budget_floor_tokens": self.config.budget_floor_tokens,
-                "budget_tokens": self.config.budget_tokens(self.seq_len), "max_picks": self.max_picks, "covered": self.covered,
+                "budget_tokens": self.config.budget_tokens(self.seq_len), "max_picks": self.max_picks,
+                "covered": self.covered,
                 "outlier_chunks": int(self.outlier.sum()) if self.fitted else 0,
                 "gpu_bytes": gpu, "gpu": format_size(gpu), "host_bytes": self.host_bytes,
                 "host": format_size(self.host_bytes)}
