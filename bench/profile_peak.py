@@ -17,6 +17,7 @@ import torch
 from tierkv.bench.common import emit, parse_contexts, run_record
 from tierkv.bench.decode import run_decode
 from tierkv.bench.systems import DecodeSpec
+from tierkv.cli.common import parse_token_budget
 from tierkv.config import parse_size
 
 
@@ -62,9 +63,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dev = torch.device("cuda")
-    extra = {}
-    if a.token_budget is not None:
-        extra["token_budget"] = float(a.token_budget) if "." in a.token_budget else int(a.token_budget)
+    budget = parse_token_budget(a.token_budget)
+    extra = {} if budget is None else {"token_budget": budget}
     spec = DecodeSpec(model=a.model, contexts=parse_contexts(a.context), device=dev, dtype=torch.bfloat16,
                       systems=("tierkv-sparse",), gpu_budget=parse_size(a.gpu_budget, "--gpu-budget"),
                       reserve=parse_size(a.reserve, "--reserve"), steps=a.steps, warmup=a.warmup, **extra)
