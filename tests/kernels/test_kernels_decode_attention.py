@@ -103,7 +103,8 @@ def test_fused_gather_equals_unfused(gen):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hq,hkv,d,n", [(8, 2, 64, 37), (9, 3, 32, 300), (32, 8, 128, 2048), (4, 4, 16, 1)])
+@pytest.mark.parametrize("hq,hkv,d,n", [(8, 2, 64, 37), (9, 3, 32, 300), (32, 8, 128, 2048), (4, 4, 16, 1),
+                                        (4, 1, 256, 600)])  # Gemma 3's head: smaller blocks where shared memory ends
 @pytest.mark.parametrize("splits", [None, 1, 3])
 def test_dense_triton_matches_torch(gen, triton_device, dtype, hq, hkv, d, n, splits):
     from tierkv.kernels.decode_attention_triton import decode_attention_triton
@@ -120,7 +121,8 @@ def test_dense_triton_matches_torch(gen, triton_device, dtype, hq, hkv, d, n, sp
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hq,hkv,d,chunk,m", [(8, 2, 64, 32, 5), (9, 3, 32, 16, 17), (32, 8, 128, 32, 64)])
+@pytest.mark.parametrize("hq,hkv,d,chunk,m", [(8, 2, 64, 32, 5), (9, 3, 32, 16, 17), (32, 8, 128, 32, 64),
+                                              (4, 1, 256, 32, 20)])
 def test_paged_triton_matches_torch(gen, triton_device, dtype, hq, hkv, d, chunk, m):
     from tierkv.kernels.decode_attention_triton import paged_decode_attention_triton
 
@@ -142,3 +144,17 @@ def test_merge_partials_triton_matches_torch(gen, triton_device):
     got, want = merge_partials_triton(outs, lses), merge_partials_torch(outs, lses)
     assert max_diff("merge triton out", got[0], want[0]) < 1e-5
     assert max_diff("merge triton lse", got[1], want[1]) < 1e-5
+
+
+@pytest.mark.parametrize("limit,d,elt,factor,want", [
+    (232448, 128, 2, 8, 64),  # H100, Llama head, bf16 shadow kernel: unchanged
+    (232448, 256, 2, 8, 32),  # H100, Gemma 3 head: 64 keys needed 258,560 bytes
+    (232448, 256, 4, 5, 32),  # H100, Gemma 3 head, fp32 dense kernel: 64 keys needed 282,688 bytes
+    (101376, 128, 2, 8, 32),  # a card with ~100 KiB per SM (RTX 4090), Llama head
+    (101376, 256, 4, 8, 16),
+])
+def test_split_blocks_shrink_to_fit_shared_memory(monkeypatch, limit, d, elt, factor, want):
+    from tierkv.kernels import split_blocks
+
+    monkeypatch.setattr(split_blocks, "_shared_memory_limit", lambda device: limit)
+    assert split_blocks.split_block_n(torch.device("cuda"), d, elt, factor) == want

@@ -11,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from tierkv.kernels.split_blocks import split_block_n
+
 _LOG2E = 1.4426950408889634
+DENSE_STAGE_FACTOR = 5  # shared bytes per (key x D x element) of _split_kernel, see kernels/split_blocks.py
 
 
 @triton.jit
@@ -137,7 +140,7 @@ def _run(q, k, v, slots, lens, n_items, chunk, paged, has_len, scale, num_splits
         raise ValueError(f"decode attention (Triton) needs D a power of two >= 16, got {d}")
     group = hq // hkv
     scale = d**-0.5 if scale is None else scale
-    block_n = 64
+    block_n = split_block_n(q.device, d, 4 if q.dtype == torch.float32 else k.element_size(), DENSE_STAGE_FACTOR)
     num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
     q = q.contiguous()
     ss = slots.stride() if paged else (0, 0)

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from tierkv.kernels.decode_attention_triton import merge_splits, online_softmax_step, plan_splits, store_partial
 from tierkv.kernels.rebuild_keys import shadow_views
+from tierkv.kernels.split_blocks import split_block_n
 
 _LOG2E = 1.4426950408889634
 
@@ -23,8 +24,15 @@ def _r_step(block_r: int) -> int:
     return block_r if block_r <= 64 else 32
 
 
-# keys per block of a split; kv/sparse/warm.py plans the same splits to compile the merge at load
-SPLIT_BLOCK_N = 64
+# shared bytes per (key x D x element) of _shadow_split_kernel (kernels/split_blocks.py);
+# kv/sparse/warm.py plans the same splits to compile the merge at load
+SHADOW_STAGE_FACTOR = 8
+
+
+def shadow_block_n(q: torch.Tensor, pool_dtype: torch.dtype) -> int:
+    """Keys per block of a shadow split for a query (Hq, D) over pools of `pool_dtype`."""
+    elt = 4 if q.dtype == torch.float32 else torch.empty((), dtype=pool_dtype).element_size()
+    return split_block_n(q.device, q.shape[-1], elt, SHADOW_STAGE_FACTOR)
 
 
 # the resident range depends on the KV budget, not on the kernel's shapes: no recompile per budget
@@ -166,7 +174,7 @@ def shadow_paged_attention_triton(
     n_items = slots.shape[1] * chunk
     f32_dot = q.dtype == torch.float32 or q.device.type != "cuda"  # the CPU interpreter's bf16 dot is wrong
     lowp = not f32_dot and a3.dtype == b3.dtype and a3.dtype in (torch.bfloat16, torch.float16)
-    block_n = SPLIT_BLOCK_N
+    block_n = shadow_block_n(q, v_pool.dtype)
     block_r = max(16, triton.next_power_of_2(rank))
     num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
     if cache is not None:

@@ -42,9 +42,9 @@ def warm_class(cfg: ModelConfig, tier: TierConfig, capacity: int, device: torch.
                                  n_chunks, counts, (0, n_chunks))
     if device.type == "cuda":
         from tierkv.kernels.decode_attention_triton import merge_splits, plan_splits
-        from tierkv.kernels.shadow_attention_triton import SPLIT_BLOCK_N
+        from tierkv.kernels.shadow_attention_triton import shadow_block_n
 
-        _, _, po, pl = plan_splits(q, hkv, slots.shape[1] * c, SPLIT_BLOCK_N, None)
+        _, _, po, pl = plan_splits(q, hkv, slots.shape[1] * c, shadow_block_n(q, dtype), None)
         merge_splits(po.zero_(), pl.zero_(), dtype)
     return slots
 
