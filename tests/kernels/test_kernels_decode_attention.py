@@ -151,7 +151,8 @@ def test_merge_partials_triton_matches_torch(gen, triton_device):
     (232448, 256, 2, 8, 32),  # H100, Gemma 3 head: 64 keys needed 258,560 bytes
     (232448, 256, 4, 5, 32),  # H100, Gemma 3 head, fp32 dense kernel: 64 keys needed 282,688 bytes
     (101376, 128, 2, 8, 32),  # a card with ~100 KiB per SM (RTX 4090), Llama head
-    (101376, 256, 4, 8, 16),
+    (101376, 256, 4, 8, None),  # no block fits: the torch reference runs
+    (232448, 256, 4, 8, None),  # the shadow kernel in fp32 on an H100 (it failed at 16 keys too)
 ])
 def test_split_blocks_shrink_to_fit_shared_memory(monkeypatch, limit, d, elt, factor, want):
     from tierkv.kernels import split_blocks

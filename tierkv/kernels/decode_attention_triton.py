@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tierkv.kernels.decode_attention import decode_attention_torch, paged_decode_attention_torch
 from tierkv.kernels.split_blocks import split_block_n
 
 _LOG2E = 1.4426950408889634
@@ -154,11 +155,19 @@ def _run(q, k, v, slots, lens, n_items, chunk, paged, has_len, scale, num_splits
     return merge_splits(po, pl, q.dtype)
 
 
+def _fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether a block of keys fits the GPU's shared memory (else the torch reference runs)."""
+    elt = 4 if q.dtype == torch.float32 else k.element_size()
+    return split_block_n(q.device, q.shape[-1], elt, DENSE_STAGE_FACTOR) is not None
+
+
 def decode_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None = None, scale: float | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `decode_attention_torch` (k, v need a unit stride on D). Two launches, no host sync."""
+    if not _fits(q, k):
+        return decode_attention_torch(q, k, v, kv_len, scale)
     lens = kv_len if kv_len is not None else q  # placeholder pointer, unused without HAS_LEN
     return _run(q, k, v, q, lens, k.shape[0], 1, False, kv_len is not None, scale, num_splits)
 
@@ -168,6 +177,8 @@ def paged_decode_attention_triton(
     scale: float | None = None, num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `paged_decode_attention_torch`; slots and lengths must share strides."""
+    if not _fits(q, k_pool):
+        return paged_decode_attention_torch(q, k_pool, v_pool, slots, lengths, scale)
     if slots.stride() != lengths.stride():
         lengths = lengths.expand_as(slots).contiguous()
         slots = slots.contiguous()

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from tierkv.kernels.decode_attention_triton import merge_splits, online_softmax_step, plan_splits, store_partial
 from tierkv.kernels.rebuild_keys import shadow_views
+from tierkv.kernels.shadow_attention import shadow_paged_attention_torch
 from tierkv.kernels.split_blocks import split_block_n
 
 _LOG2E = 1.4426950408889634
@@ -29,8 +30,9 @@ def _r_step(block_r: int) -> int:
 SHADOW_STAGE_FACTOR = 8
 
 
-def shadow_block_n(q: torch.Tensor, pool_dtype: torch.dtype) -> int:
-    """Keys per block of a shadow split for a query (Hq, D) over pools of `pool_dtype`."""
+def shadow_block_n(q: torch.Tensor, pool_dtype: torch.dtype) -> int | None:
+    """Keys per block of a shadow split for a query (Hq, D) over pools of `pool_dtype`; None: no block fits
+    (shadow_paged_attention_triton then runs the torch reference)."""
     elt = 4 if q.dtype == torch.float32 else torch.empty((), dtype=pool_dtype).element_size()
     return split_block_n(q.device, q.shape[-1], elt, SHADOW_STAGE_FACTOR)
 
@@ -165,6 +167,10 @@ def shadow_paged_attention_triton(
     _, chunk, hkv, _ = k_pool.shape
     if d < 32 or d & (d - 1):
         raise ValueError(f"shadow_paged_attention_triton needs D a power of two >= 32, got {d}")
+    block_n = shadow_block_n(q, v_pool.dtype)
+    if block_n is None:
+        return shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids,
+                                            scale, cache, v_resident, resident_from, k_resident)
     a3, b3, _ = shadow_views(coeffs, basis, slots, d)
     rank = b3.shape[1]
     slots, lengths, chunk_ids = (t.expand(hkv, -1).contiguous() for t in (slots, lengths, chunk_ids))
@@ -174,7 +180,6 @@ def shadow_paged_attention_triton(
     n_items = slots.shape[1] * chunk
     f32_dot = q.dtype == torch.float32 or q.device.type != "cuda"  # the CPU interpreter's bf16 dot is wrong
     lowp = not f32_dot and a3.dtype == b3.dtype and a3.dtype in (torch.bfloat16, torch.float16)
-    block_n = shadow_block_n(q, v_pool.dtype)
     block_r = max(16, triton.next_power_of_2(rank))
     num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
     if cache is not None:

@@ -40,11 +40,15 @@ def warm_class(cfg: ModelConfig, tier: TierConfig, capacity: int, device: torch.
     slots, _, _ = sparse_entries(top, score, picks, torch.zeros(1, dtype=torch.long, device=device),
                                  torch.zeros(n_chunks, dtype=torch.bool, device=device), fixed_ids, fixed_len, c,
                                  n_chunks, counts, (0, n_chunks))
+    block_n = None
     if device.type == "cuda":
-        from tierkv.kernels.decode_attention_triton import merge_splits, plan_splits
         from tierkv.kernels.shadow_attention_triton import shadow_block_n
 
-        _, _, po, pl = plan_splits(q, hkv, slots.shape[1] * c, shadow_block_n(q, dtype), None)
+        block_n = shadow_block_n(q, dtype)
+    if block_n:  # else the torch reference attends: no merge to compile
+        from tierkv.kernels.decode_attention_triton import merge_splits, plan_splits
+
+        _, _, po, pl = plan_splits(q, hkv, slots.shape[1] * c, block_n, None)
         merge_splits(po.zero_(), pl.zero_(), dtype)
     return slots
 
