@@ -33,8 +33,9 @@ def origin(frames: list[dict]) -> str:
     return "(no python frame: allocated inside a kernel library or a graph pool)"
 
 
-def peak_blocks(trace: list[dict]) -> tuple[int, int, dict[int, dict]]:
-    """Replay alloc / free_requested events: (peak allocated bytes, event index of the peak, live blocks then)."""
+def peak_blocks(trace: list[dict], start: int = 0) -> tuple[int, int, dict[int, dict]]:
+    """Replay alloc / free_requested events: (peak allocated bytes at or after event `start`, event index of the
+    peak, live blocks then). Events before `start` only build the live set: the bench resets its peak there."""
     live: dict[int, dict] = {}
     now = peak = at = 0
     best: dict[int, dict] = {}
@@ -42,11 +43,25 @@ def peak_blocks(trace: list[dict]) -> tuple[int, int, dict[int, dict]]:
         if ev["action"] == "alloc":
             live[ev["addr"]] = ev
             now += ev["size"]
-            if now > peak:
+            if now > peak and i >= start:
                 peak, at, best = now, i, dict(live)
         elif ev["action"] == "free_requested" and ev["addr"] in live:
             now -= live.pop(ev["addr"])["size"]
     return peak, at, best
+
+
+def mark_resets(dev: torch.device) -> list[int]:
+    """Trace lengths at each torch.cuda.reset_peak_memory_stats call from now on (the bench's peak counts from
+    its last one)."""
+    marks: list[int] = []
+    reset = torch.cuda.reset_peak_memory_stats
+
+    def marked(*args, **kwargs):
+        marks.append(len(torch.cuda.memory._snapshot()["device_traces"][dev.index or 0]))
+        return reset(*args, **kwargs)
+
+    torch.cuda.reset_peak_memory_stats = marked
+    return marks
 
 
 def main() -> None:
@@ -69,11 +84,14 @@ def main() -> None:
                       systems=("tierkv-sparse",), gpu_budget=parse_size(a.gpu_budget, "--gpu-budget"),
                       reserve=parse_size(a.reserve, "--reserve"), steps=a.steps, warmup=a.warmup, **extra)
     torch.cuda.memory._record_memory_history(max_entries=a.max_entries, stacks="python")
+    resets = mark_resets(dev)
     doc = run_decode(spec, log=lambda s: print(f"profile_peak: {s}", flush=True))
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = snap["device_traces"][dev.index or 0]
-    peak, at, live = peak_blocks(trace)
+    # the row's peak counts from the generate call's reset (LLM.stream_ids), after the model was built and loaded
+    start = resets[-1] if resets else 0
+    peak, at, live = peak_blocks(trace, start)
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for ev in live.values():
         g = groups[origin(ev.get("frames", []))]
@@ -82,13 +100,13 @@ def main() -> None:
     top = sorted(groups.items(), key=lambda kv: -kv[1][0])[: a.top]
     row = doc["rows"][0] if doc["rows"] else {}
     budget = spec.gpu_budget
-    print(f"replayed peak {peak} bytes at event {at} of {len(trace)}; bench peak {row.get('peak_memory_bytes')}; "
+    print(f"replayed peak {peak} bytes at event {at} of {len(trace)} (counted from event {start}); bench peak {row.get('peak_memory_bytes')}; "
           f"budget {budget} (over by {(row.get('peak_memory_bytes') or 0) - budget})")
     for name, (nbytes, count) in top:
         print(f"{nbytes / 2**20:12.2f} MiB  {count:6d} blocks  {name}")
     emit({"bench": "profile_peak", "model": a.model, "context": spec.contexts, "gpu_budget": budget,
           "bench_peak_bytes": row.get("peak_memory_bytes"), "replayed_peak_bytes": peak, "events": len(trace),
-          "trace_full": len(trace) >= a.max_entries, "peak_event": at,
+          "trace_full": len(trace) >= a.max_entries, "peak_event": at, "counted_from_event": start,
           "top": [{"origin": n, "bytes": b, "blocks": c} for n, (b, c) in top],
           "row": {k: row.get(k) for k in ("status", "reason", "decode_ms", "prefill_tok_s", "settings")},
           **run_record(dev)}, a.out)

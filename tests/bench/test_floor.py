@@ -84,3 +84,20 @@ def test_link_bound_adds_the_kv_that_crosses_the_link_beside_the_weights():
     assert math.isclose(row.weights_bound_ms, 1e3 * 1_308_622_848 / 54.2e9)
     assert math.isclose(row.link_bound_ms, 1e3 * (1_308_622_848 + 246_426_624) / 54.2e9)
     assert 28.6 < row.link_bound_ms < 28.8 and 24.1 < row.weights_bound_ms < 24.2
+
+
+def test_a_captured_rows_weight_rate_comes_from_its_measured_steps():
+    """The 12 GiB row of 2026-12-06 streamed 5.67 GB a token at 111.4 ms (51 GB/s); the call's decode time, with
+    the warm-up steps and the capture in it, had read 15 GB/s."""
+    from tierkv.bench.systems import Row, _measured_weight_rate
+
+    row = Row(system="tierkv-sparse", context=32768)
+    row.decode_ms = {"min": 109.9, "median": 111.42, "max": 113.9}
+    row.weights = {"decode": "graph", "streamed_bytes_per_token": 5_670_699_008, "achieved_gbps": 15.1}
+    _measured_weight_rate(row)
+    assert math.isclose(row.weights["achieved_gbps"], 5.670699008 / 0.11142, rel_tol=1e-9)
+    eager = Row(system="tierkv-sparse", context=32768)
+    eager.decode_ms = row.decode_ms
+    eager.weights = {"decode": "eager", "streamed_bytes_per_token": 1, "achieved_gbps": 40.0}  # measured copies
+    _measured_weight_rate(eager)
+    assert eager.weights["achieved_gbps"] == 40.0
