@@ -60,7 +60,8 @@ case "$1" in
         --systems hf-accelerate --reserve 2GiB --json "$OUT/offload-8b-32k-12GiB-hf.json" ;;
   32b)
     # the 32B shape (61 GiB of bf16 weights) on a 24 GiB budget at 128K with sparse KV and 96 GiB of host memory
-    step 300 python bench/weight_offload.py --model qwen2.5-32b --context 128K --budgets 24GiB --cpu-budget 96GiB \
+    # 130000, not 128K: the context plus the decode steps must stay within the model's 131,072 positions
+    step 300 python bench/weight_offload.py --model qwen2.5-32b --context 130000 --budgets 24GiB --cpu-budget 96GiB \
         --systems tierkv-sparse --steps 8 --warmup 2 --out "$OUT/weight-offload-32b-128k.json" ;;
   peak)
     # where the 16 GiB row's peak goes (allocator history replayed at its peak)

@@ -41,8 +41,12 @@ def save_random_checkpoint(tmp: Path, kind: str, smol_folder: Path, *, max_posit
     elif kind == "qwen3":
         cfg = tf.Qwen3Config(**common, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
         model_cls = tf.Qwen3ForCausalLM
-    elif kind == "gemma3":
-        cfg = tf.Gemma3TextConfig(**{**common, "tie_word_embeddings": True}, head_dim=16, query_pre_attn_scalar=24,
+    elif kind in ("gemma3", "gemma3_d256"):
+        # gemma3_d256: Gemma 3 270M's attention shape (4 query heads, 1 KV head of 256), where the split-K kernels
+        # run out of shared memory at 64 keys a block on Hopper
+        heads = dict(num_attention_heads=4, num_key_value_heads=1, head_dim=256) if kind == "gemma3_d256" else \
+            dict(head_dim=16)
+        cfg = tf.Gemma3TextConfig(**{**common, "tie_word_embeddings": True, **heads}, query_pre_attn_scalar=24,
                                   sliding_window=64, layer_types=["sliding_attention", "full_attention",
                                                                   "sliding_attention"],
                                   rope_parameters={"sliding_attention": default_rope, "full_attention": {
