@@ -41,8 +41,8 @@ def placed_cache(model, tier, capacity, place, sparse=OPTS):
     assert probe_res == 0  # a budget below the shadows leaves no room for values
     c = model.cfg
     per_chunk = c.num_layers * tier.chunk_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
-    # all_kv: 8 chunks to spare for the shadow and index bases, which the fit adds
-    want = {"host": 0, "half": n // 2, "all": n, "all_kv": 2 * n + 9}[place]
+    # all_kv: keys and values of every chunk, plus their scratch rows (the bases the fit adds are in `base`)
+    want = {"host": 0, "half": n // 2, "all": n, "all_kv": 2 * n + 1}[place]
     cache = new_sparse_cache(model, tier.replace(kv_gpu_budget=base + (want + 1) * per_chunk), capacity, sparse=sparse)
     assert cache.res.n == min(want, n)
     return cache

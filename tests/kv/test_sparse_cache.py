@@ -193,3 +193,43 @@ def test_outlier_keys_stay_on_the_device_when_keys_and_values_of_every_chunk_fit
     assert not stats["all"]["resident_values"]["keys_too"] and stats["all_kv"]["resident_values"]["keys_too"]
     link = {p: st["total"]["bytes_moved"]["host->device"] for p, st in stats.items()}
     assert link["all_kv"] == 0 < link["all"] < link["host"]
+
+
+def _held_bytes(cache) -> int:
+    """Bytes of every tensor the cache holds but its host pool and the model's RoPE tables, each storage once."""
+    skip = {t.untyped_storage().data_ptr() for t in (*cache._host, cache.rope.cos, cache.rope.sin)}
+    seen, total, todo = set(skip), 0, [cache]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, torch.Tensor):
+            if o.untyped_storage().data_ptr() not in seen:
+                seen.add(o.untyped_storage().data_ptr())
+                total += o.untyped_storage().nbytes()
+        elif id(o) not in seen and (isinstance(o, (list, tuple, dict)) or type(o).__module__.startswith("tierkv.kv")):
+            seen.add(id(o))
+            todo += list(o.values()) if isinstance(o, dict) else list(o) if isinstance(o, (list, tuple)) \
+                else list(vars(o).values())
+    return total
+
+
+def test_the_sparse_cache_stays_inside_kv_gpu_budget_after_the_fit(smol, text_ids):
+    """The resident copies are sized before the fit makes the shadow and index bases (and the index's fp32 copy):
+    they must leave room for them. Under a budget of the cache's own bytes plus 10 chunks of values, everything it
+    holds after a prefill and 8 sparse steps stays inside the budget (the 16 GiB offload row went over by the
+    bases, about 16 MB on the 8B shape)."""
+    model, ids = smol.model, text_ids[:900]
+    c = model.cfg
+    probe = new_sparse_cache(model, TIER.replace(kv_gpu_budget=1), 1200)
+    base = probe._device_bytes()
+    probe.close()
+    per_chunk = c.num_layers * TIER.chunk_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+    budget = base + 10 * per_chunk
+    cache = new_sparse_cache(model, TIER.replace(kv_gpu_budget=budget), 1200)
+    try:
+        greedy(model, cache, ids, 8)
+        assert cache.fitted and cache.res.n == 9  # the tenth chunk of room is the scratch row
+        assert cache._device_bytes() + cache.res.nbytes <= budget
+        held = _held_bytes(cache)
+        assert held <= budget, f"the cache holds {held - budget} bytes more than kv_gpu_budget"
+    finally:
+        cache.close()

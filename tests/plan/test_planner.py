@@ -34,47 +34,48 @@ def plan8b(context: int, gpu: int, cpu: int = 64 * GiB, **kw):
 def test_llama8b_128k_on_24gib_keeps_every_layer_and_goes_sparse():
     # sparse fixed GPU bytes per layer at 131072 tokens:
     #   shadow 131072*96*2 = 25,165,824 + basis 96*1024*2 = 196,608; index 131072*8*(48+4) = 54,525,952
-    #   + basis 8*48*128*2 = 98,304; key ring (512+64+2048)*1024*2 = 5,373,952; flags 131072/32 = 4,096
-    #   = 85,364,736; x32 layers = 2,731,671,552
-    # fixed = lm_head+norm 1,050,681,344 + 269,461,504 + 268,435,456 + 2,731,671,552 = 4,320,249,856
-    # room = 24 GiB 25,769,803,776 - 4,320,249,856 = 21,449,553,920 >= 32 L + E = 15,009,841,152: all resident
+    #   + basis 8*48*128*(2 + 4 for its fp32 copy) = 294,912; key ring (512+64+2048)*1024*2 = 5,373,952;
+    #   per chunk (flag 1 + error 4 + slot 8) * 4,096 = 53,248
+    #   = 85,610,496; x32 layers = 2,739,535,872
+    # fixed = lm_head+norm 1,050,681,344 + 269,461,504 + 268,435,456 + 2,739,535,872 = 4,328,114,176
+    # room = 24 GiB 25,769,803,776 - 4,328,114,176 = 21,441,689,600 >= 32 L + E = 15,009,841,152: all resident
     p = plan8b(131072, 24 * GiB)
     assert p.attention == "sparse"
     assert p.layers == ("gpu",) * 32 and p.embedding == "gpu" and p.staging_slots == 0
-    assert p.gpu["kv_fixed"] == 2_731_671_552
-    # pool = 21,449,553,920 - 15,009,841,152 = 6,439,712,768 -> 6,439,712,768 // 65,536 (values/token) = 98,262
-    assert p.gpu["kv_pool"] == 98_262 * 65_536
-    # picks: (16384 - 192 + 2*192) * 65,536 = 1,086,324,736; over the link (1 - 98262/131072) of it:
-    #   16576 * 32810 / 2 = 271,929,280
-    assert p.traffic.link_kv == pytest.approx(271_929_280, abs=1)
+    assert p.gpu["kv_fixed"] == 2_739_535_872
+    # pool = 21,441,689,600 - 15,009,841,152 = 6,431,848,448 -> 6,431,848,448 // 65,536 (values/token) = 98,142
+    assert p.gpu["kv_pool"] == 98_142 * 65_536
+    # picks: (16384 - 192 + 2*192) * 65,536 = 1,086,324,736; over the link (1 - 98142/131072) of it:
+    #   16576 * 32930 / 2 = 272,923,840
+    assert p.traffic.link_kv == pytest.approx(272_923_840, abs=1)
     # HBM: weights 32 L + lm_head + norm = 15,009,849,344; KV: index 32*131072*8*52 = 1,744,830,464
-    #   + shadow rows 32*16384*96*2 = 100,663,296 + resident picks 814,395,456 = 2,659,889,216
+    #   + shadow rows 32*16384*96*2 = 100,663,296 + resident picks 813,400,896 = 2,658,894,656
     assert p.traffic.hbm_weights == 15_009_849_344
-    assert p.traffic.hbm_kv == pytest.approx(2_659_889_216, abs=1)
-    # 17,669,738,560 B / 2.5e12 B/s = 7.0679 ms; link 271,929,280 / 52e9 = 5.23 ms: HBM binds
-    assert p.timing.ms_per_token == pytest.approx(7.067895424, rel=1e-9)
+    assert p.traffic.hbm_kv == pytest.approx(2_658_894_656, abs=1)
+    # 17,668,744,000 B / 2.5e12 B/s = 7.0675 ms; link 272,923,840 / 52e9 = 5.25 ms: HBM binds
+    assert p.timing.ms_per_token == pytest.approx(7.0674976, rel=1e-9)
     assert p.timing.bound == "hbm"
-    # full: KV 16 GiB; the GPU room 21,449,553,920 + 2,731,671,552 (no shadows) - 62,914,560 (tiered fixed)
+    # full: KV 16 GiB; the GPU room 21,441,689,600 + 2,739,535,872 (no shadows) - 62,914,560 (tiered fixed)
     #   - 15,009,841,152 = 9,108,469,760 on the GPU, 8,071,399,424 over the link = 155.22 ms: sparse chosen
     assert "full (exact) predicts 155.22" in p.reasons[0]
     assert sum(p.gpu.values()) <= 24 * GiB
 
 
 def test_llama8b_128k_on_12gib_streams_15_layers_spread():
-    # room = 12 GiB 12,884,901,888 - 4,320,249,856 = 8,564,652,032 < 32 L: the embedding goes to the host and
-    # (room - 2 slots * L) // L = 7,692,204,032 // 436,224,000 = 17 resident; 15 spill, none adjacent: 2 slots
+    # room = 12 GiB 12,884,901,888 - 4,328,114,176 = 8,556,787,712 < 32 L: the embedding goes to the host and
+    # (room - 2 slots * L) // L = 7,684,339,712 // 436,224,000 = 17 resident; 15 spill, none adjacent: 2 slots
     p = plan8b(131072, 12 * GiB)
     assert p.attention == "sparse" and p.embedding == "host" and p.staging_slots == 2
     assert p.count("gpu") == 17 and p.count("host") == 15 and p.count("cpu") == 0
     # spread(32, 15): floor((2j+1)*32/30)
     assert [i for i, place in enumerate(p.layers) if place == "host"] == \
         [1, 3, 5, 7, 9, 11, 13, 16, 18, 20, 22, 24, 26, 28, 30]
-    # GPU left: 12,884,901,888 - 4,320,249,856 - 17 L - 2 L = 276,396,032 -> 4,217 tokens of values
-    assert p.gpu["kv_pool"] == 4_217 * 65_536
-    # link: 15 L = 6,543,360,000 + picks 16576 * (131072 - 4217) / 2 = 1,051,374,240 -> / 52e9 = 146.0526 ms
+    # GPU left: 12,884,901,888 - 4,328,114,176 - 17 L - 2 L = 268,531,712 -> 4,097 tokens of values
+    assert p.gpu["kv_pool"] == 4_097 * 65_536
+    # link: 15 L = 6,543,360,000 + picks 16576 * (131072 - 4097) / 2 = 1,052,368,800 -> / 52e9 = 146.0717 ms
     assert p.traffic.link_weights == 15 * L8B
-    assert p.traffic.link_kv == pytest.approx(1_051_374_240, abs=1)
-    assert p.timing.ms_per_token == pytest.approx(7_594_734_240 / 52e6, rel=1e-9)
+    assert p.traffic.link_kv == pytest.approx(1_052_368_800, abs=1)
+    assert p.timing.ms_per_token == pytest.approx(7_595_728_800 / 52e6, rel=1e-9)
     assert p.timing.bound == "link"
     assert p.host["embedding"] == E8B and p.host["streamed_weights"] == 15 * L8B
     assert sum(p.gpu.values()) <= 12 * GiB
@@ -83,20 +84,20 @@ def test_llama8b_128k_on_12gib_streams_15_layers_spread():
 def test_qwen7b_32k_on_12gib():
     # Qwen2.5-7B: L = 2 * (4608*3584 + 4608 [bias] + 3584*3584 + 3*18944*3584 + 2*3584) = 466,115,584;
     # E = lm_head = 2 * 152064 * 3584 = 1,089,994,752; activations 4096 * 75776 + 8 * 152064 = 311,595,008
-    # sparse per layer at 32768: 6,291,456 + 98,304 + 32768*4*52 = 6,815,744 + 49,152 + 2624*512*2 = 2,686,976
-    #   + 1,024 = 15,942,656; x28 = 446,394,368
-    # fixed = 1,090,001,920 + 311,595,008 + 268,435,456 + 446,394,368 = 2,116,426,752
-    # room = 10,768,475,136 < 28 L: embedding to the host; (room - 2 L) // L = 9,836,243,968 // L = 21 resident
+    # sparse per layer at 32768: 6,291,456 + 98,304 + 32768*4*52 = 6,815,744 + 4*48*128*(2+4) = 147,456
+    #   + 2624*512*2 = 2,686,976 + 13 * 1,024 = 13,312 = 16,053,248; x28 = 449,490,944
+    # fixed = 1,090,001,920 + 311,595,008 + 268,435,456 + 449,490,944 = 2,119,523,328
+    # room = 10,765,378,560 < 28 L: embedding to the host; (room - 2 L) // L = 9,833,147,392 // L = 21 resident
     p = make_plan(PlanInputs(shape_config("qwen2.5-7b"), 32768, 12 * GiB, 64 * GiB))
     assert p.attention == "sparse" and p.embedding == "host"
     assert p.count("gpu") == 21 and p.count("host") == 7 and p.staging_slots == 2
-    assert p.gpu["kv_fixed"] == 446_394_368
-    # pool: 12,884,901,888 - 2,116,426,752 - 23 L = 47,816,704 -> // 28,672 = 1,667 tokens
-    assert p.gpu["kv_pool"] == 1_667 * 28_672
-    # picks (4096 - 192 + 384) * 28,672 = 122,945,536; link share (32768 - 1667) / 32768 -> 116,690,952
-    assert p.traffic.link_kv == pytest.approx(116_690_952, abs=1)
-    # (7 L 3,262,809,088 + 116,690,952) / 52e9 = 64.9904 ms
-    assert p.timing.ms_per_token == pytest.approx(3_379_500_040 / 52e6, rel=1e-9)
+    assert p.gpu["kv_fixed"] == 449_490_944
+    # pool: 12,884,901,888 - 2,119,523,328 - 23 L = 44,720,128 -> // 28,672 = 1,559 tokens
+    assert p.gpu["kv_pool"] == 1_559 * 28_672
+    # picks (4096 - 192 + 384) * 28,672 = 122,945,536; link share (32768 - 1559) / 32768 -> 117,096,168
+    assert p.traffic.link_kv == pytest.approx(117_096_168, abs=1)
+    # (7 L 3,262,809,088 + 117,096,168) / 52e9 = 64.9982 ms
+    assert p.timing.ms_per_token == pytest.approx(3_379_905_256 / 52e6, rel=1e-9)
 
 
 def test_budget_too_small_names_the_minimum_and_the_minimum_fits():

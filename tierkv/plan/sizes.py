@@ -86,16 +86,17 @@ def capacity_tokens(context: int, chunk: int) -> int:
 def sparse_gpu_bytes_per_layer(cfg: ModelConfig, elem_bytes: int, context: int, sp: SparseShape) -> int:
     """GPU bytes one full-attention layer's sparse cache holds besides resident values (tierkv/kv/caches/sparse.py):
     shadow coefficients (tokens x rank, model dtype) and basis (rank x Hkv*D); the score index, int8 rows of
-    score_rank plus one fp32 scale per token and KV head, and its basis (Hkv x score_rank x D); the pre-RoPE key
-    ring (FOLD_TOKENS + 2 chunks + one prefill slice); one outlier flag byte per chunk."""
+    score_rank plus one fp32 scale per token and KV head, and its basis (Hkv x score_rank x D) in the model dtype
+    and in fp32 (one copy in an fp32 model); the pre-RoPE key ring (FOLD_TOKENS + 2 chunks + one prefill slice); per chunk an outlier flag
+    byte, the shadow's fp32 error and its int64 outlier slot."""
     hkv, hd = cfg.num_kv_heads, cfg.head_dim
     cap = capacity_tokens(context, sp.chunk_size)
     rank, score_rank = min(sp.rank, hkv * hd), min(sp.score_rank, hd)
     shadow = cap * rank * elem_bytes + rank * hkv * hd * elem_bytes
-    index = cap * hkv * (score_rank + 4) + hkv * score_rank * hd * elem_bytes
+    index = cap * hkv * (score_rank + 4) + hkv * score_rank * hd * (elem_bytes + (0 if elem_bytes == 4 else 4))
     ring = (FOLD_TOKENS + 2 * sp.chunk_size + sp.prefill_chunk) * hkv * hd * elem_bytes
-    flags = cap // sp.chunk_size
-    return shadow + index + ring + flags
+    per_chunk = (1 + 4 + 8) * (cap // sp.chunk_size)
+    return shadow + index + ring + per_chunk
 
 
 def activation_bytes(cfg: ModelConfig, elem_bytes: int, prefill_chunk: int) -> int:

@@ -46,8 +46,12 @@ class LowRankIndex:
 
     @property
     def nbytes(self) -> int:
-        b = self.basis.numel() * self.basis.element_size() if self.basis is not None else 0
-        return b + self.coeffs.numel() * self.coeffs.element_size() + self.row_scale.numel() * 4
+        """Device bytes of the coefficients, row scales and the basis with its fp32 copy (`basis32`; the basis
+        itself in fp32). The basis is counted before the fit makes it, so resident copies sized beside the index
+        leave it room."""
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        basis = self.hkv * self.rank * self.d * (elt + (0 if self.dtype == torch.float32 else 4))
+        return basis + self.coeffs.numel() * self.coeffs.element_size() + self.row_scale.numel() * 4
 
     def fit(self, k_post: torch.Tensor) -> None:
         """Fit the basis to k_post (S, Hkv, D), the layer's keys so far, and index them. Mutates."""

@@ -85,8 +85,11 @@ class KeyShadow:
 
     @property
     def nbytes(self) -> int:
+        """Device bytes of the coefficients, exact outlier chunks, per-chunk errors and slots, and the basis,
+        counted before the fit makes it (resident copies sized beside the shadow leave it room)."""
         n = self.coeffs.numel() * self.coeffs.element_size() + self.exact.numel() * self.exact.element_size()
-        return n + (self.basis.numel() * self.basis.element_size() if self.basis is not None else 0)
+        n += self.chunk_err.numel() * 4 + self.outlier_slot.numel() * 8
+        return n + self.rank * self.hkv * self.d * self.coeffs.element_size()
 
     def fit(self, k_pre: torch.Tensor, k_post: torch.Tensor) -> None:
         """Take the truncated SVD of k_pre (S, Hkv, D) (tokens 0..S-1) and cover them. Mutates; S % chunk == 0
