@@ -70,6 +70,7 @@ def gguf_folder(gguf: Path) -> Path:
     """Convert `gguf` into a cached safetensors folder (once; reused while the file is unchanged)."""
     target = cache_dir("gguf", f"{gguf.stem}-{gguf_content_key(gguf)}")
     if (target / "model.safetensors").is_file():
+        _refresh_tokenizer(gguf, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -114,7 +115,7 @@ def gguf_content_key(gguf: Path) -> str:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     # transformers reads the GGUF metadata and dequantizes; a meta-device model only supplies tensor names.
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder, name = str(gguf.parent), gguf.name
@@ -131,7 +132,51 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": name})
     hf_cfg.save_pretrained(out)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+    _save_tokenizer(gguf, out)
+
+
+STAMP = "tierkv-conversion.json"
+
+
+def _save_tokenizer(gguf: Path, out: Path, r=None) -> None:
+    """The GGUF's tokenizer files into out, stamped with the tokenizer version (tierkv/models/gguf_tokenizer.py
+    builds Gemma-family tokenizers itself). r: the file already read (gguf_tokenizer.read)."""
+    from transformers import AutoTokenizer
+
+    from tierkv.models.gguf_tokenizer import TOKENIZER_VERSION, builds_own_tokenizer, gemma_tokenizer, read
+
+    r = read(gguf) if r is None else r
+    if builds_own_tokenizer(r):
+        gemma_tokenizer(r).save_pretrained(out)
+    else:
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    (out / STAMP).write_text(json.dumps({"tokenizer": TOKENIZER_VERSION}))
+
+
+def _refresh_tokenizer(gguf: Path, folder: Path) -> None:
+    """Rebuild the tokenizer of a conversion made before TOKENIZER_VERSION (transformers 5.17 wrote Gemma
+    tokenizers that read one character per token); the weights stay."""
+    from tierkv.models.gguf_tokenizer import TOKENIZER_VERSION, builds_own_tokenizer, read
+
+    try:
+        if json.loads((folder / STAMP).read_text()).get("tokenizer") == TOKENIZER_VERSION:
+            return
+    except (OSError, ValueError):
+        pass
+    r = read(gguf)
+    if not builds_own_tokenizer(r):
+        try:  # (a read-only cache only re-reads the file's metadata at each load)
+            (folder / STAMP).write_text(json.dumps({"tokenizer": TOKENIZER_VERSION}))
+        except OSError:
+            pass
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=folder.parent))
+    try:
+        _save_tokenizer(gguf, tmp, r)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == STAMP):  # the stamp last
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
