@@ -49,6 +49,9 @@ FIT_SLICE = 16384  # tokens per slice when fitting shadows and index (rounded do
 # keys per fused attention call when a prefill slice attends a longer context: K/V stream from the host pool in
 # spans merged by log-sum-exp (one call over 256K keys copied them whole and widened them 4x for GQA: 5 GiB)
 EXACT_SPAN = 16384
+# the step's small device tensors (position, counters, the step plan, per-layer read counts): a few hundred bytes
+# that kv_gpu_budget must hold too, some of them made only at the first sparse step
+STEP_STATE_BYTES = 4096
 # with no kv_gpu_budget on CUDA, resident values leave this much of the free GPU memory to prefill activations
 AUTO_RESERVE = 3 * 1024**3
 
@@ -236,8 +239,9 @@ class SparseKVCache(SparseSessionState, DiskTierSteps, LayerPrefillSteps, KVCach
         self.res.copy_from(self.k_host, self.v_host, total)
 
     def _device_bytes(self) -> int:
-        """GPU bytes of the shadows, index, ring, outlier flags and chunk cache (not the resident values)."""
-        b = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index)
+        """GPU bytes of the shadows, index, ring, outlier flags, chunk cache and step state (not the resident
+        values)."""
+        b = sum(sh.nbytes for sh in self.shadows) + sum(ix.nbytes for ix in self.index) + STEP_STATE_BYTES
         b += self.k_pre.numel() * self.k_pre.element_size() + self.outlier.numel()
         if self.chunk_cache:
             b += 2 * self.v_cache.numel() * self.v_cache.element_size() + self.cached_ids.numel() * 8

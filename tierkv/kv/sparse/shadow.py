@@ -88,7 +88,7 @@ class KeyShadow:
         """Device bytes of the coefficients, exact outlier chunks, per-chunk errors and slots, and the basis,
         counted before the fit makes it (resident copies sized beside the shadow leave it room)."""
         n = self.coeffs.numel() * self.coeffs.element_size() + self.exact.numel() * self.exact.element_size()
-        n += self.chunk_err.numel() * 4 + self.outlier_slot.numel() * 8
+        n += self.chunk_err.numel() * 4 + self.outlier_slot.numel() * 8 + 4  # + predicted_sq_err
         return n + self.rank * self.hkv * self.d * self.coeffs.element_size()
 
     def fit(self, k_pre: torch.Tensor, k_post: torch.Tensor) -> None:
