@@ -46,8 +46,7 @@ def plot(data: list[dict], path: str, title: str) -> None:
             if pick and pick[0][key] is not None:
                 xs.append(i + (k - (len(series) - 1) / 2) * width)
                 ys.append(pick[0][key])
-        ax.bar(xs, ys, width, label=name, hatch="//" if key != "ms" else None,
-                      alpha=0.55 if key != "ms" else 1.0)
+        ax.bar(xs, ys, width, label=name, hatch="//" if key != "ms" else None, alpha=0.55 if key != "ms" else 1.0)
         for x, y in zip(xs, ys):
             ax.annotate(f"{y:.0f}" if y >= 10 else f"{y:.1f}", (x, y), ha="center", va="bottom", fontsize=7)
     over = [(i, r) for i, b in enumerate(budgets) for r in data if r["budget"] == b and r["over"]]

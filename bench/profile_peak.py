@@ -100,8 +100,8 @@ def main() -> None:
     top = sorted(groups.items(), key=lambda kv: -kv[1][0])[: a.top]
     row = doc["rows"][0] if doc["rows"] else {}
     budget = spec.gpu_budget
-    print(f"replayed peak {peak} bytes at event {at} of {len(trace)} (counted from event {start}); bench peak {row.get('peak_memory_bytes')}; "
-          f"budget {budget} (over by {(row.get('peak_memory_bytes') or 0) - budget})")
+    print(f"replayed peak {peak} bytes at event {at} of {len(trace)} (counted from event {start}); "
+          f"bench peak {row.get('peak_memory_bytes')}; budget {budget} (over by {(row.get('peak_memory_bytes') or 0) - budget})")
     for name, (nbytes, count) in top:
         print(f"{nbytes / 2**20:12.2f} MiB  {count:6d} blocks  {name}")
     emit({"bench": "profile_peak", "model": a.model, "context": spec.contexts, "gpu_budget": budget,

@@ -87,8 +87,8 @@ def sparse_gpu_bytes_per_layer(cfg: ModelConfig, elem_bytes: int, context: int, 
     """GPU bytes one full-attention layer's sparse cache holds besides resident values (tierkv/kv/caches/sparse.py):
     shadow coefficients (tokens x rank, model dtype) and basis (rank x Hkv*D); the score index, int8 rows of
     score_rank plus one fp32 scale per token and KV head, and its basis (Hkv x score_rank x D) in the model dtype
-    and in fp32 (one copy in an fp32 model); the pre-RoPE key ring (FOLD_TOKENS + 2 chunks + one prefill slice); per chunk an outlier flag
-    byte, the shadow's fp32 error and its int64 outlier slot."""
+    and in fp32 (one copy in an fp32 model); the pre-RoPE key ring (FOLD_TOKENS + 2 chunks + one prefill slice);
+    per chunk an outlier flag byte, the shadow's fp32 error and its int64 outlier slot."""
     hkv, hd = cfg.num_kv_heads, cfg.head_dim
     cap = capacity_tokens(context, sp.chunk_size)
     rank, score_rank = min(sp.rank, hkv * hd), min(sp.score_rank, hd)
