@@ -27,7 +27,7 @@ def rows(paths: list[str]) -> list[dict]:
                 continue
             out.append({"budget": budget, "system": r["system"], "ms": r["decode_ms"]["median"],
                         "plan": r.get("plan_ms"), "w": r.get("weights_bound_ms"), "link": r.get("link_bound_ms"),
-                        "over": r.get("status") == "over_budget", "model": doc.get("model", "")})
+                        "over": r.get("status") == "over_budget"})
     return sorted(out, key=lambda r: (r["budget"], r["system"]))
 
 

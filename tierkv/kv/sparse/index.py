@@ -49,8 +49,7 @@ class LowRankIndex:
         """Device bytes of the coefficients, row scales and the basis with its fp32 copy (`basis32`; the basis
         itself in fp32). The basis is counted before the fit makes it, so resident copies sized beside the index
         leave it room."""
-        elt = torch.empty((), dtype=self.dtype).element_size()
-        basis = self.hkv * self.rank * self.d * (elt + (0 if self.dtype == torch.float32 else 4))
+        basis = self.hkv * self.rank * self.d * (self.dtype.itemsize + (0 if self.dtype == torch.float32 else 4))
         return basis + self.coeffs.numel() * self.coeffs.element_size() + self.row_scale.numel() * 4
 
     def fit(self, k_post: torch.Tensor) -> None:
