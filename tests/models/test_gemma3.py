@@ -46,6 +46,16 @@ def test_layer_plan(gemma):
     assert (c.rope_theta, c.sliding_rope_theta) == (1e6, 1e4)
 
 
+def test_built_in_shape_is_the_real_model(gemma):
+    # `tierkv bench decode gemma3-270m` times random weights of this shape on the device, where the GGUF must be
+    # carried in parts; the shape must stay the real model's
+    from dataclasses import replace
+
+    from tierkv.models.shapes import shape_config
+
+    assert shape_config("gemma3-270m") == replace(gemma.cfg, name="gemma3-270m")
+
+
 def test_logits_match_transformers(gemma, hf_gemma):
     from pydoc_data.topics import topics
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 from tierkv.errors import ModelNotFoundError
+from tierkv.models.arch import Architecture
 from tierkv.models.config import ModelConfig
 
+_DEFAULT_ROPE = {"rope_type": "default"}
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 
@@ -17,6 +21,16 @@ SHAPES: dict[str, ModelConfig] = {
                               attention_bias=True, rope_scaling={"rope_type": "default"}, name="qwen2.5-7b"),
     "qwen2.5-32b": ModelConfig("qwen2", 152064, 5120, 27648, 64, 40, 8, 128, 1e-5, 1000000.0, 131072, False,
                                attention_bias=True, rope_scaling={"rope_type": "default"}, name="qwen2.5-32b"),
+    # Gemma 3 270M as its GGUF reads (tests/models/test_shapes.py checks it against the real file): 5 sliding-window
+    # layers (512 tokens, RoPE base 10K) to each full-attention layer (base 1M), 1 KV head of 256
+    "gemma3-270m": ModelConfig("gemma3_text", 262144, 640, 2048, 18, 4, 1, 256, 9.999999974752427e-07, 1000000.0,
+                               32768, True, rope_scaling=_DEFAULT_ROPE, layer_windows=(512,) * 5 + (None,) + (512,) * 5
+                               + (None,) + (512,) * 5 + (None,), sliding_rope_theta=10000.0,
+                               sliding_rope_scaling=_DEFAULT_ROPE,
+                               arch=Architecture(qk_norm=True, sandwich_norms=True, norm_weight_offset=1.0,
+                                                 activation="gelu_tanh", embed_scale=math.sqrt(640),
+                                                 query_scale=256 ** -0.5),
+                               name="gemma3-270m"),
     "llama-tiny": ModelConfig("llama", 512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, 1 << 20, False,
                               rope_scaling={"rope_type": "default"}, name="llama-tiny"),
 }
