@@ -14,6 +14,8 @@
 #   pin       how long pinning the sparse host pool takes by method (the first call of a capacity class pins it)
 #   chat32    first tokens, chat vs generate per token and a saved/resumed session at 32K (8B shape)
 #   firstcall where the first call's 4 s between prefill end and the second token goes (cProfile, capture phases)
+#   gemmadec  Gemma 3 270M's dense (all K/V on the GPU) and sparse decode at 32,512 tokens on random weights of its
+#             shape (gemma3-270m): no GGUF to carry
 #   rank      what a larger shadow rank costs on the 8B shape (decode ms/token, peak) before it becomes a default
 # The real-model rows need the model carried first (bench/device_smollm2.sh, bench/device_gemma3.sh), then:
 #   smol      graph == eager on SmolLM2 with chat turns, and the CUDA tests that load SmolLM2
@@ -73,6 +75,9 @@ case "$1" in
     step 60 python bench/eigh_speed.py --out "$OUT/eigh-speed.json"
     step 150 python bench/profile_first_call.py --context 32768 --kv-gpu-budget 24GiB --out "$OUT/first-call-32k.json"
     step 200 python bench/profile_first_call.py --context 130000 --kv-gpu-budget 24GiB --out "$OUT/first-call-128k.json" ;;
+  gemmadec)
+    step 120 python -m tierkv bench decode gemma3-270m --context 32512 --systems tierkv-exact,tierkv-sparse \
+        --kv-gpu-budget 2GiB --json "$OUT/decode-gemma3-270m-shape-32512.json" ;;
   rank)
     # session 8 found the shadow rank, not the budget, limits fidelity on Gemma 3 270M (rank 96 -> 160: +1.2 to
     # +2.3 points at 16K-32K); the 8B cost decides whether a larger default is affordable
@@ -108,7 +113,7 @@ case "$1" in
         --methods sparse --variants "rank=96;rank=160;rank=256,score_rank=128" --out "$OUT/long-fidelity-ranks-h200.json"
     step 150 python bench/passkey_sweep.py --device cuda --lengths 8K,16K,32700 \
         --out "$OUT/passkey-gemma3-270m-h200.json" --plot "$OUT/passkey-gemma3-270m-h200.png" ;;
-  *) echo "usage: $0 CASE [CASE ...], CASE one of quick firstcall pin chat32 8b 8b-long offload hf12 32b peak rank soak tests smol gemma"; exit 2 ;;
+  *) echo "usage: $0 CASE [CASE ...], CASE one of quick firstcall pin chat32 8b 8b-long offload hf12 32b peak gemmadec rank soak tests smol gemma"; exit 2 ;;
 esac
 }
 for c in "$@"; do run_case "$c"; done
