@@ -28,7 +28,9 @@ class GenStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # every decode step, the first included
+    # the first decode step alone: it captures the CUDA graph and compiles kernels, so per-token rates leave it out
+    first_step_s: float = 0.0
     stop_reason: str = ""  # stop_token, stop_string, max_new_tokens, context_full ("" while running)
     extra: dict = field(default_factory=dict)
 
@@ -36,16 +38,23 @@ class GenStats:
     def prefill_tok_s(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
+    def steady(self) -> tuple[int, float]:
+        """(steps, seconds) of the decode steps after the first, which alone captures and compiles; all steps
+        when there is only one. The first new token comes from prefill; decode steps produce the rest."""
+        steps = max(self.new_tokens - 1, 0)
+        if steps >= 2:
+            return steps - 1, self.decode_s - self.first_step_s
+        return steps, self.decode_s
+
     @property
     def decode_tok_s(self) -> float:
-        # the first new token comes from prefill; decode steps produce the rest
-        steps = max(self.new_tokens - 1, 0)
-        return steps / self.decode_s if self.decode_s > 0 else 0.0
+        steps, s = self.steady()
+        return steps / s if s > 0 else 0.0
 
     @property
     def decode_ms_per_token(self) -> float:
-        steps = max(self.new_tokens - 1, 0)
-        return 1000.0 * self.decode_s / steps if steps else 0.0
+        steps, s = self.steady()
+        return 1000.0 * s / steps if steps else 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -110,6 +119,8 @@ def generate_ids(step: DecodeStep, first_logits: torch.Tensor, start_pos: int, m
         stats.new_tokens += 1
         if i > 0:
             stats.decode_s = time.perf_counter() - t0
+        if i == 1:
+            stats.first_step_s = stats.decode_s
         yield tid
         if tid in stop_ids or i + 1 == max_new_tokens:
             stats.stop_reason = "stop_token" if tid in stop_ids else "max_new_tokens"

@@ -333,7 +333,8 @@ class LLM:
         s = self.last_stats
         return {"prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens, "prefill_tok_s": s.prefill_tok_s,
                 "decode_tok_s": s.decode_tok_s, "decode_ms_per_token": s.decode_ms_per_token,
-                "prefill_s": s.prefill_s, "decode_s": s.decode_s, "stop_reason": s.stop_reason, **s.extra}
+                "prefill_s": s.prefill_s, "decode_s": s.decode_s, "first_step_s": s.first_step_s,
+                "stop_reason": s.stop_reason, **s.extra}
 
     def close(self) -> None:
         """Close every open cache (removing its files). The LLM stays usable for new calls."""

@@ -122,7 +122,8 @@ def _report(llm, show_stats: bool) -> None:
     if w:
         click.echo(weights_line(w), err=True)
     click.echo(f"prompt {s['prompt_tokens']} tok | prefill {s['prefill_tok_s']:.1f} tok/s | "
-               f"decode {s['decode_tok_s']:.1f} tok/s ({s['decode_ms_per_token']:.2f} ms/tok, {s['new_tokens']} tok) | "
+               f"decode {s['decode_tok_s']:.1f} tok/s ({s['decode_ms_per_token']:.2f} ms/tok, {s['new_tokens']} tok; "
+               f"first step {1e3 * s['first_step_s']:.0f} ms) | "
                f"peak memory {format_size(s['peak_memory'])} ({llm.device.type})", err=True)
 
 
