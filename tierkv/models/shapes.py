@@ -21,7 +21,7 @@ SHAPES: dict[str, ModelConfig] = {
                               attention_bias=True, rope_scaling={"rope_type": "default"}, name="qwen2.5-7b"),
     "qwen2.5-32b": ModelConfig("qwen2", 152064, 5120, 27648, 64, 40, 8, 128, 1e-5, 1000000.0, 131072, False,
                                attention_bias=True, rope_scaling={"rope_type": "default"}, name="qwen2.5-32b"),
-    # Gemma 3 270M as its GGUF reads (tests/models/test_shapes.py checks it against the real file): 5 sliding-window
+    # Gemma 3 270M as its GGUF reads (tests/models/test_gemma3.py checks it against the real file): 5 sliding-window
     # layers (512 tokens, RoPE base 10K) to each full-attention layer (base 1M), 1 KV head of 256
     "gemma3-270m": ModelConfig("gemma3_text", 262144, 640, 2048, 18, 4, 1, 256, 9.999999974752427e-07, 1000000.0,
                                32768, True, rope_scaling=_DEFAULT_ROPE, layer_windows=(512,) * 5 + (None,) + (512,) * 5
