@@ -14,7 +14,7 @@
 #   pin       how long pinning the sparse host pool takes by method (the first call of a capacity class pins it)
 #   chat32    first tokens, chat vs generate per token and a saved/resumed session at 32K (8B shape)
 #   firstcall where the first call's 4 s between prefill end and the second token goes (cProfile, capture phases)
-#   gemmadec  Gemma 3 270M's dense (all K/V on the GPU) and sparse decode at 32,512 tokens on random weights of its
+#   gemmadec  Gemma 3 270M's dense (static cache, captured), exact tiered and sparse decode at 32,512 tokens on random weights of its
 #             shape (gemma3-270m): no GGUF to carry
 #   rank      what a larger shadow rank costs on the 8B shape (decode ms/token, peak) before it becomes a default
 # The real-model rows need the model carried first (bench/device_smollm2.sh, bench/device_gemma3.sh), then:
@@ -76,7 +76,7 @@ case "$1" in
     step 150 python bench/profile_first_call.py --context 32768 --kv-gpu-budget 24GiB --out "$OUT/first-call-32k.json"
     step 200 python bench/profile_first_call.py --context 130000 --kv-gpu-budget 24GiB --out "$OUT/first-call-128k.json" ;;
   gemmadec)
-    step 120 python -m tierkv bench decode gemma3-270m --context 32512 --systems tierkv-exact,tierkv-sparse \
+    step 120 python -m tierkv bench decode gemma3-270m --context 32512 --systems tierkv-dense,tierkv-exact,tierkv-sparse \
         --kv-gpu-budget 2GiB --json "$OUT/decode-gemma3-270m-shape-32512.json" ;;
   rank)
     # session 8 found the shadow rank, not the budget, limits fidelity on Gemma 3 270M (rank 96 -> 160: +1.2 to

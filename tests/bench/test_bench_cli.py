@@ -221,3 +221,17 @@ def test_bench_decode_under_gpu_budget_follows_the_plan(tmp_path):
     assert row["weights"]["streamed_bytes_per_token"] == row["weights"]["bytes"]["host"]  # each host layer once
     assert row["settings"]["kv_gpu_budget_from"].startswith("the plan under gpu budget")
     assert "plan ms" in r.stdout and "w-bound ms" in r.stdout
+
+
+def test_bench_decode_dense_is_full_attention_with_every_kv_on_the_device(tmp_path):
+    out = tmp_path / "dense.json"
+    r = tierkv("bench", "decode", "llama-tiny", "--context", "1K", "--systems", "tierkv-dense,tierkv-exact",
+               "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = {x["system"]: x for x in json.loads(out.read_text())["rows"]}
+    dense, exact = rows["tierkv-dense"], rows["tierkv-exact"]
+    assert dense["status"] == "ok" and positive(dense["decode_ms"]["median"]), dense["reason"]
+    assert dense["settings"]["kv_gpu_budget"] is None
+    assert "every K/V on the device" in dense["settings"]["kv_gpu_budget_from"]
+    assert dense["settings"]["decode"] == "eager"  # the dense cache on the CPU; the static one, captured, on CUDA
+    assert exact["settings"]["kv_gpu_budget"] > 0 and exact["bytes_per_token"]["host->device"] > 0

@@ -24,11 +24,14 @@ from tierkv.kv.storage.layout import ChunkLayout
 from tierkv.models.config import ModelConfig
 
 # tierkv-sparse decodes as users get it (on CUDA the sparse cache, its step graph-captured); tierkv-sparse-eager is the
-# reference path (--no-graph: the tiered sparse cache, eager); tierkv-sparse-prefetch adds --prefetch-picks
-TIERKV_SYSTEMS = ("tierkv-sparse", "tierkv-sparse-prefetch", "tierkv-sparse-eager", "tierkv-exact")
+# reference path (--no-graph: the tiered sparse cache, eager); tierkv-sparse-prefetch adds --prefetch-picks;
+# tierkv-exact is full attention over the tiers (a KV GPU budget); tierkv-dense is full attention with no KV budget,
+# what `attention="full"` gives by default: every K/V on the device (on CUDA the static cache, graph-captured)
+TIERKV_SYSTEMS = ("tierkv-sparse", "tierkv-sparse-prefetch", "tierkv-sparse-eager", "tierkv-exact", "tierkv-dense")
 HF_SYSTEMS = ("hf-default", "hf-offloaded", "hf-accelerate")
 SYSTEMS = TIERKV_SYSTEMS + HF_SYSTEMS
-DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "tierkv-sparse-prefetch")  # the prefetch variant is opt-in
+OPT_IN_SYSTEMS = ("tierkv-sparse-prefetch", "tierkv-dense")  # dense holds the whole context's K/V on the GPU
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s not in OPT_IN_SYSTEMS)
 STATUSES = ("ok", "over_budget", "oom", "cannot_run", "unavailable", "skipped", "error")
 
 
@@ -148,7 +151,9 @@ def kv_budget(spec: DecodeSpec, cfg: ModelConfig, weights: int, context: int,
                                         + (" + the sliding-window rings" if rings else ""))
 
 
-def tier_config(system: str, spec: DecodeSpec, kv_gpu: int) -> TierConfig:
+def tier_config(system: str, spec: DecodeSpec, kv_gpu: int | None) -> TierConfig:
+    if system == "tierkv-dense":
+        return TierConfig(chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk, attention="full")
     sparse = system.startswith("tierkv-sparse")
     return TierConfig(kv_gpu_budget=kv_gpu, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
                       chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk,
@@ -177,11 +182,13 @@ def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -
         return row
     plan = getattr(llm, "plan", None)
     kv, how = kv_budget(spec, llm.cfg, weights, context, None if plan is None else llm.tier.kv_gpu_budget)
+    if system == "tierkv-dense":
+        kv, how = None, "none: every K/V on the device"
     row.settings = {"kv_gpu_budget": kv, "kv_gpu_budget_from": how, "cpu_budget": spec.cpu_budget,
                     "disk_dir": spec.disk_dir, "chunk_size": spec.chunk_size}
     if sparse:
         row.settings.update(sparse_settings(spec), budget_tokens=budget_tokens(spec, context))
-    if kv is None:
+    if kv is None and system != "tierkv-dense":
         row.status, row.reason = "cannot_run", (f"weights leave no GPU room for KV ({how}); drop --kv-gpu-budget so "
                                                  f"the planner offloads weights under --gpu-budget")
         return row

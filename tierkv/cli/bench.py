@@ -70,9 +70,10 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
 @click.option("--disk-dir", default=None, help="Disk tier directory for tierkv (an NVMe path).")
 @click.option("--steps", type=int, default=16, show_default=True, help="Measured decode steps (median reported).")
 @click.option("--warmup", type=int, default=4, show_default=True, help="Decode steps before measuring.")
-@click.option("--systems", default=None, help="Comma list (default: all but tierkv-sparse-prefetch): tierkv-sparse, "
-                                              "tierkv-sparse-prefetch, tierkv-sparse-eager, tierkv-exact, hf-default, "
-                                              "hf-offloaded, hf-accelerate.")
+@click.option("--systems", default=None, help="Comma list (default: all but tierkv-sparse-prefetch and tierkv-dense): "
+                                              "tierkv-sparse, tierkv-sparse-prefetch, tierkv-sparse-eager, tierkv-exact "
+                                              "(full attention over the tiers), tierkv-dense (full attention, every K/V "
+                                              "on the device), hf-default, hf-offloaded, hf-accelerate.")
 @click.option("--token-budget", default=None, help=TOKEN_BUDGET_HELP)
 @click.option("--budget-floor-tokens", type=int, default=None, help=FLOOR_HELP)
 @click.option("--rank", type=int, default=None, help="Sparse: the key shadow's rank (default: tierkv's default).")
