@@ -14,8 +14,8 @@
 #   pin       how long pinning the sparse host pool takes by method (the first call of a capacity class pins it)
 #   chat32    first tokens, chat vs generate per token and a saved/resumed session at 32K (8B shape)
 #   firstcall where the first call's 4 s between prefill end and the second token goes (cProfile, capture phases)
-#   gemmadec  Gemma 3 270M's dense (static cache, captured), exact tiered and sparse decode at 32,512 tokens on random weights of its
-#             shape (gemma3-270m): no GGUF to carry
+#   gemmadec  Gemma 3 270M's dense (static cache, captured), exact tiered and sparse decode at 32,512 tokens on
+#             random weights of its shape (gemma3-270m): no GGUF to carry
 #   rank      what a larger shadow rank costs on the 8B shape (decode ms/token, peak) before it becomes a default
 # The real-model rows need the model carried first (bench/device_smollm2.sh, bench/device_gemma3.sh), then:
 #   smol      graph == eager on SmolLM2 with chat turns, and the CUDA tests that load SmolLM2
