@@ -181,14 +181,14 @@ def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -
         row.status, row.reason = "unavailable", why
         return row
     plan = getattr(llm, "plan", None)
-    kv, how = kv_budget(spec, llm.cfg, weights, context, None if plan is None else llm.tier.kv_gpu_budget)
-    if system == "tierkv-dense":
-        kv, how = None, "none: every K/V on the device"
+    dense = system == "tierkv-dense"
+    kv, how = (None, "none: every K/V on the device") if dense else \
+        kv_budget(spec, llm.cfg, weights, context, None if plan is None else llm.tier.kv_gpu_budget)
     row.settings = {"kv_gpu_budget": kv, "kv_gpu_budget_from": how, "cpu_budget": spec.cpu_budget,
                     "disk_dir": spec.disk_dir, "chunk_size": spec.chunk_size}
     if sparse:
         row.settings.update(sparse_settings(spec), budget_tokens=budget_tokens(spec, context))
-    if kv is None and system != "tierkv-dense":
+    if kv is None and not dense:
         row.status, row.reason = "cannot_run", (f"weights leave no GPU room for KV ({how}); drop --kv-gpu-budget so "
                                                  f"the planner offloads weights under --gpu-budget")
         return row
