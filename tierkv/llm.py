@@ -17,6 +17,7 @@ from tierkv.errors import ConfigError, ContextTooLongError
 from tierkv.graph import GraphStep
 from tierkv.kv.caches.base import KVCache
 from tierkv.kv.factory import CacheRequest, build_cache, capacity_class, capacity_classes, choose
+from tierkv.kv.sparse.model_defaults import with_model_defaults
 from tierkv.models.build import build_model, random_model
 from tierkv.models.config import ModelConfig
 from tierkv.models.llama import LlamaModel
@@ -374,7 +375,8 @@ def load(model: str | Path | None = None, device: str | torch.device | None = No
 
     graph=False keeps decode eager on CUDA (the reference path). ctx_size caps the context (prompt + reply).
     On CUDA a short throwaway call warms the decode kernels (LLM.warm_up) unless warm_up=False.
-    tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...).
+    tier_settings are TierConfig fields (kv_gpu_budget, cpu_budget, disk_dir, chunk_size, attention, ...); a model
+    whose keys are narrow gets its own rank, score_rank and chunk_size unless given (kv/sparse/model_defaults.py).
     gpu_budget ('12GiB' or bytes) covers everything on the compute device: the planner (tierkv/plan/) decides
     at load which layers stay resident, stream from pinned host memory or disk (disk_dir), or run on the CPU,
     and kv_gpu_budget and the attention mode follow from its plan unless given (`llm.plan` holds it). The plan is
@@ -399,6 +401,7 @@ def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, 
     dt = resolve_dtype(dtype, dev)
     if isinstance(model, str) and model in SHAPES:
         cfg = shape_config(model)
+        tier = with_model_defaults(tier, cfg, tier_settings)
         tier, placer = offload.prepare(cfg, dev, dt, tier, tier_settings, index=None)
         net = random_model(cfg, dev, dt, placer=placer, progress=progress)
         llm = LLM(net, _ByteTokenizer(cfg.vocab_size), tier, source=f"shape:{model}", graph=graph)
@@ -411,6 +414,7 @@ def _load(model: str | Path | None, device, dtype, graph: bool, progress: bool, 
     cfg = ModelConfig.from_hf(hf_cfg, name=str(model or "SmolLM2-135M-Instruct"))
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     src = TensorSource(folder)
+    tier = with_model_defaults(tier, cfg, tier_settings)
     tier, placer = offload.prepare(cfg, dev, dt, tier, tier_settings, index=src)
     net = build_model(cfg, lambda name: src.get(name, dev, dt), progress=progress, placer=placer,
                       get_at=lambda name, at: src.get(name, at, dt))

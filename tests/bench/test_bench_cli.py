@@ -130,6 +130,7 @@ def test_decode_takes_the_library_token_budget_unless_given_and_records_the_toke
     from tierkv.bench.systems import tier_config
     from tierkv.cli.bench import command
     from tierkv.config import TierConfig
+    from tierkv.models.shapes import shape_config
 
     specs = []
 
@@ -142,10 +143,11 @@ def test_decode_takes_the_library_token_budget_unless_given_and_records_the_toke
     assert isinstance(r.exception, _Stop), r.output
     spec = specs[0]
     assert (spec.token_budget, spec.budget_floor_tokens) == (budget, floor)
-    settings = decode._settings(spec)
+    cfg = shape_config("llama-tiny")
+    settings = decode._settings(spec, cfg)
     assert (settings["token_budget"], settings["budget_floor_tokens"], settings["budget_tokens"]) == (budget, floor,
                                                                                                        tokens)
-    sparse = tier_config("tierkv-sparse", spec, 1 << 30)
+    sparse = tier_config("tierkv-sparse", spec, 1 << 30, cfg)
     assert (sparse.token_budget, sparse.budget_floor_tokens) == (budget, floor)
     assert {c: sparse.budget_tokens(c) for c in spec.contexts} == tokens
     if not flags:

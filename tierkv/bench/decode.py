@@ -21,7 +21,7 @@ from tierkv.bench.common import format_context, run_record
 from tierkv.bench.floor import Rates, floor_ms, kv_bytes_per_token, measure_rates, streamed_weight_bytes, weight_bytes
 from tierkv.bench.isolate import isolated_rows, send_row
 from tierkv.bench.systems import HF_SYSTEMS, SYSTEMS, TIERKV_SYSTEMS, DecodeSpec, Row, budget_tokens, free_memory, \
-    run_tierkv, sparse_settings
+    given_shape, model_tier, run_tierkv, sparse_settings
 from tierkv.config import format_size
 from tierkv.errors import ConfigError, TierKVError
 from tierkv.models.config import ModelConfig
@@ -82,17 +82,20 @@ def _document(spec: DecodeSpec, cfg: ModelConfig, rates: Rates, rows: dict[tuple
     order = {s: i for i, s in enumerate(spec.systems)}
     out = sorted(rows.values(), key=lambda r: (r.context, order[r.system]))
     return {"kind": "decode", "model": spec.model, "dtype": str(spec.dtype).replace("torch.", ""),
-            "contexts": spec.contexts, "systems": list(spec.systems), "settings": _settings(spec),
+            "contexts": spec.contexts, "systems": list(spec.systems), "settings": _settings(spec, cfg),
             "weights_bytes": weight_bytes(cfg, spec.dtype), "kv_bytes_per_token": kv_bytes_per_token(cfg, spec.dtype),
             "rates": rates.to_json(), "rows": [asdict(r) for r in out]}
 
 
-def _settings(spec: DecodeSpec) -> dict:
-    """The spec's settings; budget_tokens: the tokens a sparse step attends at each context (TierConfig.budget_tokens
-    of the token budget and its floor)."""
+def _settings(spec: DecodeSpec, cfg: ModelConfig) -> dict:
+    """The spec's settings, with the rank, score rank and chunk size the model runs with (given or its defaults);
+    budget_tokens: the tokens a sparse step attends at each context (TierConfig.budget_tokens of the token budget
+    and its floor)."""
     keys = ("gpu_budget", "kv_gpu_budget", "cpu_budget", "disk_dir", "reserve", "steps", "warmup", "token_budget",
-            "budget_floor_tokens", "rank", "chunk_size", "prefill_chunk", "profile", "seed")
-    return {**{k: getattr(spec, k) for k in keys}, "budget_tokens": {c: budget_tokens(spec, c) for c in spec.contexts}}
+            "budget_floor_tokens", "prefill_chunk", "profile", "seed")
+    tier = model_tier(spec, cfg)
+    return {**{k: getattr(spec, k) for k in keys}, "rank": tier.rank, "score_rank": tier.score_rank,
+            "chunk_size": tier.chunk_size, "budget_tokens": {c: budget_tokens(spec, c) for c in spec.contexts}}
 
 
 def _tierkv_family(spec, cfg, contexts, total_steps, record, log) -> None:
@@ -127,11 +130,12 @@ def _offload_family(spec, contexts, systems, total_steps, record, log) -> None:
             attention = "sparse" if s.startswith("tierkv-sparse") else "full"
             log(f"loading {spec.model} under gpu budget {format_size(spec.gpu_budget)} for {s} at {format_context(c)}")
             extra = sparse_settings(spec) if attention == "sparse" else {}
+            given = given_shape(spec)
             try:
                 llm = tierkv.load(spec.model, device=spec.device, dtype=spec.dtype, gpu_budget=spec.gpu_budget,
                                   ctx_size=c + total_steps + 8, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
-                                  attention=attention, chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk,
-                                  progress=True, **extra)
+                                  attention=attention, prefill_chunk=spec.prefill_chunk, progress=True, **given,
+                                  **extra)
             except TierKVError as e:
                 record(Row(s, c, status="cannot_run", reason=str(e)))
                 continue

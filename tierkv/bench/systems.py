@@ -20,6 +20,7 @@ from tierkv.bench.clock import StepClock
 from tierkv.config import TierConfig, format_size
 from tierkv.errors import TierKVError
 from tierkv.kv.caches.window_ring import rings_nbytes
+from tierkv.kv.sparse.model_defaults import with_model_defaults
 from tierkv.kv.storage.layout import ChunkLayout
 from tierkv.models.config import ModelConfig
 
@@ -53,8 +54,10 @@ class DecodeSpec:
     warmup: int = 4
     token_budget: int | float = TierConfig.token_budget  # sparse: the library's defaults, as a user gets them
     budget_floor_tokens: int = TierConfig.budget_floor_tokens
-    rank: int = TierConfig.rank  # sparse: the key shadow's rank
-    chunk_size: int = 32
+    # None: the library's default for the model (TierConfig's, or kv/sparse/model_defaults.py's for narrow keys)
+    rank: int | None = None  # sparse: the key shadow's rank
+    score_rank: int | None = None  # sparse: the chunk index's rank per KV head
+    chunk_size: int | None = None
     prefill_chunk: int = 2048
     profile: bool = False
     seed: int = 0
@@ -140,30 +143,42 @@ def kv_budget(spec: DecodeSpec, cfg: ModelConfig, weights: int, context: int,
         return (kv if kv > 0 else None), (f"gpu budget {format_size(spec.gpu_budget)} - weights {format_size(weights)}"
                                           f" - reserve {format_size(spec.reserve)}")
     full = cfg.full_attention_layers  # sliding-window layers keep rings on the device instead (kv/caches/window_split.py)
-    lay = ChunkLayout(full, cfg.num_kv_heads, cfg.head_dim, spec.chunk_size, spec.dtype)
-    tc = TierConfig()
+    tc = model_tier(spec, cfg)
+    lay = ChunkLayout(full, cfg.num_kv_heads, cfg.head_dim, tc.chunk_size, spec.dtype)
     fixed = (full * (1 + lay.sink_chunks(tc.sink_tokens) + lay.window_chunks(tc.window_tokens)) + 6) \
         * lay.chunk_bytes
-    total = lay.chunk_bytes * full * (context // spec.chunk_size + 1)
+    total = lay.chunk_bytes * full * (context // tc.chunk_size + 1)
     sliding = tuple(w for w in map(cfg.binding_window, range(cfg.num_layers)) if w is not None)
     rings = rings_nbytes(sliding, cfg.num_kv_heads, cfg.head_dim, spec.dtype) if sliding else 0
     return fixed + total // 4 + rings, ("no GPU budget: sinks, window and buffers + a quarter of the context's KV"
                                         + (" + the sliding-window rings" if rings else ""))
 
 
-def tier_config(system: str, spec: DecodeSpec, kv_gpu: int | None) -> TierConfig:
+def given_shape(spec: DecodeSpec) -> dict:
+    """The sparse shape fields (rank, score_rank, chunk_size) the spec sets; the others are the model's."""
+    return {k: getattr(spec, k) for k in ("rank", "score_rank", "chunk_size") if getattr(spec, k) is not None}
+
+
+def model_tier(spec: DecodeSpec, cfg: ModelConfig, **fields) -> TierConfig:
+    """TierConfig(**fields) with the spec's rank, score rank and chunk size where given, else the model's defaults
+    (as tierkv.load gives them)."""
+    fields = {**fields, **given_shape(spec)}
+    return with_model_defaults(TierConfig(**fields), cfg, fields)
+
+
+def tier_config(system: str, spec: DecodeSpec, kv_gpu: int | None, cfg: ModelConfig) -> TierConfig:
+    """The tier settings `system` runs with on a model of shape cfg."""
     if system == "tierkv-dense":
-        return TierConfig(chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk, attention="full")
+        return model_tier(spec, cfg, prefill_chunk=spec.prefill_chunk, attention="full")
     sparse = system.startswith("tierkv-sparse")
-    return TierConfig(kv_gpu_budget=kv_gpu, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
-                      chunk_size=spec.chunk_size, prefill_chunk=spec.prefill_chunk,
-                      attention="sparse" if sparse else "full", prefetch_picks=system == "tierkv-sparse-prefetch",
-                      **(sparse_settings(spec) if sparse else {}))
+    return model_tier(spec, cfg, kv_gpu_budget=kv_gpu, cpu_budget=spec.cpu_budget, disk_dir=spec.disk_dir,
+                      prefill_chunk=spec.prefill_chunk, attention="sparse" if sparse else "full",
+                      prefetch_picks=system == "tierkv-sparse-prefetch", **(sparse_settings(spec) if sparse else {}))
 
 
 def sparse_settings(spec: DecodeSpec) -> dict:
-    """The TierConfig fields a sparse system takes from the spec."""
-    return {"token_budget": spec.token_budget, "budget_floor_tokens": spec.budget_floor_tokens, "rank": spec.rank}
+    """The TierConfig fields a sparse system takes from the spec (rank: model_tier)."""
+    return {"token_budget": spec.token_budget, "budget_floor_tokens": spec.budget_floor_tokens}
 
 
 def budget_tokens(spec: DecodeSpec, context: int) -> int:
@@ -184,17 +199,19 @@ def run_tierkv(llm, system: str, context: int, spec: DecodeSpec, weights: int) -
     dense = system == "tierkv-dense"
     kv, how = (None, "none: every K/V on the device") if dense else \
         kv_budget(spec, llm.cfg, weights, context, None if plan is None else llm.tier.kv_gpu_budget)
+    tier = model_tier(spec, llm.cfg)
     row.settings = {"kv_gpu_budget": kv, "kv_gpu_budget_from": how, "cpu_budget": spec.cpu_budget,
-                    "disk_dir": spec.disk_dir, "chunk_size": spec.chunk_size}
+                    "disk_dir": spec.disk_dir, "chunk_size": tier.chunk_size}
     if sparse:
-        row.settings.update(sparse_settings(spec), budget_tokens=budget_tokens(spec, context))
+        row.settings.update(sparse_settings(spec), rank=tier.rank, score_rank=tier.score_rank,
+                            budget_tokens=budget_tokens(spec, context))
     if kv is None and not dense:
         row.status, row.reason = "cannot_run", (f"weights leave no GPU room for KV ({how}); drop --kv-gpu-budget so "
                                                  f"the planner offloads weights under --gpu-budget")
         return row
     graph = llm.graph
     try:
-        llm.tier = tier_config(system, spec, kv)
+        llm.tier = tier_config(system, spec, kv, llm.cfg)
         llm.graph = graph and system != "tierkv-sparse-eager"
         row.settings["decode"] = "graph" if llm.uses_graph else "eager"
         _measure_tierkv(llm, row, spec)

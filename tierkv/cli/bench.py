@@ -76,8 +76,10 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
                                               "on the device), hf-default, hf-offloaded, hf-accelerate.")
 @click.option("--token-budget", default=None, help=TOKEN_BUDGET_HELP)
 @click.option("--budget-floor-tokens", type=int, default=None, help=FLOOR_HELP)
-@click.option("--rank", type=int, default=None, help="Sparse: the key shadow's rank (default: tierkv's default).")
-@click.option("--chunk-size", type=int, default=32, show_default=True)
+@click.option("--rank", type=int, default=None, help="Sparse: the key shadow's rank (default: tierkv's for the model).")
+@click.option("--score-rank", type=int, default=None,
+              help="Sparse: the chunk index's rank per KV head (default: tierkv's for the model).")
+@click.option("--chunk-size", type=int, default=None, help="Tokens per KV chunk (default: tierkv's for the model).")
 @click.option("--prefill-chunk", type=int, default=2048, show_default=True)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @click.option("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on cuda, fp32 on cpu).")
@@ -88,7 +90,7 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
 @click.option("--plot", "plot_path", default=None, help="Write ms/token vs context as a PNG (needs matplotlib).")
 @click.option("--profile", is_flag=True, help="Profile 4 extra steps per row after the measured ones; print top ops.")
 def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budget, disk_dir, steps, warmup, systems,
-                   token_budget, budget_floor_tokens, rank, chunk_size, prefill_chunk, device, dtype, io_json, hbm_gbps,
+                   token_budget, budget_floor_tokens, rank, score_rank, chunk_size, prefill_chunk, device, dtype, io_json, hbm_gbps,
                    json_path, append, plot_path, profile) -> None:
     """Decode ms/token of tierkv and the transformers baselines for MODEL (a folder, .gguf or built-in shape)."""
     from tierkv.bench import decode as dec
@@ -107,14 +109,15 @@ def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budg
         _check_matplotlib()
     dev = bench_device(device)
     asked = {"token_budget": parse_token_budget(token_budget),
-             "budget_floor_tokens": budget_floor_tokens, "rank": rank or None}
+             "budget_floor_tokens": budget_floor_tokens, "rank": rank or None, "score_rank": score_rank,
+             "chunk_size": chunk_size}
     TierConfig(**{k: v for k, v in asked.items() if v is not None})  # refuses a bad value before any model loads
     spec = DecodeSpec(model=model, contexts=parse_contexts(contexts), device=dev, dtype=resolve_dtype(dtype, dev),
                       systems=names, gpu_budget=parse_size(gpu_budget, "--gpu-budget"),
                       kv_gpu_budget=parse_size(kv_gpu_budget, "--kv-gpu-budget"),
                       cpu_budget=parse_size(cpu_budget, "--cpu-budget"), disk_dir=disk_dir,
                       reserve=parse_size(reserve, "--reserve"), steps=steps, warmup=warmup,
-                      chunk_size=chunk_size, prefill_chunk=prefill_chunk, profile=profile,
+                      prefill_chunk=prefill_chunk, profile=profile,
                       **{k: v for k, v in asked.items() if v is not None})
     previous = dec.load_previous(json_path, model) if append and json_path else None
 
