@@ -105,12 +105,17 @@ def check_compatible(path: Path, saved: dict, llm) -> None:
         raise SessionMismatchError(f"session {path} was saved with attention={saved['attention']!r} but this LLM "
                                    f"uses {llm.tier.attention!r}; load the model with attention={saved['attention']!r}")
     if saved["attention"] == "sparse":  # shadows are laid out per chunk at the saved rank
-        for key in ("chunk_size", "rank", "score_rank"):
-            was = saved["tier"].get(key, getattr(TierConfig(), key))  # sessions older than score_rank: its default
-            if was != getattr(llm.tier, key):
-                raise SessionMismatchError(f"session {path} was saved with {key}={was} but this LLM "
-                                           f"uses {getattr(llm.tier, key)} (the sparse shadows depend on it); load "
-                                           f"the model with {key}={was}")
+        # sessions older than score_rank: its default
+        was = {k: saved["tier"].get(k, getattr(TierConfig(), k)) for k in ("chunk_size", "rank", "score_rank")}
+        differ = {k: v for k, v in was.items() if v != getattr(llm.tier, k)}
+        if differ:
+            now = ", ".join(f"{k}={getattr(llm.tier, k)}" for k in differ)
+            raise SessionMismatchError(f"session {path} was saved with {_fields(differ)} but this LLM uses {now} "
+                                       f"(the sparse shadows depend on them); load the model with {_fields(differ)}")
+
+
+def _fields(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
 # ---- writing --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from tests.chat.helpers import worker
 from tests.chat.worker import state_digest
 from tierkv.chat import Chat
 from tierkv.config import TierConfig
+from tierkv.kv.sparse.model_defaults import with_model_defaults
 from tierkv.llm import LLM
 from tierkv.session import SessionDamagedError, SessionMismatchError
 
@@ -27,8 +28,10 @@ MAX_NEW = 10
 
 
 def sparse_llm(smol, **changes) -> LLM:
-    return LLM(smol.model, smol.tokenizer, TierConfig(**{**SPARSE, **changes}), source=smol.source,
-               stop_ids=smol.stop_ids)
+    """SmolLM2 under SPARSE and changes, the other fields at the model's defaults (as tierkv.load gives them)."""
+    given = {**SPARSE, **changes}
+    return LLM(smol.model, smol.tokenizer, with_model_defaults(TierConfig(**given), smol.cfg, given),
+               source=smol.source, stop_ids=smol.stop_ids)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +142,7 @@ def test_sparse_reset_keeps_the_context_and_replies_as_a_fresh_session(smol, spa
 def test_sparse_session_with_other_shadow_settings_is_refused(smol, sparse_convo, change):
     llm = sparse_llm(smol, **change)
     key = next(iter(change))
-    with pytest.raises(SessionMismatchError, match=f"{key}={SPARSE.get(key, getattr(TierConfig(), key))}"):
+    with pytest.raises(SessionMismatchError, match=f"{key}={getattr(sparse_convo['llm'].tier, key)}"):
         Chat.load(sparse_convo["save"], llm)
 
 

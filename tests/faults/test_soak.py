@@ -36,7 +36,7 @@ def test_two_thousand_steps_across_three_tiers_match_and_leave_nothing(tmp_path,
     t0 = time.perf_counter()
     want, dense, _ = decode(tierkv.load("llama-tiny", device="cpu"), STEPS)
     dense.close()
-    llm = tierkv.load("llama-tiny", device="cpu", kv_gpu_budget=12 * CB, cpu_budget=8 * CB, disk_dir=str(tmp_path),
+    llm = tierkv.load("llama-tiny", device="cpu", chunk_size=32, kv_gpu_budget=12 * CB, cpu_budget=8 * CB, disk_dir=str(tmp_path),
                       sink_tokens=32, window_tokens=32)
     got, cache, samples = decode(llm, STEPS, sample_every=500)
     assert got == want

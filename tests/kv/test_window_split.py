@@ -130,7 +130,7 @@ def _tiered_settings(llm, tmp_path) -> dict:
     """A kv_gpu_budget that holds the rings and a few chunks, a host budget of a few chunks, a disk."""
     c = llm.cfg
     sliding = tuple(w for w in c.layer_windows if w is not None)
-    chunk = 2 * 32 * c.num_kv_heads * c.head_dim * 4
+    chunk = 2 * 32 * c.num_kv_heads * c.head_dim * 4  # 32 tokens' K and V: budgets in tokens, whatever the chunk size
     return {"kv_gpu_budget": rings_nbytes(sliding, c.num_kv_heads, c.head_dim, torch.float32) + 12 * chunk,
             "cpu_budget": 3 * chunk, "disk_dir": str(tmp_path)}
 
@@ -154,7 +154,7 @@ def test_greedy_tokens_equal_the_dense_cache(kind, folders, text_ids, tmp_path):
         c = tiered.cfg
         per_token = 2 * c.num_kv_heads * c.head_dim * 4
         assert kv["cache"] == "tiered" and kv["mode"] == "full"
-        assert sum(kv["chunks"].values()) == (len(ids) + 39) // 32  # sealed chunks of one layer
+        assert sum(kv["chunks"].values()) == (len(ids) + 39) // tiered.tier.chunk_size  # sealed chunks of one layer
         assert kv["bytes"]["disk"] > 0
         rings = 2 * (64 + ROLLBACK_ROOM) * per_token  # the tiered cache's device budget is what the rings leave
         cache = tiered.new_cache(64)
