@@ -21,6 +21,7 @@ from tierkv.kv.caches.window_ring import ROLLBACK_ROOM
 from tierkv.models.shapes import shape_config
 from tierkv.plan import Bandwidths, PlanDoesNotFitError, PlanInputs, make_plan, spread
 from tierkv.plan.bandwidth import bandwidths_from_probe
+from tierkv.plan.inputs import default_sparse_shape
 
 GiB = 1024**3
 L8B = 436_224_000
@@ -152,8 +153,9 @@ def test_cpu_layers_chosen_when_host_dram_outruns_the_link():
 
 def test_sliding_window_layers_keep_only_their_window():
     cfg = shape_config("llama-tiny")  # 2 layers, 2 KV heads x 16 dims: 128 B of K+V per token per layer (fp32 4 B)
-    both = make_plan(PlanInputs(cfg, 4096, 1 * GiB, 1 * GiB, dtype="fp32", attention="full"))
-    windowed = make_plan(PlanInputs(cfg, 4096, 1 * GiB, 1 * GiB, dtype="fp32", attention="full",
+    chunk32 = default_sparse_shape()  # TierConfig's 32-token chunks (llama-tiny's own narrow-key default is 16)
+    both = make_plan(PlanInputs(cfg, 4096, 1 * GiB, 1 * GiB, dtype="fp32", attention="full", sparse=chunk32))
+    windowed = make_plan(PlanInputs(cfg, 4096, 1 * GiB, 1 * GiB, dtype="fp32", attention="full", sparse=chunk32,
                                     layer_windows=(None, 64)))
     per = 2 * 2 * 16 * 4
     assert both.gpu["kv_pool"] == 2 * 4096 * per

@@ -55,7 +55,8 @@ def command(model, gpu_budget, cpu_budget, disk_budget, context, dtype, attentio
     contexts = parse_contexts(context)
     if len(contexts) != 1:
         raise ConfigError(f"--context {context!r} names {len(contexts)} lengths; give one, e.g. 131072 or 128K")
-    sparse = default_sparse_shape()
+    cfg = model_config_for(model)
+    sparse = default_sparse_shape(cfg)
     if prefill_chunk is not None:
         if prefill_chunk < 1:
             raise ConfigError(f"--prefill-chunk {prefill_chunk} must be at least 1")
@@ -65,7 +66,7 @@ def command(model, gpu_budget, cpu_budget, disk_budget, context, dtype, attentio
                                                                disk=disk_gbps)
     asked = {"token_budget": parse_token_budget(token_budget), "budget_floor_tokens": budget_floor_tokens}
     extra = {k: v for k, v in asked.items() if v is not None}
-    inputs = PlanInputs(model_config_for(model), contexts[0], gpu, cpu, parse_size(disk_budget, "disk_budget"),
+    inputs = PlanInputs(cfg, contexts[0], gpu, cpu, parse_size(disk_budget, "disk_budget"),
                         dtype=dtype, attention=attention, sparse=sparse, bandwidths=bandwidths, **extra)
     plan = make_plan(inputs)
     click.echo(json.dumps(plan.to_json(), indent=1) if as_json else format_plan(plan))

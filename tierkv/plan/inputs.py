@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from tierkv.config import ATTENTION_MODES, TierConfig
 from tierkv.errors import ConfigError
+from tierkv.kv.sparse.model_defaults import with_model_defaults
 from tierkv.models.config import ModelConfig
 from tierkv.plan.bandwidth import Bandwidths, default_bandwidths
 from tierkv.plan.sizes import SparseShape
@@ -13,9 +14,10 @@ from tierkv.plan.sizes import SparseShape
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def default_sparse_shape() -> SparseShape:
-    """The sparse cache's sizes as TierConfig's defaults set them."""
-    t = TierConfig()
+def default_sparse_shape(model: ModelConfig | None = None) -> SparseShape:
+    """The sparse cache's sizes as TierConfig's defaults set them, for `model` as tierkv.load gives them (narrow
+    keys: kv/sparse/model_defaults.py)."""
+    t = TierConfig() if model is None else with_model_defaults(TierConfig(), model, {})
     return SparseShape(t.rank, t.score_rank, t.chunk_size, t.sink_tokens, t.window_tokens, t.prefill_chunk)
 
 
@@ -39,11 +41,13 @@ class PlanInputs:
     attention: str | None = None
     token_budget: int | float = TierConfig().token_budget
     budget_floor_tokens: int = TierConfig().budget_floor_tokens
-    sparse: SparseShape = field(default_factory=default_sparse_shape)
+    sparse: SparseShape | None = None  # None: default_sparse_shape(model)
     bandwidths: Bandwidths = field(default_factory=default_bandwidths)
     layer_windows: tuple[int | None, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.sparse is None:
+            object.__setattr__(self, "sparse", default_sparse_shape(self.model))
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(f"dtype {self.dtype!r} is unknown; use bf16, fp16 or fp32")
         if self.attention is not None and self.attention not in ATTENTION_MODES:
