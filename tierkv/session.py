@@ -109,7 +109,7 @@ def check_compatible(path: Path, saved: dict, llm) -> None:
         was = {k: saved["tier"].get(k, getattr(TierConfig(), k)) for k in ("chunk_size", "rank", "score_rank")}
         differ = {k: v for k, v in was.items() if v != getattr(llm.tier, k)}
         if differ:
-            now = ", ".join(f"{k}={getattr(llm.tier, k)}" for k in differ)
+            now = _fields({k: getattr(llm.tier, k) for k in differ})
             raise SessionMismatchError(f"session {path} was saved with {_fields(differ)} but this LLM uses {now} "
                                        f"(the sparse shadows depend on them); load the model with {_fields(differ)}")
 

@@ -90,8 +90,8 @@ def io_command(json_path, sizes, repeats, disk_dir, device) -> None:
 @click.option("--plot", "plot_path", default=None, help="Write ms/token vs context as a PNG (needs matplotlib).")
 @click.option("--profile", is_flag=True, help="Profile 4 extra steps per row after the measured ones; print top ops.")
 def decode_command(model, contexts, gpu_budget, kv_gpu_budget, reserve, cpu_budget, disk_dir, steps, warmup, systems,
-                   token_budget, budget_floor_tokens, rank, score_rank, chunk_size, prefill_chunk, device, dtype, io_json, hbm_gbps,
-                   json_path, append, plot_path, profile) -> None:
+                   token_budget, budget_floor_tokens, rank, score_rank, chunk_size, prefill_chunk, device, dtype,
+                   io_json, hbm_gbps, json_path, append, plot_path, profile) -> None:
     """Decode ms/token of tierkv and the transformers baselines for MODEL (a folder, .gguf or built-in shape)."""
     from tierkv.bench import decode as dec
     from tierkv.bench.common import bench_device, parse_contexts
