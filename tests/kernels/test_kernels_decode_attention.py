@@ -159,3 +159,18 @@ def test_split_blocks_shrink_to_fit_shared_memory(monkeypatch, limit, d, elt, fa
 
     monkeypatch.setattr(split_blocks, "_shared_memory_limit", lambda device: limit)
     assert split_blocks.split_block_n(torch.device("cuda"), d, elt, factor) == want
+
+
+@pytest.mark.parametrize("limit,d,rank,elt,want", [
+    (232448, 128, 96, 2, 64),  # H100, Llama 3.1 8B's shadow (bf16): ~178 KB compiled at 64 keys
+    (232448, 256, 96, 2, 32),  # H100, Gemma 3 at rank 96
+    (232448, 256, 256, 2, 16),  # H100, Gemma 3's exact keys: 32 keys compile to ~263 KB with the larger basis
+    (101376, 128, 96, 2, 32),  # RTX 4090, Llama 3.1 8B: 32 keys as before (~99 KB compiled)
+    (232448, 256, 96, 4, None),  # fp32 at head dim 256 on an H100: no block fits (16 keys failed there too)
+    (101376, 256, 256, 2, None),  # RTX 4090, Gemma 3's exact keys: the torch reference
+])
+def test_shadow_blocks_count_the_basis_slices(monkeypatch, limit, d, rank, elt, want):
+    from tierkv.kernels import split_blocks
+
+    monkeypatch.setattr(split_blocks, "_shared_memory_limit", lambda device: limit)
+    assert split_blocks.shadow_split_block_n(torch.device("cuda"), d, rank, elt) == want

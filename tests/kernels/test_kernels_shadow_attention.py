@@ -36,7 +36,8 @@ def test_fused_reference_equals_rebuild_then_attend(gen, dtype, layout, hq, hkv)
 @pytest.mark.parametrize("layout", ["shared", "per_head"])
 @pytest.mark.parametrize("hq,hkv,d,r,chunk,m", [(8, 2, 64, 8, 16, 5), (9, 3, 32, 20, 8, 13), (32, 8, 128, 32, 32, 20),
                                                  (8, 2, 64, 96, 16, 7),  # rank > 64: the sliced-basis path
-                                                 (4, 1, 256, 96, 32, 9)])  # Gemma 3's head: 32-key blocks on an H100
+                                                 (4, 1, 256, 96, 32, 9),  # Gemma 3's head: 32-key blocks on an H100
+                                                 (4, 1, 256, 256, 16, 9)])  # its exact keys: 16-key blocks
 def test_shadow_triton_matches_torch(gen, triton_device, dtype, layout, hq, hkv, d, r, chunk, m):
     from tierkv.kernels.shadow_attention_triton import shadow_paged_attention_triton
 

@@ -10,31 +10,33 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from tierkv.kernels.decode_attention_triton import merge_splits, online_softmax_step, plan_splits, store_partial
 from tierkv.kernels.rebuild_keys import shadow_views
 from tierkv.kernels.shadow_attention import shadow_paged_attention_torch
-from tierkv.kernels.split_blocks import split_block_n
+from tierkv.kernels.split_blocks import rank_step, shadow_split_block_n
 
 _LOG2E = 1.4426950408889634
 
 
-def _r_step(block_r: int) -> int:
-    """Basis rows per rebuild dot: all of them up to 64; above, 32-row slices (the whole basis spilled with fp32
-    dots; with 16-bit dots both forms time the same on the H100 at rank 96, so one form is kept)."""
-    return block_r if block_r <= 64 else 32
-
-
-# shared bytes per (key x D x element) of _shadow_split_kernel (kernels/split_blocks.py);
-# kv/sparse/warm.py plans the same splits to compile the merge at load
-SHADOW_STAGE_FACTOR = 8
-
-
-def shadow_block_n(q: torch.Tensor, pool_dtype: torch.dtype) -> int | None:
-    """Keys per block of a shadow split for a query (Hq, D) over pools of `pool_dtype`; None: no block fits
-    (shadow_paged_attention_triton then runs the torch reference)."""
+def shadow_block_n(q: torch.Tensor, pool_dtype: torch.dtype, rank: int) -> int | None:
+    """Keys per block of a shadow split for a query (Hq, D) over pools of `pool_dtype` and a shadow of `rank`; None:
+    no block fits (shadow_paged_attention_triton then runs the torch reference). split_blocks' estimate, unless a
+    launch here found it too large."""
     elt = 4 if q.dtype == torch.float32 else torch.empty((), dtype=pool_dtype).element_size()
-    return split_block_n(q.device, q.shape[-1], elt, SHADOW_STAGE_FACTOR)
+    key = _block_key(q, elt, max(16, triton.next_power_of_2(rank)))
+    if key in _MEASURED_BLOCKS:
+        return _MEASURED_BLOCKS[key]
+    return shadow_split_block_n(q.device, q.shape[-1], rank, elt)
+
+
+# (device, D, basis block, element bytes) -> the block a launch fitted after the estimate's did not (None: none did)
+_MEASURED_BLOCKS: dict[tuple, int | None] = {}
+
+
+def _block_key(q: torch.Tensor, elt: int, block_r: int) -> tuple:
+    return (q.device, q.shape[-1], block_r, elt)
 
 
 # the resident range depends on the KV budget, not on the kernel's shapes: no recompile per budget
@@ -167,12 +169,12 @@ def shadow_paged_attention_triton(
     _, chunk, hkv, _ = k_pool.shape
     if d < 32 or d & (d - 1):
         raise ValueError(f"shadow_paged_attention_triton needs D a power of two >= 32, got {d}")
-    block_n = shadow_block_n(q, v_pool.dtype)
+    a3, b3, _ = shadow_views(coeffs, basis, slots, d)
+    rank = b3.shape[1]
+    block_n = shadow_block_n(q, v_pool.dtype, rank)
     if block_n is None:
         return shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids,
                                             scale, cache, v_resident, resident_from, k_resident)
-    a3, b3, _ = shadow_views(coeffs, basis, slots, d)
-    rank = b3.shape[1]
     slots, lengths, chunk_ids = (t.expand(hkv, -1).contiguous() for t in (slots, lengths, chunk_ids))
     cos, sin, q = cos.contiguous(), sin.contiguous(), q.contiguous()
     if a3.stride(-1) != 1:
@@ -181,7 +183,6 @@ def shadow_paged_attention_triton(
     f32_dot = q.dtype == torch.float32 or q.device.type != "cuda"  # the CPU interpreter's bf16 dot is wrong
     lowp = not f32_dot and a3.dtype == b3.dtype and a3.dtype in (torch.bfloat16, torch.float16)
     block_r = max(16, triton.next_power_of_2(rank))
-    num_splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
     if cache is not None:
         k_cache, v_cache, csrc = cache
         if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or csrc.stride(1) != 1:
@@ -195,15 +196,34 @@ def shadow_paged_attention_triton(
                   or (k_resident is not None and k_resident.stride() != v_resident.stride())):
         raise ValueError("shadow_paged_attention_triton needs k/v pools and their resident copies laid out alike")
     res_keys = bool(n_res) and k_resident is not None
-    _shadow_split_kernel[(hkv, num_splits)](
-        q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl, k_cache, v_cache, csrc,
-        v_resident if n_res else v_pool, k_resident if res_keys else k_pool,
-        n_items, per_split, (d**-0.5 if scale is None else scale) * _LOG2E, hq // hkv, hq, rank, a3.shape[1] - 1,
-        n_fixed, resident_from, n_res,
-        a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), cos.stride(0),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        slots.stride(0), slots.stride(1), cstr[0], cstr[1], cstr[2], csrc.stride(0),
-        USE_CACHE=cache is not None, CHUNK=chunk, HALF=d // 2, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=block_n,
-        BLOCK_R=block_r, R_STEP=_r_step(block_r), F32_DOT=f32_dot, LOWP_REBUILD=lowp, RES_KEYS=res_keys,
-    )
+
+    def launch(block_n: int):
+        splits, per_split, po, pl = plan_splits(q, hkv, n_items, block_n, num_splits)
+        _shadow_split_kernel[(hkv, splits)](
+            q, a3, b3, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, po, pl, k_cache, v_cache, csrc,
+            v_resident if n_res else v_pool, k_resident if res_keys else k_pool,
+            n_items, per_split, (d**-0.5 if scale is None else scale) * _LOG2E, hq // hkv, hq, rank, a3.shape[1] - 1,
+            n_fixed, resident_from, n_res,
+            a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1), b3.stride(2), cos.stride(0),
+            k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+            slots.stride(0), slots.stride(1), cstr[0], cstr[1], cstr[2], csrc.stride(0),
+            USE_CACHE=cache is not None, CHUNK=chunk, HALF=d // 2, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
+            BLOCK_N=block_n, BLOCK_R=block_r, R_STEP=rank_step(block_r), F32_DOT=f32_dot, LOWP_REBUILD=lowp,
+            RES_KEYS=res_keys,
+        )
+        return po, pl
+
+    while True:
+        try:
+            po, pl = launch(block_n)
+            break
+        except OutOfResources:
+            # this Triton build staged more than shadow_block_n estimated: it raises before anything is queued,
+            # so a smaller block (or the reference) runs instead, and later calls start there
+            elt = 4 if q.dtype == torch.float32 else v_pool.element_size()
+            block_n = block_n // 2 if block_n > 16 else None
+            _MEASURED_BLOCKS[_block_key(q, elt, block_r)] = block_n
+            if block_n is None:
+                return shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths,
+                                                    chunk_ids, scale, cache, v_resident, resident_from, k_resident)
     return merge_splits(po, pl, q.dtype)

@@ -44,7 +44,7 @@ def warm_class(cfg: ModelConfig, tier: TierConfig, capacity: int, device: torch.
     if device.type == "cuda":
         from tierkv.kernels.shadow_attention_triton import shadow_block_n
 
-        block_n = shadow_block_n(q, dtype)
+        block_n = shadow_block_n(q, dtype, tier.rank)
     if block_n:  # else the torch reference attends: no merge to compile
         from tierkv.kernels.decode_attention_triton import merge_splits, plan_splits
 
