@@ -51,6 +51,25 @@ def test_shadow_triton_matches_torch(gen, triton_device, dtype, layout, hq, hkv,
     assert max_diff(f"shadow triton lse {layout} {dtype}", got[1], want[1]) < (1e-3 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.cuda
+def test_a_block_too_large_for_shared_memory_falls_back_smaller(gen, monkeypatch):
+    """An estimate that lets through a block this Triton build cannot stage (64 keys at head dim 256, rank 256: over
+    an H100's shared memory) costs a retry, not an error: the launch halves the block, the result matches the
+    reference, and later calls start at the block that fitted."""
+    from tierkv.kernels import shadow_attention_triton as sat
+
+    args = list(make_case(gen, 4, 1, 256, 256, 16, 9, "shared", torch.bfloat16, "cuda"))
+    args[2] = (args[2].float() * (32 / 256) ** 0.5).to(args[2].dtype)
+    monkeypatch.setattr(sat, "shadow_split_block_n", lambda *a: 64)
+    monkeypatch.setattr(sat, "_MEASURED_BLOCKS", {})
+    got = sat.shadow_paged_attention_triton(*args)
+    want = shadow_paged_attention_torch(*args)
+    assert max_diff("shadow triton out after the fallback", got[0], want[0]) < TOL[torch.bfloat16]
+    (fitted,) = sat._MEASURED_BLOCKS.values()
+    assert fitted in (16, 32)
+    assert sat.shadow_block_n(args[0], torch.bfloat16, 256) == fitted
+
+
 def test_rows_past_a_chunks_length_never_reach_the_output(gen):
     """Pool rows beyond each entry's length may be memory never written: NaN there must not leak (0 * NaN)."""
     from tierkv.kernels.shadow_attention import shadow_paged_attention_torch
