@@ -169,7 +169,7 @@ def test_split_blocks_shrink_to_fit_shared_memory(monkeypatch, limit, d, elt, fa
     (232448, 256, 96, 4, None),  # fp32 at head dim 256 on an H100: no block fits (16 keys failed there too)
     (101376, 256, 256, 2, None),  # RTX 4090, Gemma 3's exact keys: the torch reference
 ])
-def test_shadow_blocks_count_the_basis_slices(monkeypatch, limit, d, rank, elt, want):
+def test_shadow_blocks_count_the_basis(monkeypatch, limit, d, rank, elt, want):
     from tierkv.kernels import split_blocks
 
     monkeypatch.setattr(split_blocks, "_shared_memory_limit", lambda device: limit)

@@ -22,8 +22,8 @@ def _shared_memory_limit(device: torch.device) -> int:
 def split_block_n(device: torch.device, d: int, elt: int, stage_factor: int, extra=None,
                   sizes: tuple[int, ...] = (64, 32)) -> int | None:
     """Keys per block of a split kernel: the first of `sizes` whose staged tiles fit the GPU's shared memory: about
-    `stage_factor` x block x D x `elt` bytes for K and V, plus `extra(block)` bytes (the shadow kernel's basis
-    slices). 32 instead of 64 at head dim 256 (Gemma 3) on an H100, or head dim 128 on a card with ~100 KiB per
+    `stage_factor` x block x D x `elt` bytes for K and V, plus `extra(block)` bytes (the shadow kernel's
+    basis). 32 instead of 64 at head dim 256 (Gemma 3) on an H100, or head dim 128 on a card with ~100 KiB per
     SM. None where no size fits: the caller runs the torch reference (the shadow kernel in fp32 at head dim 256 did
     not fit an H100 at 16 keys). Measured on an H100 at 64 x 256: 258,560 bytes for the shadow kernel in bf16
     (factor 8), 282,688 for the dense one in fp32 (5)."""
