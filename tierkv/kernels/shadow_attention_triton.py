@@ -24,19 +24,21 @@ def shadow_block_n(q: torch.Tensor, pool_dtype: torch.dtype, rank: int) -> int |
     """Keys per block of a shadow split for a query (Hq, D) over pools of `pool_dtype` and a shadow of `rank`; None:
     no block fits (shadow_paged_attention_triton then runs the torch reference). split_blocks' estimate, unless a
     launch here found it too large."""
-    elt = 4 if q.dtype == torch.float32 else torch.empty((), dtype=pool_dtype).element_size()
-    key = _block_key(q, elt, max(16, triton.next_power_of_2(rank)))
+    key = _block_key(q, pool_dtype, rank)
     if key in _MEASURED_BLOCKS:
         return _MEASURED_BLOCKS[key]
-    return shadow_split_block_n(q.device, q.shape[-1], rank, elt)
+    return shadow_split_block_n(q.device, q.shape[-1], rank, key[-1])
 
 
 # (device, D, basis block, element bytes) -> the block a launch fitted after the estimate's did not (None: none did)
 _MEASURED_BLOCKS: dict[tuple, int | None] = {}
 
 
-def _block_key(q: torch.Tensor, elt: int, block_r: int) -> tuple:
-    return (q.device, q.shape[-1], block_r, elt)
+def _block_key(q: torch.Tensor, pool_dtype: torch.dtype, rank: int) -> tuple:
+    """What the kernel's shared memory depends on: device, D, the padded rank and the tiles' element bytes (fp32
+    queries take fp32 dots throughout)."""
+    elt = 4 if q.dtype == torch.float32 else pool_dtype.itemsize
+    return (q.device, q.shape[-1], max(16, triton.next_power_of_2(rank)), elt)
 
 
 # the resident range depends on the KV budget, not on the kernel's shapes: no recompile per budget
@@ -213,17 +215,15 @@ def shadow_paged_attention_triton(
         )
         return po, pl
 
-    while True:
+    while block_n is not None:
         try:
             po, pl = launch(block_n)
-            break
         except OutOfResources:
             # this Triton build staged more than shadow_block_n estimated: it raises before anything is queued,
             # so a smaller block (or the reference) runs instead, and later calls start there
-            elt = 4 if q.dtype == torch.float32 else v_pool.element_size()
             block_n = block_n // 2 if block_n > 16 else None
-            _MEASURED_BLOCKS[_block_key(q, elt, block_r)] = block_n
-            if block_n is None:
-                return shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths,
-                                                    chunk_ids, scale, cache, v_resident, resident_from, k_resident)
-    return merge_splits(po, pl, q.dtype)
+            _MEASURED_BLOCKS[_block_key(q, v_pool.dtype, rank)] = block_n
+        else:
+            return merge_splits(po, pl, q.dtype)
+    return shadow_paged_attention_torch(q, coeffs, basis, cos, sin, k_pool, v_pool, slots, lengths, chunk_ids, scale,
+                                        cache, v_resident, resident_from, k_resident)
